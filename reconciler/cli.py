@@ -1,0 +1,199 @@
+"""Command line: argparse sub-commands and exit codes; the logic lives elsewhere.
+
+Exit codes: 0 ok, 1 the command failed (backend unreachable, outcome not `cancelled`,
+a check failed), 2 bad config or usage — reported before any connection is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from reconciler import __version__
+from reconciler.config import Config, ConfigError, load
+from reconciler.errors import ReconcilerError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rq-reconciler",
+        description="Keeps a Postgres jobs table true to RQ's real state in Redis.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", metavar="PATH",
+                        help="config file (default: $RQ_RECONCILER_CONFIG, else "
+                             "/etc/rq-reconciler/config.toml)")
+        return sp
+
+    cmd("run", "run the daemon")
+    sp = cmd("sweep", "run one sweep now, print what changed, exit")
+    sp.add_argument("--dry-run", action="store_true", help="decide, but change nothing")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument("--force", action="store_true",
+                    help="override the mass-orphan breaker for this sweep")
+    sp = cmd("cancel", "request the cancellation of a job (the daemon carries it out)")
+    sp.add_argument("job_id", help="the jobs table's id of the job")
+    sp.add_argument("--reason", default="", help="why (stored on the request)")
+    sp.add_argument("--by", default="cli", help="who asks (requested_by)")
+    sp.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+                    help="wait for the outcome and print it as JSON")
+    sp = cmd("migrate", "create/upgrade rq-reconciler's tables and trigger")
+    sp.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
+    cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
+    sp = cmd("demo", "the whole story on throwaway Redis + Postgres and real RQ workers")
+    sp.add_argument("--keep", action="store_true", help="leave everything running at the end")
+    return p
+
+
+def _load(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
+    return load(args.config, missing_ok=missing_ok)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro))
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        return asyncio.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            from reconciler.demo import run_demo
+
+            return run_demo(keep=args.keep)
+        cfg = _load(args)
+    except ConfigError as exc:
+        print(f"rq-reconciler: {exc}", file=sys.stderr)
+        return 2
+    from reconciler import log
+
+    # One-shot commands keep stdout for their own output; the daemon logs to stdout.
+    log.configure(cfg.log.format, cfg.log.level,
+                  stream=sys.stdout if args.cmd == "run" else sys.stderr)
+    try:
+        if args.cmd == "run":
+            from reconciler.daemon import run_daemon
+
+            return _run(run_daemon(cfg))
+        if args.cmd == "sweep":
+            return _run(_sweep(cfg, dry_run=args.dry_run, as_json=args.json, force=args.force))
+        if args.cmd == "cancel":
+            return _run(_cancel(cfg, args.job_id, args.reason, args.by, args.wait))
+        if args.cmd == "migrate":
+            return _run(_migrate(cfg, print_only=args.print_sql))
+        if args.cmd == "check":
+            return _run(_check(cfg))
+    except ReconcilerError as exc:
+        print(f"rq-reconciler: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
+    from reconciler.metrics import Metrics
+    from reconciler.processes import Processes
+    from reconciler.reconcile import Reconciler
+    from reconciler.rq_state import RqState
+    from reconciler.store import Store
+
+    store = Store(cfg)
+    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+    try:
+        await store.connect()
+        await rq.ping()
+        rec = Reconciler(cfg, store, rq, Processes(), Metrics())
+        if dry_run:
+            report = await rec.sweep(dry_run=True, force=force)
+        else:
+            async with store.sweep_lock() as got:
+                if not got:
+                    print("rq-reconciler: another sweep holds the lock (a daemon replica is "
+                          "sweeping); try again in a moment", file=sys.stderr)
+                    return 1
+                report = await rec.sweep(force=force)
+    finally:
+        await rq.close()
+        await store.close()
+    changes = [
+        {"job_id": str(c.job_id), "from": c.from_status, "to": c.to_status, "reason": c.reason,
+         "rq_status": c.rq_status, "error": c.error}
+        for c in report.changes
+    ]
+    if as_json:
+        print(json.dumps({
+            "dry_run": dry_run, "checked": report.checked, "changed": len(changes),
+            "changes": changes, "lost_races": report.lost_races,
+            "breaker_open": report.breaker_open, "not_found": report.not_found_held,
+            "active": report.counts, "stuck": report.stuck,
+            "horse_stops": [{"job_id": str(h.job_id), "rq_id": h.rq_id, "worker": h.worker_name,
+                             "why": h.why} for h in report.horse_stops],
+            "duration_seconds": round(report.duration, 3),
+        }, indent=2))
+    else:
+        _print_table(changes, dry_run)
+        verb = "would change" if dry_run else "changed"
+        print(f"\nchecked {report.checked} active rows, {verb} {len(changes)} "
+              f"in {report.duration:.2f} s")
+        for h in report.horse_stops:
+            print(f"note: job {h.job_id} ({h.rq_id}) has a horse to stop on worker "
+                  f"{h.worker_name}: {h.why} (the daemon does this)")
+    if report.breaker_open:
+        print(f"rq-reconciler: mass-orphan breaker open: {report.not_found_held} of "
+              f"{report.checked} rows have no RQ job; none were failed. Is redis.url the right "
+              "server and db? Re-run with --force to fail them anyway.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_table(changes: list[dict[str, str]], dry_run: bool) -> None:
+    if not changes:
+        print("nothing to change" if not dry_run else "nothing would change")
+        return
+    cols = ["job_id", "from", "to", "reason", "error"]
+    width = {c: max(len(c), *(len(str(ch[c])[:70]) for ch in changes)) for c in cols}
+    print("  ".join(c.upper().ljust(width[c]) for c in cols))
+    for ch in changes:
+        print("  ".join(str(ch[c])[:70].ljust(width[c]) for c in cols))
+
+
+async def _migrate(cfg: Config, *, print_only: bool) -> int:
+    from reconciler.store import migrate
+
+    sql = await migrate(cfg, print_only=print_only)
+    if print_only:
+        print(sql)
+    else:
+        print("migrate: rq-reconciler schema is up to date", file=sys.stderr)
+    return 0
+
+
+async def _check(cfg: Config) -> int:
+    from reconciler.checks import run_checks
+
+    lines = await run_checks(cfg)
+    for line in lines:
+        print(line.render())
+    return 1 if any(ln.level == "FAIL" for ln in lines) else 0
+
+
+async def _cancel(cfg: Config, job_id: str, reason: str, by: str, wait: float | None) -> int:
+    from reconciler.cancel import request_and_wait
+
+    outcome, detail = await request_and_wait(cfg, job_id, reason=reason, by=by, wait=wait)
+    if detail is not None:
+        print(json.dumps(detail, indent=2, default=str))
+    return 0 if outcome == "cancelled" or (wait is None and outcome == "pending") else 1

@@ -1,0 +1,338 @@
+"""Configuration: one TOML file -> frozen dataclasses, validated once, at the edge.
+
+Every error names the key path and what is wrong, and is raised before any connection
+is made (the CLI turns it into exit 2). Secrets may come from the environment; they are
+never printed: use `redact()` on any URL or DSN that goes to a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_CONFIG_PATH = "/etc/rq-reconciler/config.toml"
+ENV_CONFIG = "RQ_RECONCILER_CONFIG"
+ENV_REDIS_URL = "RQ_RECONCILER_REDIS_URL"
+ENV_POSTGRES_DSN = "RQ_RECONCILER_POSTGRES_DSN"
+
+KeyspaceMode = Literal["auto", "require", "off"]
+OrphanedHorse = Literal["kill", "let-finish"]
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(Exception):
+    """A configuration problem; `key` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+        self.message = message
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+def quote_ident(name: str) -> str:
+    """Quote a (possibly schema-qualified) identifier that already passed validation."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def _check_ident(key: str, value: str, *, qualified: bool = False) -> str:
+    parts = value.split(".") if qualified else [value]
+    if qualified and len(parts) > 2:
+        raise ConfigError(key, f"{value!r} has more than one dot; use schema.table")
+    for part in parts:
+        if not _IDENT.match(part):
+            raise ConfigError(
+                key,
+                f"{value!r} is not a plain SQL identifier "
+                "(letters, digits, _ and $, not starting with a digit, at most 63 chars)",
+            )
+    return value
+
+
+def redact(url: str) -> str:
+    """Hide the password in a URL or libpq DSN, for logs and `check` output."""
+    if "://" in url:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)
+        userinfo = netloc[0].split(":", 1)[0]
+        return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
+    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    keyspace_events: KeyspaceMode = "auto"
+    socket_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    pool_size: int = 4
+
+
+@dataclass(frozen=True)
+class Statuses:
+    queued: str = "queued"
+    running: str = "running"
+    completed: str = "completed"
+    failed: str = "failed"
+    cancelled: str = "cancelled"
+
+    @property
+    def active(self) -> tuple[str, str]:
+        return (self.queued, self.running)
+
+    @property
+    def terminal(self) -> tuple[str, str, str]:
+        return (self.completed, self.failed, self.cancelled)
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    table: str = "training_jobs"
+    id_column: str = "id"
+    rq_id_column: str = "rq_job_id"
+    status_column: str = "status"
+    error_column: str = "error_message"
+    started_at_column: str = "started_at"
+    completed_at_column: str = "completed_at"
+    statuses: Statuses = field(default_factory=Statuses)
+
+
+@dataclass(frozen=True)
+class CancelConfig:
+    requests_table: str = "rq_reconciler_cancel_requests"
+    channel: str = "rq_reconciler_cancel"
+    grace_seconds: float = 10.0
+    lease_seconds: float = 60.0
+    orphaned_horse: OrphanedHorse = "kill"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    interval_seconds: float = 300.0
+    min_age_seconds: float = 60.0
+    max_orphan_fraction: float = 0.5
+    max_orphan_min: int = 20
+    stuck_after_seconds: float = 1800.0
+    fallback_interval_seconds: float = 30.0
+    page_size: int = 1000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: LogFormat = "json"
+    level: LogLevel = "info"
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    name: str = field(default_factory=socket.gethostname)
+
+
+@dataclass(frozen=True)
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    cancel: CancelConfig = field(default_factory=CancelConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    instance: InstanceConfig = field(default_factory=InstanceConfig)
+    source: str = "<defaults>"
+
+    @property
+    def events_table(self) -> str:
+        # Lives beside the requests table, in its schema.
+        schema, dot, _ = self.cancel.requests_table.rpartition(".")
+        return f"{schema}{dot}rq_reconciler_events"
+
+    @property
+    def first_seen_table(self) -> str:
+        schema, dot, _ = self.cancel.requests_table.rpartition(".")
+        return f"{schema}{dot}rq_reconciler_first_seen"
+
+    @property
+    def done_channel(self) -> str:
+        return self.cancel.channel + "_done"
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "redis.keyspace_events": ("auto", "require", "off"),
+    "cancel.orphaned_horse": ("kill", "let-finish"),
+    "log.format": ("json", "console"),
+    "log.level": ("debug", "info", "warning", "error"),
+}
+
+_POSITIVE = {
+    "redis.socket_timeout_seconds",
+    "postgres.pool_size",
+    "cancel.lease_seconds",
+    "sweep.interval_seconds",
+    "sweep.fallback_interval_seconds",
+    "sweep.page_size",
+    "sweep.stuck_after_seconds",
+}
+_NON_NEGATIVE = {"cancel.grace_seconds", "sweep.min_age_seconds", "sweep.max_orphan_min"}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true/false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, "unsupported value")  # pragma: no cover
+
+
+def _section(cls: type[Any], raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a table, got {type(raw).__name__}")
+    defaults = cls()
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{path}.{key}"
+        if key not in known:
+            raise ConfigError(full, f"unknown key (known: {', '.join(sorted(known))})")
+        default = getattr(defaults, key)
+        if isinstance(default, Statuses):
+            values[key] = _section(Statuses, value, full)
+            continue
+        value = _coerce(full, value, default)
+        if full in _CHOICES and value not in _CHOICES[full]:
+            raise ConfigError(full, f"{value!r} is not one of {', '.join(_CHOICES[full])}")
+        if full in _POSITIVE and value <= 0:
+            raise ConfigError(full, f"must be > 0, got {value!r}")
+        if full in _NON_NEGATIVE and value < 0:
+            raise ConfigError(full, f"must be >= 0, got {value!r}")
+        values[key] = value
+    return replace(defaults, **values)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "redis": RedisConfig,
+    "postgres": PostgresConfig,
+    "jobs": JobsConfig,
+    "cancel": CancelConfig,
+    "sweep": SweepConfig,
+    "metrics": MetricsConfig,
+    "log": LogConfig,
+    "instance": InstanceConfig,
+}
+
+
+def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>",
+                 environ: dict[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    parts: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _SECTIONS:
+            raise ConfigError(key, f"unknown section (known: {', '.join(sorted(_SECTIONS))})")
+        parts[key] = _section(_SECTIONS[key], value, key)
+    cfg = Config(**parts, source=source)
+    if env.get(ENV_REDIS_URL):
+        cfg = replace(cfg, redis=replace(cfg.redis, url=env[ENV_REDIS_URL]))
+    if env.get(ENV_POSTGRES_DSN):
+        cfg = replace(cfg, postgres=replace(cfg.postgres, dsn=env[ENV_POSTGRES_DSN]))
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    j = cfg.jobs
+    _check_ident("jobs.table", j.table, qualified=True)
+    for name in ("id_column", "rq_id_column", "status_column", "error_column"):
+        _check_ident(f"jobs.{name}", getattr(j, name))
+    for name in ("started_at_column", "completed_at_column"):
+        if getattr(j, name):
+            _check_ident(f"jobs.{name}", getattr(j, name))
+    _check_ident("cancel.requests_table", cfg.cancel.requests_table, qualified=True)
+    _check_ident("cancel.channel", cfg.cancel.channel)
+    if len(cfg.cancel.channel) > 58:
+        raise ConfigError("cancel.channel", "must be at most 58 characters (a _done suffix is added)")
+    words: dict[str, str] = {}
+    for f in fields(Statuses):
+        word = getattr(j.statuses, f.name)
+        if not word:
+            raise ConfigError(f"jobs.statuses.{f.name}", "must not be empty")
+        if word in words:
+            raise ConfigError(
+                f"jobs.statuses.{f.name}", f"{word!r} is also used for {words[word]}"
+            )
+        words[word] = f.name
+    u = urlsplit(cfg.redis.url)
+    if u.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis.url", f"scheme must be redis://, rediss:// or unix://, got "
+                                       f"{redact(cfg.redis.url)!r}")
+    dsn = cfg.postgres.dsn
+    if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+        raise ConfigError("postgres.dsn", "scheme must be postgresql://")
+    try:
+        _host, port = cfg.metrics.host_port
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError("metrics.listen", f"expected HOST:PORT, got {cfg.metrics.listen!r}") from None
+    if not 0 < cfg.sweep.max_orphan_fraction <= 1:
+        raise ConfigError("sweep.max_orphan_fraction", "must be in (0, 1]")
+    if not cfg.instance.name:
+        raise ConfigError("instance.name", "must not be empty")
+
+
+def resolve_path(path: str | None, environ: dict[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH
+
+
+def load(path: str | None = None, *, environ: dict[str, str] | None = None,
+         missing_ok: bool = False) -> Config:
+    """Load and validate a config file. Raises ConfigError naming the key on any problem."""
+    resolved = resolve_path(path, environ)
+    p = Path(resolved)
+    if not p.exists():
+        if missing_ok:
+            return from_mapping({}, source="<defaults>", environ=environ)
+        raise ConfigError("<file>", f"{resolved} does not exist (use --config or ${ENV_CONFIG})")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("<file>", f"{resolved} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<file>", f"cannot read {resolved}: {exc}") from None
+    return from_mapping(raw, source=resolved, environ=environ)

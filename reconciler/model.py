@@ -1,0 +1,232 @@
+"""The pure core: what one active row should become, given what RQ says.
+
+`decide()` does no I/O, reads no clock and keeps no state: everything it needs is passed
+in, so it is tested by tables and properties. It must never move a row out of a
+terminal state, and it must never read "Redis could not be asked" as "job not found".
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from reconciler.config import Statuses
+
+
+class RqStatus(enum.StrEnum):
+    """RQ 2.x job statuses, plus two of ours for what RQ cannot say."""
+
+    CREATED = "created"
+    QUEUED = "queued"
+    FINISHED = "finished"
+    FAILED = "failed"
+    STARTED = "started"
+    DEFERRED = "deferred"
+    SCHEDULED = "scheduled"
+    STOPPED = "stopped"
+    CANCELED = "canceled"
+    # The job hash is gone (never existed, expired, or deleted).
+    MISSING = "missing"
+    # The hash exists but its status field is absent or a word RQ does not use.
+    UNKNOWN = "unknown"
+
+
+WAITING = frozenset({RqStatus.CREATED, RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED})
+ENDED = frozenset({RqStatus.FINISHED, RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED})
+
+
+class Reason(enum.StrEnum):
+    """The `reason` label of transitions_total and the audit table."""
+
+    SYNCED = "synced"
+    ORPHANED = "orphaned"
+    CANCELLED = "cancelled"
+    STARTED = "started"
+
+
+class Action(enum.StrEnum):
+    NONE = "none"
+    # Stop the job's work-horse (cancel intent, or an orphaned horse with policy kill).
+    STOP_HORSE = "stop_horse"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One row of the application's jobs table, as read."""
+
+    id: Any
+    rq_id: str | None
+    status: str
+    started_at: datetime | None = None
+    first_seen: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RqJob:
+    """What Redis says about one RQ job, read fresh."""
+
+    id: str
+    status: RqStatus
+    raw_status: str = ""
+    worker_name: str = ""
+    origin: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    exc_line: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """Liveness of the worker a started job names. `gone_because` empty means alive."""
+
+    name: str
+    gone_because: str = ""
+    local: bool = False
+    pid: int | None = None
+    current_job: str | None = None
+    # For a gone local worker: a horse it left behind is still running (let-finish).
+    orphan_horse_alive: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.gone_because
+
+
+@dataclass(frozen=True, slots=True)
+class CancelIntent:
+    """A cancel request exists for the row (pending, or done for a row that came back)."""
+
+    who: str = ""
+    why: str = ""
+
+    def describe(self) -> str:
+        parts = [p for p in (self.who, self.why) if p]
+        return " / ".join(parts) if parts else "cancel requested"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with one row. `to_status` None means leave the row as it is."""
+
+    to_status: str | None = None
+    reason: Reason | None = None
+    error: str = ""
+    set_started_at: bool = False
+    set_completed_at: bool = False
+    action: Action = Action.NONE
+    not_found: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def changes_row(self) -> bool:
+        return self.to_status is not None
+
+
+KEEP = Decision()
+
+MAX_ERROR_LINE = 500
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of an exception text, trimmed to a sane length."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 1] + "…"
+
+
+def decide(
+    row: JobRow,
+    rq_job: RqJob | None,
+    worker: WorkerState | None,
+    cancel: CancelIntent | None,
+    statuses: Statuses,
+    *,
+    old_enough: bool,
+    orphaned_horse_kill: bool = True,
+) -> Decision:
+    """Apply SPEC's reconcile table to one row.
+
+    `rq_job` None means the row has no RQ id; `RqStatus.MISSING` means Redis answered
+    that the hash does not exist. A Redis error must never reach here: the caller skips
+    the row instead. `old_enough` is the min_age test, done by the caller with its clock.
+    """
+    s = statuses
+    if row.status == s.cancelled:
+        # A cancel is an intent that holds until RQ agrees: a horse that started anyway
+        # (it dequeued the job a moment before RQ's cancel) is stopped again.
+        if rq_job is not None and rq_job.status is RqStatus.STARTED:
+            return Decision(action=Action.STOP_HORSE, detail={"why": "cancelled row, job started"})
+        return KEEP
+    if row.status not in s.active:
+        return KEEP
+
+    if rq_job is None:
+        if cancel is not None:
+            return _cancelled(s, cancel, "no RQ job id")
+        if old_enough:
+            return Decision(s.failed, Reason.ORPHANED, "Orphaned: no RQ job id",
+                            set_completed_at=True)
+        return KEEP
+
+    st = rq_job.status
+    if cancel is not None and (st in ENDED - {RqStatus.FINISHED} or st is RqStatus.MISSING):
+        return _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)
+
+    if st is RqStatus.FINISHED:
+        return Decision(s.completed, Reason.SYNCED, "Synced: RQ finished", set_completed_at=True)
+    if st is RqStatus.FAILED:
+        text = "Synced: RQ failed"
+        if rq_job.exc_line:
+            text += f": {rq_job.exc_line}"
+        return Decision(s.failed, Reason.SYNCED, text, set_completed_at=True)
+    if st is RqStatus.STOPPED:
+        return Decision(s.failed, Reason.SYNCED, "Synced: RQ job stopped", set_completed_at=True)
+    if st is RqStatus.CANCELED:
+        return Decision(s.failed, Reason.SYNCED, "Synced: RQ job canceled", set_completed_at=True)
+    if st is RqStatus.MISSING:
+        if old_enough:
+            return Decision(s.failed, Reason.ORPHANED, "Orphaned: RQ job not found",
+                            set_completed_at=True, not_found=True)
+        return KEEP
+    if st is RqStatus.STARTED:
+        gone = worker is not None and not worker.alive
+        if cancel is not None:
+            if gone:
+                # Nobody will ever record an end for this job: the cancel completes now.
+                d = _cancelled(s, cancel, "worker gone", rq_status=st.value)
+                return Decision(d.to_status, d.reason, d.error, set_completed_at=True,
+                                action=Action.STOP_HORSE, detail=d.detail)
+            # The cancel flow stops the horse; the row follows once RQ records the end.
+            return Decision(action=Action.STOP_HORSE, detail={"why": "cancel requested"})
+        if worker is not None and gone:
+            if not orphaned_horse_kill and worker.local and worker.orphan_horse_alive:
+                # let-finish: the reparented horse is watched; the row follows its result.
+                return KEEP
+            return Decision(
+                s.failed,
+                Reason.ORPHANED,
+                f"Orphaned: worker {worker.name or '?'} is gone ({worker.gone_because})",
+                set_completed_at=True,
+                action=Action.STOP_HORSE if orphaned_horse_kill else Action.NONE,
+                detail={"worker": worker.name, "gone_because": worker.gone_because},
+            )
+        if row.status == s.queued:
+            return Decision(s.running, Reason.STARTED, "", set_started_at=True)
+        return KEEP
+    # queued / deferred / scheduled / created, or a status word we do not know: unchanged.
+    return KEEP
+
+
+def _cancelled(s: Statuses, cancel: CancelIntent, what: str, *, rq_status: str = "") -> Decision:
+    detail: dict[str, Any] = {"what": what}
+    if rq_status:
+        detail["rq_status"] = rq_status
+    return Decision(
+        s.cancelled,
+        Reason.CANCELLED,
+        f"Cancelled: {cancel.describe()}",
+        set_completed_at=True,
+        detail=detail,
+    )

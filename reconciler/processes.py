@@ -1,0 +1,240 @@
+"""Local processes: prove a work-horse's identity, signal it, watch local workers die.
+
+Never signal a process that was not proven, at the moment of the signal, to be the
+horse of the job being stopped: pid + create time is the identity, a bare pid is not.
+Signals go to the horse's process group (RQ makes the horse a group leader) so that
+whatever the job spawned goes with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import psutil
+
+from reconciler.rq_state import WorkerRecord
+
+# Worker birth is written after its process starts: the process must be older than its
+# birth record (plus clock slack). A process created after it is a recycled pid.
+BIRTH_SLACK_SECONDS = 2.0
+# The horse forks right after RQ writes started_at.
+HORSE_SLACK_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcIdentity:
+    pid: int
+    create_time: float
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def identity_alive(ident: ProcIdentity) -> bool:
+    """True while the process with this pid is still the one first seen (and not a zombie)."""
+    try:
+        p = psutil.Process(ident.pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return p.create_time() == ident.create_time
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
+
+
+class Processes:
+    """What this host can see and do about RQ workers and horses."""
+
+    def __init__(self, hostname: str | None = None,
+                 on_signal: Callable[[str], None] | None = None) -> None:
+        self.hostname = hostname or socket.gethostname()
+        self._on_signal = on_signal
+        # job id -> the horse proven for it while its worker was alive
+        self.horses: dict[str, ProcIdentity] = {}
+
+    def is_local(self, rec: WorkerRecord) -> bool:
+        return bool(rec.hostname) and rec.hostname == self.hostname
+
+    def worker_identity(self, rec: WorkerRecord) -> ProcIdentity | None:
+        """The live process that registered `rec`, or None."""
+        if rec.pid is None or rec.pid <= 0:
+            return None
+        ct = _create_time(rec.pid)
+        if ct is None:
+            return None
+        if rec.birth is not None and ct > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
+            return None  # recycled pid: this process started after the worker registered
+        ident = ProcIdentity(rec.pid, ct)
+        return ident if identity_alive(ident) else None
+
+    def local_worker_gone(self, rec: WorkerRecord) -> str:
+        """'' if the local worker's process is alive and is the one that registered."""
+        if rec.pid is None:
+            return "no pid recorded"
+        ct = _create_time(rec.pid)
+        if ct is None:
+            return f"pid {rec.pid} is dead"
+        if rec.birth is not None and ct > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
+            return f"pid {rec.pid} was recycled"
+        try:
+            if psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE:
+                return f"pid {rec.pid} is dead"
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return f"pid {rec.pid} is dead"
+        return ""
+
+    def find_horse(self, rec: WorkerRecord, job_id: str,
+                   job_started_at: datetime | None) -> ProcIdentity | None:
+        """Prove which process is `job_id`'s horse under the live worker `rec`.
+
+        Proof: the worker pid is alive and is the process that registered; the worker's
+        current_job is this job; the candidate is its child, leads its own process group
+        and was created after the job started (minus slack).
+        """
+        if not self.is_local(rec) or rec.current_job != job_id:
+            return None
+        worker = self.worker_identity(rec)
+        if worker is None:
+            return None
+        try:
+            children = psutil.Process(worker.pid).children(recursive=False)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return None
+        found: list[ProcIdentity] = []
+        for child in children:
+            try:
+                if os.getpgid(child.pid) != child.pid:
+                    continue
+                ct = child.create_time()
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                continue
+            if job_started_at is not None and ct < job_started_at.timestamp() - HORSE_SLACK_SECONDS:
+                continue
+            found.append(ProcIdentity(child.pid, ct))
+        if len(found) != 1:
+            return None  # none, or ambiguous: never guess
+        self.horses[job_id] = found[0]
+        return found[0]
+
+    def tracked_horse(self, job_id: str) -> ProcIdentity | None:
+        """A horse proven earlier (its worker may be dead now), if it is still that process."""
+        ident = self.horses.get(job_id)
+        if ident is None:
+            return None
+        if identity_alive(ident):
+            return ident
+        self.horses.pop(job_id, None)
+        return None
+
+    def forget(self, job_id: str) -> None:
+        self.horses.pop(job_id, None)
+
+    def signal_horse(self, ident: ProcIdentity, sig: signal.Signals) -> bool:
+        """Signal the horse's process group, re-proving identity right before the call."""
+        if not identity_alive(ident):
+            return False
+        try:
+            if os.getpgid(ident.pid) != ident.pid:
+                return False
+            os.killpg(ident.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        if self._on_signal is not None:
+            self._on_signal(sig.name)
+        return True
+
+    async def wait_exit(self, ident: ProcIdentity, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the process exits (pidfd, no polling). True if it did in time."""
+        return await wait_pid_exit(ident, timeout)
+
+
+async def wait_pid_exit(ident: ProcIdentity, timeout: float) -> bool:  # noqa: ASYNC109
+    if not identity_alive(ident):
+        return True
+    try:
+        fd = os.pidfd_open(ident.pid)
+    except (ProcessLookupError, OSError):
+        return True
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    try:
+        # Opened after the identity check: if the pid was recycled in between, the new
+        # process is not ours; re-check once the fd is held.
+        if not identity_alive(ident):
+            return True
+        loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except TimeoutError:
+            return not identity_alive(ident)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
+class PidWatcher:
+    """Calls `on_exit(key)` the moment a watched process exits (pidfd readable)."""
+
+    def __init__(self, on_exit: Callable[[str], None]) -> None:
+        self._on_exit = on_exit
+        self._fds: dict[str, tuple[int, ProcIdentity]] = {}
+
+    def watching(self, key: str) -> bool:
+        return key in self._fds
+
+    def watch(self, key: str, ident: ProcIdentity) -> bool:
+        if key in self._fds:
+            return True
+        try:
+            fd = os.pidfd_open(ident.pid)
+        except OSError:
+            self._on_exit(key)
+            return False
+        if not identity_alive(ident):
+            os.close(fd)
+            self._on_exit(key)
+            return False
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, self._fired, key)
+        self._fds[key] = (fd, ident)
+        return True
+
+    def _fired(self, key: str) -> None:
+        self.unwatch(key)
+        self._on_exit(key)
+
+    def unwatch(self, key: str) -> None:
+        entry = self._fds.pop(key, None)
+        if entry is None:
+            return
+        fd, _ = entry
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self.unwatch(key)
+
+
+SIGTERM = signal.SIGTERM
+SIGKILL = signal.SIGKILL

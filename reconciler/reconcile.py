@@ -1,0 +1,288 @@
+"""One reconcile pass: rows -> read RQ fresh -> decide -> one guarded batch UPDATE.
+
+The sweep is the same pass over every active row, page by page (keyset pagination, one
+Redis pipeline and one UPDATE per page). A pass never holds a transaction across Redis
+calls and never reads a Redis error as "not found": on RedisUnavailable it stops and
+changes nothing more. "Not found" failures are held back until the whole sweep has been
+seen, so that the mass-orphan breaker can refuse them all at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from reconciler.config import Config
+from reconciler.metrics import Metrics
+from reconciler.model import (
+    Action,
+    CancelIntent,
+    Decision,
+    Reason,
+    RqJob,
+    RqStatus,
+    WorkerState,
+    decide,
+)
+from reconciler.processes import Processes
+from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+from reconciler.store import ActiveRow, RowChange, Store
+
+log = structlog.get_logger("reconciler.reconcile")
+
+
+@dataclass(frozen=True, slots=True)
+class HorseStop:
+    """A horse to stop: for a cancelled row whose job started anyway, or an orphan."""
+
+    job_id: Any
+    rq_id: str
+    worker_name: str
+    why: str
+
+
+@dataclass
+class PassReport:
+    checked: int = 0
+    changes: list[RowChange] = field(default_factory=list)
+    lost_races: int = 0
+    horse_stops: list[HorseStop] = field(default_factory=list)
+    breaker_open: bool = False
+    not_found_held: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest_age: float = 0.0
+    stuck: int = 0
+    duration: float = 0.0
+
+    def merge(self, other: PassReport) -> None:
+        self.checked += other.checked
+        self.changes += other.changes
+        self.lost_races += other.lost_races
+        self.horse_stops += other.horse_stops
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluated:
+    row: ActiveRow
+    rq_job: RqJob | None
+    worker: WorkerState | None
+    decision: Decision
+
+
+HorseStopper = Callable[[Sequence[HorseStop]], Awaitable[None]]
+
+
+class Reconciler:
+    def __init__(self, cfg: Config, store: Store, rq: RqState, procs: Processes,
+                 metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.rq = rq
+        self.procs = procs
+        self.metrics = metrics
+        # started job -> its worker, as last read: a worker key event marks these dirty.
+        self.jobs_by_worker: dict[str, set[str]] = {}
+        # local workers seen (name -> record), for the pid watcher
+        self.local_workers: dict[str, WorkerRecord] = {}
+
+    # -- evaluate ---------------------------------------------------------------------------
+
+    async def evaluate(self, rows: Sequence[ActiveRow],
+                       extra_intents: dict[Any, CancelIntent] | None = None) -> list[Evaluated]:
+        """Read RQ for `rows` (one pipeline for jobs, one for workers) and decide each."""
+        rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
+        jobs = await self.rq.read_jobs(rq_ids)
+        started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
+        workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
+        intents = await self.store.cancel_intents([r.row.id for r in rows])
+        if extra_intents:
+            intents.update(extra_intents)
+        now = datetime.now(UTC)
+        states: dict[str, WorkerState] = {}
+        for name, rec in workers.items():
+            states[name] = self._worker_state(name, rec, now)
+        for j in started:
+            if j.worker_name:
+                self.jobs_by_worker.setdefault(j.worker_name, set()).add(j.id)
+                wrec = workers.get(j.worker_name)
+                if wrec is not None and states[j.worker_name].alive and self.procs.is_local(wrec):
+                    self.procs.find_horse(wrec, j.id, j.started_at)
+        min_age = self.cfg.sweep.min_age_seconds
+        kill = self.cfg.cancel.orphaned_horse == "kill"
+        out: list[Evaluated] = []
+        for ar in rows:
+            row = ar.row
+            job = jobs.get(row.rq_id) if row.rq_id else None
+            worker: WorkerState | None = None
+            if job is not None and job.status is RqStatus.STARTED:
+                worker = states.get(job.worker_name) if job.worker_name else WorkerState(
+                    "", gone_because="job has no worker_name")
+            d = decide(row, job, worker, intents.get(row.id), self.cfg.jobs.statuses,
+                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
+            out.append(Evaluated(ar, job, worker, d))
+        return out
+
+    def _worker_state(self, name: str, rec: WorkerRecord, now: datetime) -> WorkerState:
+        local = self.procs.is_local(rec)
+        gone = worker_gone_reason(rec, name, now)
+        if local and rec.exists:
+            self.local_workers[name] = rec
+            pid_gone = self.procs.local_worker_gone(rec)
+            # The local pid check wins over everything Redis says: it is the fresh one.
+            gone = pid_gone or gone
+        horse_alive = False
+        if gone and local and rec.current_job:
+            horse_alive = self.procs.tracked_horse(rec.current_job) is not None
+        return WorkerState(name, gone, local, rec.pid, rec.current_job, horse_alive)
+
+    # -- apply --------------------------------------------------------------------------------
+
+    def to_change(self, ev: Evaluated) -> RowChange | None:
+        d = ev.decision
+        if d.to_status is None:
+            return None
+        job = ev.rq_job
+        detail = dict(d.detail)
+        if job is not None:
+            detail.setdefault("rq_id", job.id)
+            if job.status is RqStatus.UNKNOWN:
+                detail["rq_raw_status"] = job.raw_status
+        return RowChange(
+            job_id=ev.row.row.id,
+            from_status=ev.row.row.status,
+            to_status=d.to_status,
+            error=d.error,
+            reason=d.reason.value if d.reason else "",
+            rq_status=job.status.value if job is not None else "",
+            set_started_at=job.started_at if job is not None else None,
+            set_completed_at=job.ended_at if job is not None else None,
+            mark_started=d.set_started_at,
+            mark_completed=d.set_completed_at,
+            detail=detail,
+        )
+
+    async def apply(self, evaluated: Sequence[Evaluated], *, dry_run: bool = False,
+                    hold_not_found: bool = False) -> tuple[PassReport, list[Evaluated]]:
+        """Apply decided changes; returns the report and (if asked) the held not-found ones."""
+        report = PassReport(checked=len(evaluated))
+        held: list[Evaluated] = []
+        changes: list[RowChange] = []
+        ended: dict[Any, datetime] = {}
+        for ev in evaluated:
+            if ev.decision.action is Action.STOP_HORSE and ev.rq_job is not None:
+                report.horse_stops.append(HorseStop(
+                    ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
+                    str(ev.decision.detail.get("why") or ev.decision.error or "orphan")))
+            if hold_not_found and ev.decision.not_found:
+                held.append(ev)
+                continue
+            ch = self.to_change(ev)
+            if ch is not None:
+                changes.append(ch)
+                if ev.rq_job is not None and ev.rq_job.ended_at is not None:
+                    ended[ch.job_id] = ev.rq_job.ended_at
+        if dry_run:
+            report.changes = changes
+            return report, held
+        applied = await self.store.apply(changes)
+        report.changes = applied
+        report.lost_races = len(changes) - len(applied)
+        now = datetime.now(UTC)
+        for ch in applied:
+            self.metrics.transitions.labels(ch.from_status, ch.to_status, ch.reason).inc()
+            if ch.reason == Reason.SYNCED.value and ch.job_id in ended:
+                self.metrics.sync_lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
+            log.info("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
+                     to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
+                     error=ch.error or None)
+        if report.lost_races:
+            log.info("transitions_lost_race", count=report.lost_races)
+        return report, held
+
+    # -- entry points -------------------------------------------------------------------------
+
+    async def reconcile_rq_ids(self, rq_ids: Sequence[str]) -> PassReport:
+        """The event path: rows looked up by RQ id (= ANY), one pass."""
+        rows = await self.store.rows_by_rq_ids(rq_ids)
+        if not rows:
+            return PassReport()
+        evaluated = await self.evaluate(rows)
+        report, _ = await self.apply(evaluated)
+        return report
+
+    async def reconcile_job_ids(self, job_ids: Sequence[Any],
+                                intents: dict[Any, CancelIntent] | None = None) -> PassReport:
+        rows = await self.store.rows_by_ids(job_ids)
+        if not rows:
+            return PassReport()
+        evaluated = await self.evaluate(rows, intents)
+        report, _ = await self.apply(evaluated)
+        return report
+
+    async def sweep(self, *, dry_run: bool = False, force: bool = False) -> PassReport:
+        """Every active row, page by page. Raises BackendUnavailable if a backend fails."""
+        t0 = time.monotonic()
+        total = PassReport()
+        held: list[Evaluated] = []
+        counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
+        stuck_after = self.cfg.sweep.stuck_after_seconds
+        after: Any = None
+        while True:
+            page = await self.store.active_page(after, self.cfg.sweep.page_size)
+            if not page:
+                break
+            after = page[-1].row.id
+            if not dry_run:
+                await self.store.remember_first_seen(
+                    [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
+                )
+            for r in page:
+                counts[r.row.status] = counts.get(r.row.status, 0) + 1
+                total.oldest_age = max(total.oldest_age, r.age_seconds)
+                if r.age_seconds > stuck_after:
+                    total.stuck += 1
+            evaluated = await self.evaluate(page)
+            report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
+            total.merge(report)
+            held += page_held
+            if len(page) < self.cfg.sweep.page_size:
+                break
+        total.counts = counts
+        total.not_found_held = len(held)
+        if held:
+            n, checked = len(held), total.checked
+            trips = n >= self.cfg.sweep.max_orphan_min and n > self.cfg.sweep.max_orphan_fraction * checked
+            if trips and not force:
+                total.breaker_open = True
+                log.error("orphan_breaker_open", not_found=n, checked=checked,
+                          max_fraction=self.cfg.sweep.max_orphan_fraction,
+                          max_min=self.cfg.sweep.max_orphan_min,
+                          hint="is this the right Redis and db? `rq-reconciler sweep --force` "
+                               "overrides once")
+            else:
+                if trips:
+                    log.warning("orphan_breaker_forced", not_found=n, checked=checked)
+                total.merge(await self._apply_not_found(held, dry_run=dry_run))
+        if not dry_run:
+            await self.store.prune_first_seen()
+        total.duration = time.monotonic() - t0
+        return total
+
+    async def _apply_not_found(self, held: list[Evaluated], *, dry_run: bool) -> PassReport:
+        """Re-check existence right before failing rows as "not found" (they were read up to
+        a whole sweep ago; a job may have been enqueued since)."""
+        total = PassReport()
+        size = self.cfg.sweep.page_size
+        for i in range(0, len(held), size):
+            chunk = held[i:i + size]
+            exists = await self.rq.jobs_exist([ev.rq_job.id for ev in chunk if ev.rq_job])
+            still = [ev for ev in chunk if ev.rq_job is not None and not exists.get(ev.rq_job.id)]
+            report, _ = await self.apply(still, dry_run=dry_run)
+            report.checked = 0
+            total.merge(report)
+        return total

@@ -1,0 +1,382 @@
+"""Redis: everything this package knows about RQ's layout lives here, and only here.
+
+Reads are raw and pipelined (never RQ registry reads with cleanup=True, which change
+state). Writes to RQ state go through RQ's own API (a sync client, in a thread). Every
+redis-py error is translated into RedisUnavailable: a caller must never read "Redis
+could not be asked" as "job not found". Targets RQ >= 2.0, < 3: RQ 3 support (its worker
+hash has no `current_job`) should touch this module only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import zlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import redis.exceptions
+from rq.command import PUBSUB_CHANNEL_TEMPLATE
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.results import Result
+from rq.worker import Worker
+from rq.worker_registration import REDIS_WORKER_KEYS
+
+from reconciler.errors import RedisUnavailable
+from reconciler.model import RqJob, RqStatus, last_line
+
+JOB_PREFIX: str = Job.redis_job_namespace_prefix
+WORKER_PREFIX: str = Worker.redis_worker_namespace_prefix
+# A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
+# 90 s; an idle one every worker_ttl (420 s) with TTL + 60. Past this, it is gone.
+HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
+# Keyspace flags we need: K keyspace channel, g generic (del/expire), h hash, x expired.
+NEEDED_KEYSPACE_FLAGS = "Kghx"
+
+_JOB_FIELDS = (b"status", b"worker_name", b"origin", b"started_at", b"ended_at", b"exc_info")
+_WORKER_FIELDS = (b"birth", b"last_heartbeat", b"pid", b"hostname", b"death", b"current_job")
+_REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+_KNOWN = {s.value for s in RqStatus} - {RqStatus.MISSING.value, RqStatus.UNKNOWN.value}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """An RQ worker hash as read, plus its command-channel subscriber count."""
+
+    name: str
+    exists: bool
+    birth: datetime | None = None
+    last_heartbeat: datetime | None = None
+    pid: int | None = None
+    hostname: str = ""
+    death: bool = False
+    current_job: str | None = None
+    subscribers: int = 0
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value else ""
+
+
+def parse_time(value: bytes | str | None) -> datetime | None:
+    """RQ's utcformat timestamps; garbage gives None, never an exception."""
+    if not value:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    return None
+
+
+def _decode_exc(raw: bytes | None, *, b64: bool) -> str:
+    if not raw:
+        return ""
+    try:
+        data = base64.b64decode(raw) if b64 else raw
+        return zlib.decompress(data).decode("utf-8", "replace")
+    except (binascii.Error, zlib.error, ValueError):
+        return ""
+
+
+def job_from_hash(job_id: str, values: Sequence[bytes | None]) -> RqJob:
+    """Build an RqJob from HMGET of _JOB_FIELDS. All-None means the hash does not exist."""
+    if all(v is None for v in values):
+        return RqJob(job_id, RqStatus.MISSING)
+    status_raw = _text(values[0])
+    status = RqStatus(status_raw) if status_raw in _KNOWN else RqStatus.UNKNOWN
+    exc = _decode_exc(values[5], b64=False)
+    return RqJob(
+        id=job_id,
+        status=status,
+        raw_status=status_raw[:64],
+        worker_name=_text(values[1]),
+        origin=_text(values[2]),
+        started_at=parse_time(values[3]),
+        ended_at=parse_time(values[4]),
+        exc_line=last_line(exc) if exc else "",
+    )
+
+
+def job_id_from_key(key: str) -> str | None:
+    """`rq:job:<id>` -> id; None for RQ's side keys (`rq:job:<id>:dependents` ...)."""
+    if not key.startswith(JOB_PREFIX):
+        return None
+    rest = key[len(JOB_PREFIX):]
+    # RQ reserves ':' inside ids for execution ids, so a colon means a side key.
+    return rest if rest and ":" not in rest else None
+
+
+def worker_name_from_key(key: str) -> str | None:
+    if not key.startswith(WORKER_PREFIX):
+        return None
+    rest = key[len(WORKER_PREFIX):]
+    return rest or None
+
+
+def missing_keyspace_flags(current: str) -> str:
+    """The flags of NEEDED_KEYSPACE_FLAGS that `current` does not already enable."""
+    have = set(current)
+    if "A" in have:  # alias for g$lshzxetd
+        have |= set("g$lshzxetd")
+    return "".join(f for f in NEEDED_KEYSPACE_FLAGS if f not in have)
+
+
+class RqState:
+    """A narrow async interface to RQ's Redis state."""
+
+    def __init__(self, url: str, *, socket_timeout: float = 5.0) -> None:
+        self.url = url
+        self._timeout = socket_timeout
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+            health_check_interval=30,
+        )
+        self._sync: redis.Redis | None = None
+
+    @property
+    def db(self) -> int:
+        return int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self._sync is not None:
+            self._sync.close()
+
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def read_jobs(self, ids: Iterable[str]) -> dict[str, RqJob]:
+        """One pipeline for the hashes, one more for failure texts of failed jobs."""
+        id_list = list(dict.fromkeys(ids))
+        if not id_list:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for jid in id_list:
+                    pipe.hmget(JOB_PREFIX + jid, list(_JOB_FIELDS))
+                raw = await pipe.execute()
+            jobs = {jid: job_from_hash(jid, vals) for jid, vals in zip(id_list, raw, strict=True)}
+            failed = [j.id for j in jobs.values() if j.status is RqStatus.FAILED]
+            if failed:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for jid in failed:
+                        pipe.xrevrange(Result.get_key(jid), "+", "-", count=1)  # type: ignore[no-untyped-call]
+                    streams = await pipe.execute()
+                for jid, entries in zip(failed, streams, strict=True):
+                    line = _exc_from_stream(entries)
+                    if line:
+                        j = jobs[jid]
+                        jobs[jid] = RqJob(j.id, j.status, j.raw_status, j.worker_name,
+                                          j.origin, j.started_at, j.ended_at, line)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return jobs
+
+    async def jobs_exist(self, ids: Sequence[str]) -> dict[str, bool]:
+        if not ids:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for jid in ids:
+                    pipe.exists(JOB_PREFIX + jid)
+                raw = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return {jid: bool(n) for jid, n in zip(ids, raw, strict=True)}
+
+    async def read_workers(self, names: Iterable[str]) -> dict[str, WorkerRecord]:
+        name_list = [n for n in dict.fromkeys(names) if n]
+        if not name_list:
+            return {}
+        channels = [PUBSUB_CHANNEL_TEMPLATE % n for n in name_list]
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for n in name_list:
+                    pipe.hmget(WORKER_PREFIX + n, list(_WORKER_FIELDS))
+                pipe.execute_command("PUBSUB", "NUMSUB", *channels)
+                raw = await pipe.execute()
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        numsub_flat: list[Any] = raw[-1] or []
+        subs: dict[str, int] = {}
+        for i in range(0, len(numsub_flat) - 1, 2):
+            ch_raw = numsub_flat[i]
+            subs[ch_raw.decode() if isinstance(ch_raw, bytes) else str(ch_raw)] = int(numsub_flat[i + 1])
+        out: dict[str, WorkerRecord] = {}
+        for n, ch, vals in zip(name_list, channels, raw[:-1], strict=True):
+            out[n] = worker_from_hash(n, vals, subs.get(ch, 0))
+        return out
+
+    async def worker_names(self) -> list[str]:
+        try:
+            keys = await self.client.smembers(REDIS_WORKER_KEYS)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        names = (worker_name_from_key(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k))
+                 for k in keys)
+        return sorted(n for n in names if n)
+
+    # -- keyspace notifications -------------------------------------------------------
+
+    async def keyspace_flags(self) -> str:
+        """Current notify-keyspace-events. redis.exceptions.ResponseError if CONFIG is
+        forbidden (managed Redis) — the caller decides what that means."""
+        try:
+            cfg = await self.client.config_get("notify-keyspace-events")
+        except redis.exceptions.ResponseError:
+            raise
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        raw: dict[Any, Any] = dict(cfg)
+        value = raw.get(b"notify-keyspace-events", raw.get("notify-keyspace-events", b""))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def add_keyspace_flags(self, current: str) -> str:
+        """Add what we need, keeping every flag already set. Returns the new setting."""
+        missing = missing_keyspace_flags(current)
+        if not missing:
+            return current
+        new = current + missing
+        try:
+            await self.client.config_set("notify-keyspace-events", new)
+        except redis.exceptions.ResponseError:
+            raise
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return new
+
+    def keyspace_patterns(self) -> list[str]:
+        return [f"__keyspace@{self.db}__:{JOB_PREFIX}*", f"__keyspace@{self.db}__:{WORKER_PREFIX}*"]
+
+    async def keyspace_events(
+        self, ready: asyncio.Event | None = None
+    ) -> AsyncIterator[tuple[str, str, str]]:
+        """Yield (kind, id, event) with kind "job" or "worker", until the connection drops
+        (then RedisUnavailable). Subscribes on its own connection."""
+        prefix_len = len(f"__keyspace@{self.db}__:")
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(*self.keyspace_patterns())
+            if ready is not None:
+                ready.set()
+            while True:
+                msg = await pubsub.get_message(timeout=None)
+                if msg is None:
+                    continue
+                channel = _text(msg.get("channel"))[prefix_len:]
+                event = _text(msg.get("data")) if isinstance(msg.get("data"), bytes) else ""
+                jid = job_id_from_key(channel)
+                if jid is not None:
+                    yield "job", jid, event
+                    continue
+                wname = worker_name_from_key(channel)
+                if wname is not None:
+                    yield "worker", wname, event
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        finally:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- writes, through RQ's own API -------------------------------------------------
+
+    def _sync_client(self) -> redis.Redis:
+        if self._sync is None:
+            self._sync = redis.Redis.from_url(
+                self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
+            )
+        return self._sync
+
+    def _cancel_sync(self, job_id: str) -> str:
+        try:
+            job = Job.fetch(job_id, connection=self._sync_client())
+        except NoSuchJobError:
+            return "missing"
+        except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
+            # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
+            return "unreadable"
+        try:
+            job.cancel()
+        except InvalidJobOperation:
+            return "already_canceled"
+        return "canceled"
+
+    async def cancel_job(self, job_id: str) -> str:
+        """RQ's Job.cancel(). Returns canceled / already_canceled / missing / unreadable."""
+        try:
+            return await asyncio.to_thread(self._cancel_sync, job_id)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def send_stop_job(self, worker_name: str, job_id: str) -> int:
+        """RQ's stop-job command (the payload RQ's send_stop_job_command sends), published
+        by us so that we learn how many workers received it: 0 means nobody listens."""
+        payload = json.dumps({"command": "stop-job", "job_id": job_id})
+        try:
+            return int(await self.client.publish(PUBSUB_CHANNEL_TEMPLATE % worker_name, payload))
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) -> WorkerRecord:
+    if all(v is None for v in vals):
+        return WorkerRecord(name, exists=False, subscribers=subscribers)
+    pid: int | None
+    try:
+        pid = int(_text(vals[2])) if vals[2] else None
+    except ValueError:
+        pid = None
+    return WorkerRecord(
+        name=name,
+        exists=True,
+        birth=parse_time(vals[0]),
+        last_heartbeat=parse_time(vals[1]),
+        pid=pid,
+        hostname=_text(vals[3]),
+        death=bool(vals[4]),
+        current_job=_text(vals[5]) or None,
+        subscribers=subscribers,
+    )
+
+
+def _exc_from_stream(entries: Any) -> str:
+    if not entries:
+        return ""
+    _entry_id, fields = entries[0]
+    if not isinstance(fields, dict):
+        return ""
+    exc = _decode_exc(fields.get(b"exc_string"), b64=True)
+    return last_line(exc) if exc else ""
+
+
+def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime) -> str:
+    """Why RQ's own records say the worker is gone, or '' if they say it is alive.
+
+    The local pid check (the only fast signal after a SIGKILL: the orphaned horse keeps
+    the pub/sub socket, and the hash outlives the worker by its TTL) is the caller's.
+    """
+    if rec is None or not rec.exists:
+        return f"worker hash {WORKER_PREFIX}{name} is missing"
+    if rec.death:
+        return "worker registered its death"
+    if rec.last_heartbeat is not None:
+        age = (now - rec.last_heartbeat).total_seconds()
+        if age > HEARTBEAT_STALE_SECONDS:
+            return f"last heartbeat {int(age)} s ago"
+    if rec.subscribers == 0:
+        return f"nobody subscribed to {PUBSUB_CHANNEL_TEMPLATE % name}"
+    return ""

@@ -1,0 +1,482 @@
+"""Postgres (asyncpg): the jobs table, our audit/cancel tables, migrations.
+
+Every UPDATE of a job row is guarded by the status it was read with (compare-and-set),
+batched with unnest(), and writes its audit rows in the same statement. Identifiers come
+from the config through quote_ident(); values are always bind parameters. asyncpg errors
+are translated here: outages into PostgresUnavailable, schema problems into SchemaError.
+Nothing here holds a transaction open while the caller talks to Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from reconciler.config import Config, quote_ident
+from reconciler.errors import PostgresUnavailable, SchemaError
+from reconciler.model import CancelIntent, JobRow
+
+_OUTAGE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    TimeoutError,
+)
+_SCHEMA = (
+    asyncpg.exceptions.UndefinedTableError,
+    asyncpg.exceptions.UndefinedColumnError,
+    asyncpg.exceptions.UndefinedObjectError,
+    asyncpg.exceptions.DatatypeMismatchError,
+    asyncpg.exceptions.InvalidSchemaNameError,
+    asyncpg.exceptions.UndefinedFunctionError,
+)
+
+SCHEMA_VERSION = 1
+MIGRATIONS = ("001_initial.sql",)
+
+
+def translate(exc: BaseException) -> Exception:
+    if isinstance(exc, _SCHEMA):
+        return SchemaError(str(exc))
+    if isinstance(exc, _OUTAGE):
+        return PostgresUnavailable(str(exc) or type(exc).__name__)
+    if isinstance(exc, asyncpg.PostgresError):
+        return SchemaError(f"{type(exc).__name__}: {exc}")
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except (*_OUTAGE, asyncpg.PostgresError) as exc:
+        raise translate(exc) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """One guarded transition to apply."""
+
+    job_id: Any
+    from_status: str
+    to_status: str
+    error: str
+    reason: str
+    rq_status: str = ""
+    set_started_at: datetime | None = None
+    set_completed_at: datetime | None = None
+    mark_started: bool = False
+    mark_completed: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRow:
+    row: JobRow
+    age_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    id: int
+    job_id: Any
+    requested_at: datetime
+    requested_by: str
+    reason: str
+
+
+class Store:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.pool: asyncpg.Pool | None = None
+        self.id_type = "bigint"
+        j = cfg.jobs
+        self.t = quote_ident(j.table)
+        self.c_id = quote_ident(j.id_column)
+        self.c_rq = quote_ident(j.rq_id_column)
+        self.c_status = quote_ident(j.status_column)
+        self.c_error = quote_ident(j.error_column)
+        self.c_started = quote_ident(j.started_at_column) if j.started_at_column else None
+        self.c_completed = quote_ident(j.completed_at_column) if j.completed_at_column else None
+        self.req = quote_ident(cfg.cancel.requests_table)
+        self.events = quote_ident(cfg.events_table)
+        self.first_seen = quote_ident(cfg.first_seen_table)
+        self._sql: dict[str, str] = {}
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def connect(self, *, min_size: int = 1) -> None:
+        async with translated():
+            self.pool = await asyncpg.create_pool(
+                self.cfg.postgres.dsn,
+                min_size=min(min_size, self.cfg.postgres.pool_size),
+                max_size=self.cfg.postgres.pool_size,
+                command_timeout=60,
+                timeout=10,
+            )
+            await self._introspect()
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            try:
+                await self.pool.close()
+            except _OUTAGE:
+                self.pool.terminate()
+            self.pool = None
+
+    def _p(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise PostgresUnavailable("not connected")
+        return self.pool
+
+    async def _introspect(self) -> None:
+        row = await self._p().fetchrow(
+            "SELECT format_type(a.atttypid, a.atttypmod) AS t FROM pg_attribute a "
+            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            self.t, self.cfg.jobs.id_column,
+        )
+        if row is None:
+            raise SchemaError(
+                f"jobs table {self.cfg.jobs.table!r} or its id column "
+                f"{self.cfg.jobs.id_column!r} does not exist (jobs.table / jobs.id_column)"
+            )
+        # format_type() output comes from the catalog, not from user input.
+        self.id_type = str(row["t"])
+        self._build_sql()
+
+    def _build_sql(self) -> None:
+        t, cid, crq, cst = self.t, self.c_id, self.c_rq, self.c_status
+        started = f"t.{self.c_started}" if self.c_started else "NULL::timestamptz"
+        select = (
+            f"SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
+            f"{started} AS started_at, f.first_seen, "
+            f"extract(epoch FROM now() - coalesce({started}, f.first_seen, now()))::float8 AS age "
+            f"FROM {t} t LEFT JOIN {self.first_seen} f ON f.job_id = t.{cid}::text "
+        )
+        self._sql["page_first"] = select + (
+            f"WHERE t.{cst} = ANY($1::text[]) ORDER BY t.{cid} LIMIT $2"
+        )
+        self._sql["page_next"] = select + (
+            f"WHERE t.{cst} = ANY($1::text[]) AND t.{cid} > $3::{self.id_type} "
+            f"ORDER BY t.{cid} LIMIT $2"
+        )
+        self._sql["by_rq_ids"] = select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])"
+        self._sql["by_ids"] = select + f"WHERE t.{cid} = ANY($1::{self.id_type}[])"
+        sets = [
+            f"{cst} = u.to_s",
+            f"{self.c_error} = CASE WHEN u.err = '' THEN t.{self.c_error} ELSE u.err END",
+        ]
+        if self.c_started:
+            sets.append(
+                f"{self.c_started} = CASE WHEN u.mark_started "
+                f"THEN coalesce(t.{self.c_started}, u.started_ts, now()) ELSE t.{self.c_started} END"
+            )
+        if self.c_completed:
+            sets.append(
+                f"{self.c_completed} = CASE WHEN u.mark_completed "
+                f"THEN coalesce(u.completed_ts, now()) ELSE t.{self.c_completed} END"
+            )
+        self._sql["apply"] = f"""
+WITH u AS (
+    SELECT * FROM unnest($1::{self.id_type}[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::bool[], $8::timestamptz[], $9::bool[],
+                         $10::timestamptz[], $11::jsonb[])
+        AS u(id, from_s, to_s, err, reason, rq_status, mark_started, started_ts,
+             mark_completed, completed_ts, detail)
+), upd AS (
+    UPDATE {t} t SET {', '.join(sets)}
+    FROM u WHERE t.{cid} = u.id AND t.{cst} = u.from_s
+    RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
+), gone AS (
+    DELETE FROM {self.first_seen} f USING upd
+    WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($13::text[])
+)
+INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
+SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''), upd.detail, $12
+FROM upd
+RETURNING job_id, from_status, to_status, reason
+"""
+        self._sql["first_seen"] = (
+            f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
+            "ON CONFLICT (job_id) DO NOTHING"
+        )
+        self._sql["prune_first_seen"] = (
+            f"DELETE FROM {self.first_seen} f WHERE NOT EXISTS (SELECT 1 FROM {t} t "
+            f"WHERE t.{cid}::text = f.job_id AND t.{cst} = ANY($1::text[]))"
+        )
+        self._sql["intents"] = (
+            f"SELECT DISTINCT ON (job_id) job_id, coalesce(requested_by, '') AS who, "
+            f"coalesce(reason, '') AS why FROM {self.req} "
+            f"WHERE state <> 'done' AND job_id = ANY($1::{self.id_type}[]) ORDER BY job_id, id"
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _active(rec: asyncpg.Record) -> ActiveRow:
+        return ActiveRow(
+            JobRow(rec["id"], rec["rq_id"] or None, rec["status"], rec["started_at"],
+                   rec["first_seen"]),
+            float(rec["age"] or 0.0),
+        )
+
+    async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
+        active = list(self.cfg.jobs.statuses.active)
+        async with translated():
+            if after is None:
+                recs = await self._p().fetch(self._sql["page_first"], active, limit)
+            else:
+                recs = await self._p().fetch(self._sql["page_next"], active, limit, after)
+        return [self._active(r) for r in recs]
+
+    async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
+        """Active rows, and cancelled ones (a cancel holds until RQ agrees)."""
+        s = self.cfg.jobs.statuses
+        async with translated():
+            recs = await self._p().fetch(self._sql["by_rq_ids"], list(rq_ids),
+                                         [*s.active, s.cancelled])
+        return [self._active(r) for r in recs]
+
+    async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
+        async with translated():
+            recs = await self._p().fetch(self._sql["by_ids"], list(ids))
+        return [self._active(r) for r in recs]
+
+    async def remember_first_seen(self, job_ids: Sequence[Any]) -> None:
+        if not job_ids:
+            return
+        async with translated():
+            await self._p().execute(self._sql["first_seen"], [str(i) for i in job_ids])
+
+    async def prune_first_seen(self) -> None:
+        async with translated():
+            await self._p().execute(self._sql["prune_first_seen"],
+                                    list(self.cfg.jobs.statuses.active))
+
+    async def cancel_intents(self, job_ids: Sequence[Any]) -> dict[Any, CancelIntent]:
+        if not job_ids:
+            return {}
+        async with translated():
+            recs = await self._p().fetch(self._sql["intents"], list(job_ids))
+        return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def apply(self, changes: Sequence[RowChange]) -> list[RowChange]:
+        """Apply guarded transitions in one statement; returns the ones that took effect."""
+        if not changes:
+            return []
+        args = (
+            [c.job_id for c in changes],
+            [c.from_status for c in changes],
+            [c.to_status for c in changes],
+            [c.error for c in changes],
+            [c.reason for c in changes],
+            [c.rq_status for c in changes],
+            [c.mark_started for c in changes],
+            [c.set_started_at for c in changes],
+            [c.mark_completed for c in changes],
+            [c.set_completed_at for c in changes],
+            [json.dumps(c.detail, default=str) for c in changes],
+            self.cfg.instance.name,
+            list(self.cfg.jobs.statuses.active),
+        )
+        async with translated():
+            recs = await self._p().fetch(self._sql["apply"], *args)
+        applied = {r["job_id"] for r in recs}
+        return [c for c in changes if str(c.job_id) in applied]
+
+    # -- sweep lock -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def sweep_lock(self) -> AsyncIterator[bool]:
+        """Session advisory lock: one sweeper per jobs table across replicas."""
+        key = f"rq-reconciler:sweep:{self.cfg.jobs.table}"
+        async with translated():
+            conn = await self._p().acquire()
+        try:
+            async with translated():
+                got = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key))
+            try:
+                yield got
+            finally:
+                if got:
+                    # If the session is gone, the lock went with it.
+                    with suppress(*_OUTAGE):
+                        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        finally:
+            with suppress(*_OUTAGE):
+                await self._p().release(conn)
+
+    # -- cancel requests --------------------------------------------------------------------
+
+    async def claim_requests(self, lease: float, limit: int = 100,
+                             job_ids: Sequence[Any] | None = None) -> list[CancelRequest]:
+        """Claim pending (or lease-expired) requests; SKIP LOCKED lets replicas share."""
+        where = "(state = 'pending' OR (state = 'claimed' AND claimed_until < now()))"
+        params: list[Any] = [self.cfg.instance.name, lease, limit]
+        if job_ids is not None:
+            where += f" AND job_id = ANY($4::{self.id_type}[])"
+            params.append(list(job_ids))
+        sql = (
+            f"UPDATE {self.req} r SET state = 'claimed', claimed_by = $1, "
+            f"claimed_until = now() + make_interval(secs => $2) "
+            f"WHERE r.id IN (SELECT id FROM {self.req} WHERE {where} "
+            f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING r.id, r.job_id, r.requested_at, coalesce(r.requested_by, '') AS who, "
+            f"coalesce(r.reason, '') AS why"
+        )
+        async with translated():
+            recs = await self._p().fetch(sql, *params)
+        return [CancelRequest(r["id"], r["job_id"], r["requested_at"], r["who"], r["why"])
+                for r in sorted(recs, key=lambda r: r["id"])]
+
+    async def extend_lease(self, ids: Sequence[int], lease: float) -> None:
+        async with translated():
+            await self._p().execute(
+                f"UPDATE {self.req} SET claimed_until = now() + make_interval(secs => $3) "
+                f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2",
+                list(ids), self.cfg.instance.name, lease,
+            )
+
+    async def finish_requests(self, ids: Sequence[int], outcome: str,
+                              detail: dict[str, Any]) -> list[tuple[int, datetime]]:
+        """Write the outcome on our claimed requests and NOTIFY <channel>_done for each.
+        Returns (id, requested_at) of the requests finished (a lost lease finishes none)."""
+        sql = (
+            f"WITH u AS (UPDATE {self.req} SET state = 'done', outcome = $3, detail = $4::jsonb, "
+            f"done_at = now(), claimed_until = NULL "
+            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
+            f"RETURNING id, requested_at) "
+            f"SELECT u.id, u.requested_at, pg_notify($5, u.id::text) FROM u"
+        )
+        async with translated():
+            recs = await self._p().fetch(sql, list(ids), self.cfg.instance.name, outcome,
+                                         json.dumps(detail, default=str), self.cfg.done_channel)
+        return [(r["id"], r["requested_at"]) for r in recs]
+
+    async def release_claims(self) -> int:
+        async with translated():
+            status = await self._p().execute(
+                f"UPDATE {self.req} SET state = 'pending', claimed_by = NULL, "
+                f"claimed_until = NULL WHERE state = 'claimed' AND claimed_by = $1",
+                self.cfg.instance.name,
+            )
+        return int(status.split()[-1])
+
+    async def insert_request(self, job_id: Any, requested_by: str, reason: str) -> int:
+        async with translated():
+            return int(await self._p().fetchval(
+                f"INSERT INTO {self.req} (job_id, requested_by, reason) "
+                f"VALUES ($1::{self.id_type}, $2, $3) RETURNING id",
+                job_id, requested_by, reason,
+            ))
+
+    async def request_outcome(self, request_id: int) -> tuple[str, str | None, Any]:
+        async with translated():
+            rec = await self._p().fetchrow(
+                f"SELECT state, outcome, detail FROM {self.req} WHERE id = $1", request_id
+            )
+        if rec is None:
+            raise SchemaError(f"cancel request {request_id} does not exist")
+        detail = json.loads(rec["detail"]) if rec["detail"] else None
+        return rec["state"], rec["outcome"], detail
+
+    async def job_status(self, job_id: Any) -> str | None:
+        async with translated():
+            return await self._p().fetchval(  # type: ignore[no-any-return]
+                f"SELECT {self.c_status} FROM {self.t} WHERE {self.c_id} = $1::{self.id_type}",
+                job_id,
+            )
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+
+def _bare(name: str) -> str:
+    return name.rpartition(".")[2]
+
+
+def _schema_prefix(name: str) -> str:
+    schema, dot, _ = name.rpartition(".")
+    return f"{schema}{dot}"
+
+
+def _fill(text: str, subs: dict[str, str]) -> str:
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in subs:
+            raise KeyError(f"migration placeholder {m.group(0)} has no value")
+        return subs[m.group(1)]
+
+    return re.sub(r"\{([a-z_]+)\}", one, text)
+
+
+def render_migrations(cfg: Config, id_type: str) -> str:
+    req = cfg.cancel.requests_table
+    base = _bare(req)
+    pre = _schema_prefix(req)
+    subs = {
+        "requests_table": quote_ident(req),
+        "jobs_table": quote_ident(cfg.jobs.table),
+        "jobs_id": quote_ident(cfg.jobs.id_column),
+        "id_type": id_type,
+        "requests_open_index": quote_ident(f"{base}_open_idx"),
+        "requests_job_index": quote_ident(f"{base}_job_idx"),
+        "trigger_fn": quote_ident(f"{pre}{base}_notify"),
+        "trigger_name": quote_ident(f"{base}_notify"),
+        "channel_literal": "'" + cfg.cancel.channel.replace("'", "''") + "'",
+        "events_table": quote_ident(cfg.events_table),
+        "events_job_index": quote_ident(f"{_bare(cfg.events_table)}_job_idx"),
+        "first_seen_table": quote_ident(cfg.first_seen_table),
+        "version_table": quote_ident(f"{pre}rq_reconciler_schema"),
+    }
+    parts = []
+    for name in MIGRATIONS:
+        text = resources.files("reconciler").joinpath("sql", name).read_text(encoding="utf-8")
+        parts.append(_fill(text, subs))
+    version = subs["version_table"]
+    parts.append(
+        f"CREATE TABLE IF NOT EXISTS {version} (version int PRIMARY KEY, "
+        "applied_at timestamptz NOT NULL DEFAULT now());\n"
+        f"INSERT INTO {version} (version) VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;\n"
+    )
+    return "\n".join(parts)
+
+
+async def migrate(cfg: Config, *, print_only: bool = False) -> str:
+    """Create/upgrade our tables in one transaction, serialized by an advisory lock."""
+    async with translated():
+        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+    try:
+        async with translated():
+            id_type = await conn.fetchval(
+                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+                quote_ident(cfg.jobs.table), cfg.jobs.id_column,
+            )
+        if id_type is None:
+            raise SchemaError(
+                f"jobs table {cfg.jobs.table!r} with id column {cfg.jobs.id_column!r} not found "
+                "(jobs.table / jobs.id_column); migrate needs it for the foreign key"
+            )
+        sql = render_migrations(cfg, str(id_type))
+        if print_only:
+            return sql
+        async with translated(), conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
+            await conn.execute(sql)
+        return sql
+    finally:
+        await conn.close()
