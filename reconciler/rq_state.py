@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import json
 import zlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -262,17 +262,14 @@ class RqState:
     def keyspace_patterns(self) -> list[str]:
         return [f"__keyspace@{self.db}__:{JOB_PREFIX}*", f"__keyspace@{self.db}__:{WORKER_PREFIX}*"]
 
-    async def keyspace_events(
-        self, ready: asyncio.Event | None = None
-    ) -> AsyncIterator[tuple[str, str, str]]:
-        """Yield (kind, id, event) with kind "job" or "worker", until the connection drops
-        (then RedisUnavailable). Subscribes on its own connection."""
+    async def keyspace_events(self) -> AsyncGenerator[tuple[str, str, str], None]:
+        """Yield ("subscribed", "", "") once subscribed, then (kind, id, event) with kind "job"
+        or "worker", until the connection drops (then RedisUnavailable)."""
         prefix_len = len(f"__keyspace@{self.db}__:")
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(*self.keyspace_patterns())
-            if ready is not None:
-                ready.set()
+            yield "subscribed", "", ""
             while True:
                 msg = await pubsub.get_message(timeout=None)
                 if msg is None:

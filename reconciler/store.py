@@ -394,6 +394,15 @@ RETURNING job_id, from_status, to_status, reason
         detail = json.loads(rec["detail"]) if rec["detail"] else None
         return rec["state"], rec["outcome"], detail
 
+    async def previous_cancel_detail(self, job_id: Any) -> dict[str, Any] | None:
+        """The detail of this job's last successful cancel, so that late duplicates of a
+        request get the same outcome."""
+        async with translated():
+            raw = await self._p().fetchval(
+                f"SELECT detail FROM {self.req} WHERE job_id = $1 AND state = 'done' "
+                f"AND outcome = 'cancelled' ORDER BY id DESC LIMIT 1", job_id)
+        return dict(json.loads(raw)) if raw else None
+
     async def job_status(self, job_id: Any) -> str | None:
         async with translated():
             return await self._p().fetchval(  # type: ignore[no-any-return]
