@@ -510,6 +510,10 @@ class Daemon:
         async with self.store.sweep_lock() as got:
             if not got:
                 log.info("sweep_skipped", why="another replica holds the sweep lock")
+                # Table-wide gauges belong to the replica that sweeps; ours would go stale.
+                self.metrics.jobs_stuck.set(0)
+                self.metrics.oldest_active_age.set(0)
+                self.metrics.jobs_active.clear()
                 self._notify_ready()
                 return None
             await self.discover_workers()

@@ -97,6 +97,15 @@ class Metrics:
         self.build_info.info({"version": __version__})
         for backend in ("redis", "postgres"):
             self.backend_up.labels(backend=backend).set(0)
+        # Known label values start at 0 so that rate()/increase() see the first event.
+        for outcome in ("cancelled", "already_finished", "failed"):
+            self.cancel_requests.labels(outcome=outcome)
+        for result in ("ok", "failed", "breaker"):
+            self.sweeps.labels(result=result)
+        for source in ("cancel_notify", "keyspace", "local_worker", "timer"):
+            self.events.labels(source=source)
+        for sig in ("SIGTERM", "SIGKILL"):
+            self.process_signals.labels(signal=sig)
         self.orphan_breaker_open.set(0)
 
     def render(self) -> bytes:
