@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both build the venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint test-slow bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rq-reconciler demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check reconciler tests bench scripts
+	$(BIN)/mypy --strict reconciler
+
+test: $(STAMP) lint
+	bash scripts/install-ci-tools.sh
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/sweep_vs_naive.py
+	$(BIN)/python bench/sweep_memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
