@@ -318,7 +318,7 @@ async def request_and_wait(cfg: Config, job_id: str, *, reason: str, by: str,
             if "ForeignKeyViolation" in str(exc):
                 raise SchemaError(f"no job with {cfg.jobs.id_column} = {job_id!r} in "
                                   f"{cfg.jobs.table}") from None
-            if "InvalidTextRepresentation" in str(exc) or "DataError" in str(exc):
+            if "InvalidTextRepresentation" in str(exc) or "NumericValueOutOfRange" in str(exc):
                 raise SchemaError(f"{job_id!r} is not a valid {store.id_type} id") from None
             raise
         if wait is None:

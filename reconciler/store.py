@@ -380,8 +380,8 @@ RETURNING job_id, from_status, to_status, reason
         async with translated():
             return int(await self._p().fetchval(
                 f"INSERT INTO {self.req} (job_id, requested_by, reason) "
-                f"VALUES ($1::{self.id_type}, $2, $3) RETURNING id",
-                job_id, requested_by, reason,
+                f"VALUES ($1::text::{self.id_type}, $2, $3) RETURNING id",
+                str(job_id), requested_by, reason,
             ))
 
     async def request_outcome(self, request_id: int) -> tuple[str, str | None, Any]:

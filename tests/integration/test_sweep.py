@@ -1,0 +1,250 @@
+"""`rq-reconciler sweep` against real RQ state made by real workers: every row of the
+reconcile table, the breaker, dry-run, Redis failing mid-sweep, and garbage in Redis."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import redis
+from rq.command import send_stop_job_command
+from rq.job import Job
+
+from tests.harness import enqueue, rq_status, wait_for
+from tests.support import (
+    insert_job,
+    q,
+    row,
+    run_cli,
+    statuses,
+    sweep_json,
+    transitions,
+    write_config,
+)
+
+
+def migrated(tmp_path: Path, redis_url: str, pg_dsn: str, **sections: dict[str, Any]) -> Path:
+    cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn, **sections)
+    p = run_cli(cfg, "migrate")
+    assert p.returncode == 0, p.stderr
+    return cfg
+
+
+def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                          workers: Any, tmp_marker: Path) -> None:
+    cfg = migrated(tmp_path, redis_url, pg_dsn, sweep={"min_age_seconds": 60.0})
+    w1 = workers()
+    w2 = workers()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        finished = enqueue(redis_url, "tests.jobs.succeed", 21)
+        failed = enqueue(redis_url, "tests.jobs.fail", "disk on fire")
+        wait_for(lambda: rq_status(redis_url, finished) == "finished", 20, what="finished")
+        wait_for(lambda: rq_status(redis_url, failed) == "failed", 20, what="failed")
+
+        stopped = enqueue(redis_url, "tests.jobs.sleep", 60)
+        wait_for(lambda: rq_status(redis_url, stopped) == "started", 20, what="started")
+        send_stop_job_command(r, stopped)
+        wait_for(lambda: rq_status(redis_url, stopped) == "stopped", 20, what="stopped")
+
+        # a queued job RQ cancels itself (no worker listens on this queue)
+        canceled = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+        Job.fetch(canceled, connection=r).cancel()
+        assert rq_status(redis_url, canceled) == "canceled"
+        queued = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+
+        # a worker SIGKILLed mid-job: its horse lives on, its hash lives on
+        orphan = enqueue(redis_url, "tests.jobs.touch_and_sleep", 60, str(tmp_marker))
+        wait_for(lambda: rq_status(redis_url, orphan) == "started", 20, what="orphan started")
+        victim = w1 if w1.current_job_id() == orphan else w2
+        survivor = w2 if victim is w1 else w1
+        horse_pids = victim.horse_pids()
+        victim.kill(signal.SIGKILL)
+
+        running_ok = enqueue(redis_url, "tests.jobs.sleep", 30)
+        wait_for(lambda: rq_status(redis_url, running_ok) == "started", 20, what="running")
+        assert survivor.current_job_id() == running_ok
+
+        ids = {
+            "finished": insert_job(pg_dsn, finished),
+            "failed": insert_job(pg_dsn, failed, status="queued"),
+            "stopped": insert_job(pg_dsn, stopped),
+            "canceled": insert_job(pg_dsn, canceled),
+            "queued": insert_job(pg_dsn, queued, status="queued", started_ago=None),
+            "orphan": insert_job(pg_dsn, orphan),
+            "running_ok": insert_job(pg_dsn, running_ok, status="queued", started_ago=None),
+            "missing": insert_job(pg_dsn, "no-such-job"),
+            "no_rq_id": insert_job(pg_dsn, None),
+            "empty_rq_id": insert_job(pg_dsn, ""),
+            "young_missing": insert_job(pg_dsn, "not-yet-enqueued", started_ago=1),
+            "young_no_id": insert_job(pg_dsn, None, status="queued", started_ago=None),
+            "done_already": insert_job(pg_dsn, finished, status="failed"),
+        }
+        dry = sweep_json(cfg, "--dry-run")
+        assert dry["_rc"] == 0
+        assert statuses(pg_dsn, list(ids.values()))[ids["finished"]] == "running"  # unchanged
+
+        out = sweep_json(cfg)
+        assert out["_rc"] == 0, out["_stderr"]
+        assert {c["job_id"] for c in out["changes"]} == {c["job_id"] for c in dry["changes"]}
+        got = statuses(pg_dsn, list(ids.values()))
+        want = {
+            "finished": "completed", "failed": "failed", "stopped": "failed",
+            "canceled": "failed", "queued": "queued", "orphan": "failed",
+            "running_ok": "running", "missing": "failed", "no_rq_id": "failed",
+            "empty_rq_id": "failed", "young_missing": "running", "young_no_id": "queued",
+            "done_already": "failed",
+        }
+        assert {k: got[v] for k, v in ids.items()} == want
+
+        err = {k: row(pg_dsn, v)["error_message"] for k, v in ids.items()}
+        assert err["finished"] == "Synced: RQ finished"
+        assert err["failed"] == "Synced: RQ failed: RuntimeError: disk on fire"
+        assert err["stopped"] == "Synced: RQ job stopped"
+        assert err["canceled"] == "Synced: RQ job canceled"
+        assert err["orphan"].startswith(f"Orphaned: worker {victim.name} is gone")
+        assert err["missing"] == "Orphaned: RQ job not found"
+        assert err["no_rq_id"] == "Orphaned: no RQ job id"
+        assert err["running_ok"] is None and err["done_already"] is None
+        assert row(pg_dsn, ids["running_ok"])["started_at"] is not None
+        assert row(pg_dsn, ids["finished"])["completed_at"] is not None
+
+        # the SIGKILLed worker's horse is reported for the daemon to stop (sweep never signals)
+        assert [h["rq_id"] for h in out["horse_stops"]] == [orphan]
+        assert all(_alive(p) for p in horse_pids)
+
+        # audit rows: one per transition, with the actor
+        for name in ("finished", "orphan", "no_rq_id"):
+            t = transitions(pg_dsn, ids[name])
+            assert len(t) == 1 and t[0]["actor"]
+        # a second sweep changes nothing: idempotent
+        again = sweep_json(cfg)
+        assert again["changed"] == 0
+        # the young rows become old enough from the daemon's first sighting (persisted)
+        seen = q(pg_dsn, "SELECT job_id FROM rq_reconciler_first_seen")
+        assert str(ids["young_no_id"]) in {r["job_id"] for r in seen}
+    finally:
+        r.close()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_breaker_refuses_mass_not_found_and_force_overrides(tmp_path: Path, redis_url: str,
+                                                            pg_dsn: str) -> None:
+    cfg = migrated(tmp_path, redis_url, pg_dsn, sweep={"max_orphan_min": 20})
+    r = redis.Redis.from_url(redis_url)
+    ids = [insert_job(pg_dsn, f"job-{i}") for i in range(30)]
+    live = []
+    for i in range(5):
+        jid = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+        live.append(insert_job(pg_dsn, jid, status="queued"))
+    out = sweep_json(cfg)
+    assert out["_rc"] == 1
+    assert out["breaker_open"] is True
+    assert "breaker" in out["_stderr"]
+    assert set(statuses(pg_dsn, ids).values()) == {"running"}
+    forced = sweep_json(cfg, "--force")
+    assert forced["_rc"] == 0
+    assert set(statuses(pg_dsn, ids).values()) == {"failed"}
+    assert set(statuses(pg_dsn, live).values()) == {"queued"}
+    r.close()
+
+
+def test_redis_down_mid_sweep_fails_nothing(tmp_path: Path, own_redis: Any, pg_dsn: str) -> None:
+    cfg = migrated(tmp_path, own_redis.url, pg_dsn, sweep={"page_size": 50})
+    ids = [insert_job(pg_dsn, f"gone-{i}") for i in range(5)]
+    own_redis.stop()
+    p = run_cli(cfg, "sweep")
+    assert p.returncode == 1
+    assert "redis" in p.stderr.lower()
+    assert set(statuses(pg_dsn, ids).values()) == {"running"}
+    assert transitions(pg_dsn, ids[0]) == []
+
+
+def test_garbage_in_redis_is_skipped_not_fatal(tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    cfg = migrated(tmp_path, redis_url, pg_dsn)
+    r = redis.Redis.from_url(redis_url)
+    r.hset("rq:job:weird-status", mapping={"status": "exploded", "worker_name": "w"})
+    r.hset("rq:job:no-status", mapping={"origin": "default"})
+    r.hset("rq:job:binary", mapping={"status": b"\xff\xfe\x00", "started_at": b"\x80garbage"})
+    r.hset("rq:job:bad-exc", mapping={"status": "failed", "exc_info": b"not zlib"})
+    r.xadd("rq:results:bad-exc", {"type": "2", "exc_string": "!!not base64!!"})
+    r.hset("rq:job:started-no-worker", mapping={"status": "started"})
+    r.hset("rq:job:started-ghost", mapping={"status": "started", "worker_name": "ghost",
+                                            "started_at": "yesterday"})
+    ids = {k: insert_job(pg_dsn, k) for k in
+           ("weird-status", "no-status", "binary", "bad-exc", "started-no-worker", "started-ghost")}
+    ids["odd id ✓ '; --"] = insert_job(pg_dsn, "odd id ✓ '; --")
+    out = sweep_json(cfg)
+    assert out["_rc"] == 0, out["_stderr"]
+    got = statuses(pg_dsn, list(ids.values()))
+    assert got[ids["weird-status"]] == "running"
+    assert got[ids["no-status"]] == "running"
+    assert got[ids["binary"]] == "running"
+    assert got[ids["bad-exc"]] == "failed"
+    assert row(pg_dsn, ids["bad-exc"])["error_message"] == "Synced: RQ failed"
+    # started, but no live worker anywhere: orphaned
+    assert got[ids["started-no-worker"]] == "failed"
+    assert got[ids["started-ghost"]] == "failed"
+    assert "ghost" in row(pg_dsn, ids["started-ghost"])["error_message"]
+    assert got[ids["odd id ✓ '; --"]] == "failed"
+    r.close()
+
+
+def test_unknown_table_or_column_is_a_clear_error(tmp_path: Path, redis_url: str,
+                                                  pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn, jobs={"table": "nope"})
+    p = run_cli(cfg, "sweep")
+    assert p.returncode == 1 and "'nope'" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(cfg, "migrate")
+    assert p.returncode == 1 and "nope" in p.stderr and "Traceback" not in p.stderr
+    cfg = migrated(tmp_path, redis_url, pg_dsn)
+    cfg2 = write_config(tmp_path / "c2.toml", redis_url, pg_dsn, jobs={"status_column": "state"})
+    p = run_cli(cfg2, "sweep")
+    assert p.returncode == 1 and "state" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(cfg2, "check")
+    assert p.returncode == 1
+    assert any(ln.startswith("FAIL jobs.status_column") for ln in p.stdout.splitlines())
+    assert cfg.exists()
+
+
+def test_check_reports_each_line(tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    p = run_cli(cfg, "check")
+    assert p.returncode == 1  # not migrated yet
+    assert "FAIL schema" in p.stdout and "rq-reconciler migrate" in p.stdout
+    assert run_cli(cfg, "migrate").returncode == 0
+    p = run_cli(cfg, "check")
+    assert p.returncode == 0, p.stdout
+    for what in ("config", "redis", "postgres", "jobs table", "rq id index", "schema",
+                 "keyspace events"):
+        assert any(what in ln for ln in p.stdout.splitlines()), what
+    q(pg_dsn, "DROP INDEX training_jobs_rq_job_id_idx")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 0
+    assert any(ln.startswith("WARN rq id index") and "CREATE INDEX" in ln
+               for ln in p.stdout.splitlines())
+    bad = write_config(tmp_path / "bad.toml", "redis://:hunter2@127.0.0.1:1/0",
+                       "postgresql://u:hunter2@127.0.0.1:1/db")
+    p = run_cli(bad, "check")
+    assert p.returncode == 1
+    assert "hunter2" not in p.stdout + p.stderr
+    assert "FAIL redis" in p.stdout and "FAIL postgres" in p.stdout
+
+
+def test_migrate_is_idempotent_and_fk_refuses_unknown_job(tmp_path: Path, redis_url: str,
+                                                          pg_dsn: str) -> None:
+    cfg = migrated(tmp_path, redis_url, pg_dsn)
+    assert run_cli(cfg, "migrate").returncode == 0
+    sql = run_cli(cfg, "migrate", "--print-sql")
+    assert sql.returncode == 0 and "REFERENCES \"training_jobs\" (\"id\")" in sql.stdout
+    p = run_cli(cfg, "cancel", "999999")
+    assert p.returncode == 1 and "no job with id = '999999'" in p.stderr
