@@ -136,6 +136,12 @@ class CancelProcessor:
                 # A worker may have dequeued it a moment before: then RQ's cancel does not
                 # stop it, and we must.
                 job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
+            # Or it had, and its horse has not marked it started yet: RQ says "canceled",
+            # but the job is about to run. Wait for the horse rather than believe it.
+            deadline = time.monotonic() + WORKER_REAP_SECONDS
+            while job.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_SECONDS)
+                job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
             if job.status is RqStatus.STARTED:
                 await self.store.extend_lease(ids, self.cfg.cancel.lease_seconds
                                               + self.cfg.cancel.grace_seconds)
@@ -222,8 +228,14 @@ class CancelProcessor:
                 res.message = f"horse pid {horse.pid} of job {rq_id} survived SIGKILL"
         elif gone:
             res.orphan = True
-            res.stopped = True
             res.message = f"worker {worker_name or '?'} is gone ({gone})"
+            if local:
+                # Its horse was never proven (the daemon was down when it started): we
+                # cannot tell it from any other process, so it is left alone.
+                res.message += "; its horse is unknown here and was not signalled"
+                log.warning("orphan_horse_unknown", rq_id=rq_id, worker=worker_name)
+            else:
+                res.stopped = True
             return res
         else:
             # A worker on another host (or a horse we could not prove): RQ's stop-job.

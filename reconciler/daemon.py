@@ -69,10 +69,13 @@ def sd_notify(message: str) -> bool:
         addr = "\0" + addr[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            # Never block the event loop on a receiver that stopped reading: a full
+            # datagram queue would freeze the daemon inside its own watchdog ping.
+            s.setblocking(False)
             s.connect(addr)
-            s.sendall(message.encode())
+            s.send(message.encode())
         return True
-    except OSError:
+    except OSError:  # includes BlockingIOError
         return False
 
 
@@ -313,11 +316,11 @@ class Daemon:
                 await conn.add_listener(self.cfg.cancel.channel, self._on_notify)
                 self.set_up("postgres", True)
                 backoff.reset()
-                if not first:
-                    log.info("listen_reconnected")
                 # Requests inserted while we were not listening are in the table.
                 self._cancel_wake.set()
-                self.request_sweep()
+                if not first:
+                    log.info("listen_reconnected")
+                    self.request_sweep()  # the start-up sweep is requested by run()
                 first = False
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
@@ -456,7 +459,9 @@ class Daemon:
 
     def _after_pass(self, report: PassReport) -> None:
         for ch in report.changes:
-            if ch.to_status in self.cfg.jobs.statuses.terminal:
+            # Forget a horse only once RQ says its job ended: an orphaned row is terminal
+            # while its horse still runs and must still be stopped.
+            if ch.rq_status not in ("", "started"):
                 rq_id = ch.detail.get("rq_id")
                 if isinstance(rq_id, str):
                     self.procs.forget(rq_id)
@@ -464,6 +469,20 @@ class Daemon:
             asyncio.get_running_loop().create_task(
                 self.cancels.stop_for_reconcile(report.horse_stops))
         self._watch_local_workers()
+        if self.reconciler.untracked:
+            pending, self.reconciler.untracked = self.reconciler.untracked, {}
+            asyncio.get_running_loop().create_task(self._track_horses(pending))
+
+    async def _track_horses(self, pending: dict[str, tuple[Any, Any]]) -> None:
+        """Prove the horses of just-started local jobs (bounded retries, then give up: the
+        next pass that sees the job tries again)."""
+        for delay in (0.01, 0.05, 0.2, 1.0):
+            await asyncio.sleep(delay)
+            for rq_id, (rec, started_at) in list(pending.items()):
+                if self.procs.find_horse(rec, rq_id, started_at) is not None:
+                    del pending[rq_id]
+            if not pending:
+                return
 
     async def _cancel_loop(self) -> None:
         backoff = Backoff(0.2, 10.0)

@@ -75,6 +75,9 @@ class RqJob:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     exc_line: str = ""
+    # Status says canceled, but a worker has already dequeued the job (RQ's Job.cancel()
+    # raced the dequeue): the worker will overwrite the status and run it anyway.
+    in_flight: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,9 @@ def decide(
         return KEEP
 
     st = rq_job.status
+    if st is RqStatus.CANCELED and rq_job.in_flight:
+        # Not final yet: the worker that holds it will start it. Decide once it has.
+        return KEEP
     if cancel is not None and (st in ENDED - {RqStatus.FINISHED} or st is RqStatus.MISSING):
         return _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)
 

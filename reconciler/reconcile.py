@@ -89,6 +89,8 @@ class Reconciler:
         self.jobs_by_worker: dict[str, set[str]] = {}
         # local workers seen (name -> record), for the pid watcher
         self.local_workers: dict[str, WorkerRecord] = {}
+        # started jobs on live local workers whose horse was not found yet
+        self.untracked: dict[str, tuple[WorkerRecord, datetime | None]] = {}
 
     # -- evaluate ---------------------------------------------------------------------------
 
@@ -110,8 +112,12 @@ class Reconciler:
             if j.worker_name:
                 self.jobs_by_worker.setdefault(j.worker_name, set()).add(j.id)
                 wrec = workers.get(j.worker_name)
-                if wrec is not None and states[j.worker_name].alive and self.procs.is_local(wrec):
-                    self.procs.find_horse(wrec, j.id, j.started_at)
+                if (wrec is not None and states[j.worker_name].alive and self.procs.is_local(wrec)
+                        and self.procs.horses.get(j.id) is None
+                        and self.procs.find_horse(wrec, j.id, j.started_at) is None):
+                    # RQ marks the job started just before it forks: look again shortly,
+                    # so that the horse is known if its worker dies later.
+                    self.untracked[j.id] = (wrec, j.started_at)
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
         out: list[Evaluated] = []

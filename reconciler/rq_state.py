@@ -14,18 +14,24 @@ import base64
 import binascii
 import contextlib
 import json
+import time
 import zlib
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from rq.command import PUBSUB_CHANNEL_TEMPLATE
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.executions import ExecutionRegistry
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
+from rq.queue import Queue
 from rq.results import Result
 from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
@@ -34,10 +40,13 @@ from reconciler.errors import RedisUnavailable
 from reconciler.model import RqJob, RqStatus, last_line
 
 JOB_PREFIX: str = Job.redis_job_namespace_prefix
+QUEUE_PREFIX: str = Queue.redis_queue_namespace_prefix
 WORKER_PREFIX: str = Worker.redis_worker_namespace_prefix
 # A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
 # 90 s; an idle one every worker_ttl (420 s) with TTL + 60. Past this, it is gone.
 HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
+# After this much silence on the keyspace subscription, PING it.
+PUBSUB_LIVENESS_SECONDS = 30.0
 # Keyspace flags we need: K keyspace channel, g generic (del/expire), h hash, x expired.
 NEEDED_KEYSPACE_FLAGS = "Kghx"
 
@@ -138,9 +147,12 @@ class RqState:
     def __init__(self, url: str, *, socket_timeout: float = 5.0) -> None:
         self.url = url
         self._timeout = socket_timeout
+        # redis-py's default retries (10, with backoff) would hide an outage for seconds;
+        # we retry at our own level, visibly, so one quick retry is all we want here.
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             health_check_interval=30,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         )
         self._sync: redis.Redis | None = None
 
@@ -182,6 +194,21 @@ class RqState:
                         j = jobs[jid]
                         jobs[jid] = RqJob(j.id, j.status, j.raw_status, j.worker_name,
                                           j.origin, j.started_at, j.ended_at, line)
+            canceled = [j for j in jobs.values() if j.status is RqStatus.CANCELED]
+            if canceled:
+                # RQ's Job.cancel() does not stop a worker that dequeued the job a moment
+                # earlier: the job sits in the queue's intermediate list (BLMOVE) or has an
+                # execution record, and the horse will overwrite "canceled" with "started".
+                now = time.time()
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for j in canceled:
+                        pipe.lpos(IntermediateQueue.get_intermediate_queue_key(
+                            QUEUE_PREFIX + j.origin), j.id)
+                        pipe.zcount(ExecutionRegistry.key_template.format(j.id), now, "+inf")
+                    flags = await pipe.execute()
+                for i, j in enumerate(canceled):
+                    if flags[2 * i] is not None or flags[2 * i + 1]:
+                        jobs[j.id] = replace(j, in_flight=True)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         return jobs
@@ -266,13 +293,22 @@ class RqState:
         """Yield ("subscribed", "", "") once subscribed, then (kind, id, event) with kind "job"
         or "worker", until the connection drops (then RedisUnavailable)."""
         prefix_len = len(f"__keyspace@{self.db}__:")
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        # A client of its own, with no silent retry: redis-py would otherwise reconnect
+        # and resubscribe behind our back, and a restarted Redis (which forgot its
+        # notify-keyspace-events) would leave us subscribed to silence.
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=self._timeout, socket_timeout=None,
+            retry=AsyncRetry(NoBackoff(), 0),
+        )
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(*self.keyspace_patterns())
             yield "subscribed", "", ""
             while True:
-                msg = await pubsub.get_message(timeout=None)
+                msg = await pubsub.get_message(timeout=PUBSUB_LIVENESS_SECONDS)
                 if msg is None:
+                    # Silence: prove the connection is still there.
+                    await asyncio.wait_for(pubsub.ping(), self._timeout)
                     continue
                 channel = _text(msg.get("channel"))[prefix_len:]
                 event = _text(msg.get("data")) if isinstance(msg.get("data"), bytes) else ""
@@ -288,6 +324,8 @@ class RqState:
         finally:
             with contextlib.suppress(*_REDIS_ERRORS):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await client.aclose()
 
     # -- writes, through RQ's own API -------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.harness import free_port
+from tests.harness import free_port, harness_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ class DaemonProc:
         if self.sock is None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.bind(self.sock_path)
-        env = {**os.environ, **self.env, "NOTIFY_SOCKET": self.sock_path,
+        env = {**harness_env(), **self.env, "NOTIFY_SOCKET": self.sock_path,
                "WATCHDOG_USEC": "2000000", "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(

@@ -1,0 +1,105 @@
+"""Shared fixtures: real redis-server / PostgreSQL / rq workers (see tests/harness.py)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import harness
+from tests.harness import PostgresServer, RedisServer, WorkerPool
+
+_db_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """At session end: stop everything the harness started and kill any straggler."""
+    yield
+    harness.cleanup_all()
+    leaked = harness.stragglers()
+    if leaked:
+        desc = ", ".join(f"{p.pid}" for p in leaked)
+        harness.kill_stragglers()
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"rq-harness: killed leftover processes: {desc}", red=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server per session (started on first use). Don't kill it: use own_redis."""
+    srv = RedisServer().start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster per session (started on first use). Don't kill it: use own_pg."""
+    srv = PostgresServer().start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session redis-server, FLUSHALLed and with keyspace notifications off."""
+    if not redis_server.is_running():  # a test misbehaved; heal rather than cascade
+        redis_server.start()
+    with redis_server.client() as r:
+        r.flushall()
+        r.config_set("notify-keyspace-events", "")
+    return redis_server.url
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
+    """DSN of a brand-new database (with an empty ``training_jobs`` table), dropped after."""
+    if not pg_server.is_running():
+        pg_server.start()
+    name = f"t_{next(_db_counter)}_{uuid.uuid4().hex[:8]}"
+    dsn = pg_server.create_database(name)
+    harness.create_jobs_table(dsn)
+    yield dsn
+    if pg_server.is_running():
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private redis-server for tests that kill/restart it."""
+    srv = RedisServer().start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PostgresServer]:
+    """A private, running PostgreSQL cluster for tests that kill/restart it."""
+    srv = PostgresServer().start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture
+def workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    """Factory for real ``rq worker`` processes on ``redis_url``; all stopped at teardown.
+
+    ``workers()`` / ``workers.start(name=None, queues=("default",), extra_env=None,
+    wait=True)`` returns a registered ``harness.Worker``.  Logs go to ``tmp_path``.
+    """
+    pool = WorkerPool(redis_url, log_dir=tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def tmp_marker(tmp_path: Path) -> Path:
+    """A fresh, empty marker file for the job functions in ``tests.jobs``."""
+    path = tmp_path / f"marker-{uuid.uuid4().hex[:8]}.txt"
+    path.touch()
+    return path

@@ -1,0 +1,318 @@
+"""`rq-reconciler run` as a real subprocess against real Redis, Postgres and rq workers."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from rq.command import send_stop_job_command
+
+from tests.harness import enqueue, pid_alive, rq_status, wait_for
+from tests.support import (
+    DaemonProc,
+    insert_job,
+    metric_value,
+    request_cancel,
+    row,
+    run_cli,
+    transitions,
+    wait_request,
+    wait_status,
+    write_config,
+)
+
+EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
+               "min_age_seconds": 0.0}
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    made: list[DaemonProc] = []
+
+    def make(cfg: Path, name: str = "d", start: bool = True, **kw: Any) -> DaemonProc:
+        d = DaemonProc(cfg, tmp_path / f"{name}-{len(made)}.log", name=name, **kw)
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def setup(tmp_path: Path, redis_url: str, pg_dsn: str, **sections: dict[str, Any]) -> Path:
+    sections.setdefault("sweep", EVENTS_ONLY)
+    cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn, **sections)
+    p = run_cli(cfg, "migrate")
+    assert p.returncode == 0, p.stderr
+    return cfg
+
+
+def test_events_alone_sync_finished_failed_stopped(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                                   workers: Any, daemon_factory: Any) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    d = daemon_factory(cfg)
+    workers()
+    # rows first, as an app would do, then the RQ jobs: only events can move them now
+    ok = enqueue(redis_url, "tests.jobs.sleep", 0.3)
+    bad = enqueue(redis_url, "tests.jobs.fail", "no GPU left")
+    long = enqueue(redis_url, "tests.jobs.sleep", 60)
+    ids = {k: insert_job(pg_dsn, v, status="queued", started_ago=None)
+           for k, v in (("ok", ok), ("bad", bad), ("long", long))}
+    wait_status(pg_dsn, ids["ok"], "completed")
+    r = wait_status(pg_dsn, ids["bad"], "failed")
+    assert r["error_message"] == "Synced: RQ failed: RuntimeError: no GPU left"
+    wait_status(pg_dsn, ids["long"], "running")
+    assert row(pg_dsn, ids["long"])["started_at"] is not None
+    with redis.Redis.from_url(redis_url) as rc:
+        send_stop_job_command(rc, long)
+    r = wait_status(pg_dsn, ids["long"], "failed")
+    assert r["error_message"] == "Synced: RQ job stopped"
+    # the start-up sweep ran once; everything else was events
+    text = d.scrape()
+    assert metric_value(text, "rq_reconciler_sweeps_total") == 1
+    assert metric_value(text, "rq_reconciler_events_total", source="keyspace") > 0
+    assert metric_value(text, "rq_reconciler_transitions_total", reason="synced") == 3
+    # RQ 2.x writes no ended_at for a stopped job, so only two lags can be measured
+    assert metric_value(text, "rq_reconciler_sync_lag_seconds_count") == 2
+    assert d.stop() == 0
+    events = [e["event"] for e in d.log_events()]
+    assert "ready" in events and "stopped" in events
+
+
+def test_cancel_running_job_gets_sigterm_first_and_worker_is_ready(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, daemon_factory: Any,
+        tmp_marker: Path) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 10.0})
+    daemon_factory(cfg)
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    wait_status(pg_dsn, jid, "running")
+    horse = w.wait_horse()
+    t0 = time.monotonic()
+    rid = request_cancel(pg_dsn, jid, by="web:alice", reason="clicked Cancel")
+    req = wait_request(pg_dsn, rid)
+    took = time.monotonic() - t0
+    assert req["outcome"] == "cancelled", req
+    detail = req["detail"]
+    assert detail["success"] is True
+    assert detail["message"] == f"Job {jid} cancelled successfully"
+    assert detail["rq_cancelled"] is True
+    assert detail["horse_signals"] == ["SIGTERM"]
+    assert took < 5  # SIGTERM was enough: no grace period waited out
+    assert "SIGTERM" in tmp_marker.read_text()
+    assert not pid_alive(horse)
+    r = row(pg_dsn, jid)
+    assert r["status"] == "cancelled"
+    assert r["error_message"] == "Cancelled: web:alice / clicked Cancel"
+    assert r["completed_at"] is not None
+    assert rq_status(redis_url, rq_id) == "canceled"
+    assert [t["to_status"] for t in transitions(pg_dsn, jid)] == ["running", "cancelled"]
+    # the worker takes the next job at once
+    nxt = enqueue(redis_url, "tests.jobs.succeed", 2)
+    wait_for(lambda: rq_status(redis_url, nxt) == "finished", 5, what="next job ran")
+
+
+def test_cancel_escalates_to_stop_job_then_sigkill(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                                   workers: Any, daemon_factory: Any,
+                                                   tmp_marker: Path) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 1.0})
+    d = daemon_factory(cfg)
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.ignore_sigterm", 120, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id)
+    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    horse = w.wait_horse()
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    assert req["outcome"] == "cancelled", req
+    # SIGTERM was ignored; RQ's stop-job (the worker's SIGKILL) finished it
+    assert req["detail"]["horse_signals"][:2] == ["SIGTERM", "stop-job"]
+    assert "SIGTERM-IGNORED" in tmp_marker.read_text()
+    assert not pid_alive(horse)
+    assert row(pg_dsn, jid)["status"] == "cancelled"
+    assert metric_value(d.scrape(), "rq_reconciler_process_signals_total", signal="SIGTERM") == 1
+
+
+def test_cancel_queued_job_never_runs(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                      workers: Any, daemon_factory: Any, tmp_marker: Path) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    daemon_factory(cfg)
+    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 1, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    assert req["outcome"] == "cancelled"
+    assert req["detail"]["rq_cancelled"] is True and req["detail"]["horse_signals"] == []
+    assert rq_status(redis_url, rq_id) == "canceled"
+    workers()  # a worker arrives later: the job must not run
+    marker = enqueue(redis_url, "tests.jobs.succeed")
+    wait_for(lambda: rq_status(redis_url, marker) == "finished", 20, what="worker alive")
+    assert "STARTED" not in tmp_marker.read_text()
+    assert row(pg_dsn, jid)["status"] == "cancelled"
+
+
+def test_cancel_completed_row_and_duplicates(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                             daemon_factory: Any) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    daemon_factory(cfg)
+    jid = insert_job(pg_dsn, "whatever", status="completed")
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    assert req["outcome"] == "already_finished"
+    assert req["detail"]["success"] is False and req["detail"]["status"] == "completed"
+    assert row(pg_dsn, jid)["status"] == "completed"
+    # many requests for one job: one cancellation, the same outcome
+    q_id = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+    jid2 = insert_job(pg_dsn, q_id, status="queued", started_ago=None)
+    rids = [request_cancel(pg_dsn, jid2, by=f"user{i}") for i in range(5)]
+    outs = [wait_request(pg_dsn, r) for r in rids]
+    assert {o["outcome"] for o in outs} == {"cancelled"}
+    assert [t["to_status"] for t in transitions(pg_dsn, jid2)] == ["cancelled"]
+    late = wait_request(pg_dsn, request_cancel(pg_dsn, jid2))
+    assert late["outcome"] == "cancelled" and late["detail"]["success"] is True
+
+
+def test_cancel_cli_waits_and_fk_refuses_unknown_job(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                                     workers: Any, daemon_factory: Any) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    d = daemon_factory(cfg)
+    workers()
+    rq_id = enqueue(redis_url, "tests.jobs.sleep", 60)
+    jid = insert_job(pg_dsn, rq_id)
+    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    p = run_cli(cfg, "cancel", str(jid), "--reason", "from the CLI", "--wait", "20")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '"message": "Job %d cancelled successfully"' % jid in p.stdout
+    p = run_cli(cfg, "cancel", "424242", "--wait", "5")
+    assert p.returncode == 1 and "no job with id = '424242'" in p.stderr
+    assert d.proc is not None and d.proc.poll() is None  # the daemon is unaffected
+    p = run_cli(cfg, "cancel", "not-a-number")
+    assert p.returncode == 1 and "not a valid bigint id" in p.stderr
+
+
+def test_cancel_while_daemon_down_then_sigkill_mid_cancel(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, daemon_factory: Any,
+        tmp_marker: Path) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 30.0, "lease_seconds": 5.0})
+    workers()
+    # 1. inserted while no daemon runs: done once it starts
+    q_id = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+    jid = insert_job(pg_dsn, q_id, status="queued", started_ago=None)
+    rid = request_cancel(pg_dsn, jid)
+    d = daemon_factory(cfg)
+    assert wait_request(pg_dsn, rid)["outcome"] == "cancelled"
+    # 2. SIGKILL the daemon while it waits out the grace period of a SIGTERM-ignoring job
+    rq_id = enqueue(redis_url, "tests.jobs.ignore_sigterm", 120, str(tmp_marker))
+    jid2 = insert_job(pg_dsn, rq_id)
+    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    rid2 = request_cancel(pg_dsn, jid2)
+    wait_for(lambda: "SIGTERM-IGNORED" in tmp_marker.read_text(), 10, what="SIGTERM sent")
+    d.kill()
+    d2 = daemon_factory(cfg, name="again")
+    req = wait_request(pg_dsn, rid2, timeout=60)
+    assert req["outcome"] == "cancelled", req
+    assert [t["to_status"] for t in transitions(pg_dsn, jid2)] == ["cancelled"]
+    assert d2.stop() == 0
+
+
+def test_local_worker_sigkilled_mid_job_is_orphaned_and_horse_stopped(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, daemon_factory: Any,
+        tmp_marker: Path) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 1.0})
+    d = daemon_factory(cfg)
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 120, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    wait_status(pg_dsn, jid, "running")
+    horse = w.wait_horse()
+    t0 = time.monotonic()
+    w.kill(signal.SIGKILL)
+    r = wait_status(pg_dsn, jid, "failed", timeout=10)
+    took = time.monotonic() - t0
+    assert r["error_message"].startswith(f"Orphaned: worker {w.name} is gone")
+    assert took < 5
+    wait_for(lambda: not pid_alive(horse), 10, what="orphaned horse stopped")
+    text = d.scrape()
+    assert metric_value(text, "rq_reconciler_events_total", source="local_worker") >= 1
+    assert metric_value(text, "rq_reconciler_transitions_total", reason="orphaned") == 1
+
+
+def test_redis_restart_events_resume(tmp_path: Path, own_redis: Any, pg_dsn: str,
+                                     daemon_factory: Any) -> None:
+    cfg = setup(tmp_path, own_redis.url, pg_dsn)
+    d = daemon_factory(cfg)
+    from tests.harness import WorkerPool
+
+    pool = WorkerPool(own_redis.url, log_dir=tmp_path)
+    try:
+        pool.start()
+        a = enqueue(own_redis.url, "tests.jobs.sleep", 0.2)
+        ja = insert_job(pg_dsn, a, status="queued", started_ago=None)
+        wait_status(pg_dsn, ja, "completed")
+        pool.stop_all()
+        own_redis.restart()  # runtime CONFIG (notify-keyspace-events) is gone
+        with own_redis.client() as rc:
+            wait_for(lambda: "K" in rc.config_get("notify-keyspace-events")
+                     ["notify-keyspace-events"], 20, what="keyspace flags restored")
+        pool.start()
+        b = enqueue(own_redis.url, "tests.jobs.sleep", 0.2)
+        jb = insert_job(pg_dsn, b, status="queued", started_ago=None)
+        wait_status(pg_dsn, jb, "completed", timeout=20)
+        text = d.scrape()
+        assert metric_value(text, "rq_reconciler_backend_up", backend="redis") == 1
+    finally:
+        pool.stop_all()
+
+
+def test_postgres_restart_listen_resumes(tmp_path: Path, redis_url: str, own_pg: Any,
+                                         daemon_factory: Any) -> None:
+    from tests.harness import create_jobs_table
+
+    dsn = own_pg.create_database("app")
+    create_jobs_table(dsn)
+    cfg = setup(tmp_path, redis_url, dsn)
+    d = daemon_factory(cfg)
+    own_pg.restart()
+    q_id = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
+    jid = insert_job(dsn, q_id, status="queued", started_ago=None)
+    rid = request_cancel(dsn, jid)
+    assert wait_request(dsn, rid, timeout=60)["outcome"] == "cancelled"
+    wait_for(lambda: metric_value(d.scrape(), "rq_reconciler_backend_up", backend="postgres") == 1,
+             20, what="postgres up again")
+    assert any(e["event"] == "listen_lost" for e in d.log_events())
+
+
+def test_metrics_pass_promtool_and_healthz(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                           daemon_factory: Any) -> None:
+    import os
+    import urllib.request
+
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    d = daemon_factory(cfg)
+    jid = insert_job(pg_dsn, None)
+    wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    text = d.scrape()
+    for name in ("cancel_requests_total", "cancel_duration_seconds_bucket", "transitions_total",
+                 "sweeps_total", "sweep_duration_seconds_bucket",
+                 "last_sweep_success_timestamp_seconds", "jobs_active", "jobs_stuck",
+                 "oldest_active_job_age_seconds", "events_total", "sync_lag_seconds_bucket",
+                 "process_signals_total", "backend_up", "orphan_breaker_open", "build_info"):
+        assert f"rq_reconciler_{name}" in text, name
+    health = d.metrics_url().replace("/metrics", "/healthz")
+    with urllib.request.urlopen(health, timeout=5) as r:  # noqa: S310
+        assert r.status == 200
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool missing in CI (scripts/install-ci-tools.sh installs it)")
+        pytest.skip("promtool not installed")
+    p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr

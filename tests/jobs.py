@@ -1,0 +1,103 @@
+"""Real job functions for ``rq worker`` subprocesses in tests (import path ``tests.jobs``).
+
+Marker files: jobs that take a ``marker`` path append one line per event to it, e.g.
+``STARTED <pid> <unix time>`` before they begin sleeping, so a test can wait for the
+job to really be running in its work horse and learn the horse PID.
+
+How RQ 2.12 records signal deaths of the work horse (verified with a real forking
+``rq.worker.Worker`` in tests/integration/test_harness.py):
+
+* SIGTERM, job does not handle it (SIG_DFL; RQ resets SIGTERM to SIG_DFL in the
+  horse): the horse dies of the signal; the worker's ``monitor_work_horse`` sees a
+  non-zero wait status and marks the job ``failed`` with exc_info
+  "Work-horse terminated unexpectedly; waitpid returned 15 (signal 15); ".
+* SIGTERM trapped by ``trap_sigterm`` (default ``how="raise"``): the handler raises
+  ``SystemExit(143)`` inside the job; RQ's ``perform_job`` catches *everything*
+  (bare ``except:``), so the job goes through the normal failure path and is
+  ``failed`` with a "SystemExit: 143" traceback; the horse then exits 0.
+* ``how="exit"`` (``os._exit(143)``): no Python unwinding; the worker sees exit
+  status 143 and marks the job ``failed`` ("Work-horse terminated unexpectedly;
+  waitpid returned 36608; ").
+* SIGKILL: like the untrapped SIGTERM, ``failed`` with "(signal 9)".
+* ``rq.command.send_stop_job_command``: the worker SIGKILLs the horse's process
+  group and marks the job ``stopped`` (not ``failed``), though it is still put in
+  the FailedJobRegistry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import FrameType
+from typing import Literal
+
+_TICK = 0.05
+
+
+def _mark(marker: str, line: str) -> None:
+    with open(marker, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+
+
+def _sleep_until(deadline: float) -> None:
+    # Small increments so signal handlers run promptly and handled signals can't
+    # shorten the total (time.sleep would resume anyway, but the deadline is explicit).
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        time.sleep(min(_TICK, remaining))
+
+
+def succeed(x: int = 1) -> int:
+    return x * 2
+
+
+def fail(msg: str = "boom") -> None:
+    raise RuntimeError(msg)
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def trap_sigterm(seconds: float, marker: str, how: Literal["raise", "exit"] = "raise") -> float:
+    """Sleep ``seconds``; on SIGTERM append "SIGTERM <time>" to ``marker`` and exit 143.
+
+    ``how="raise"`` raises SystemExit(143) (RQ records ``failed`` via its normal
+    exception path, with a traceback); ``how="exit"`` calls ``os._exit(143)`` (RQ
+    records ``failed`` as "work-horse terminated unexpectedly").  Both are ``failed``.
+    """
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        _mark(marker, f"SIGTERM {time.time():.6f}")
+        if how == "exit":
+            os._exit(143)
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    _mark(marker, f"STARTED {os.getpid()} {time.time():.6f}")
+    _sleep_until(time.monotonic() + seconds)
+    return seconds
+
+
+def ignore_sigterm(seconds: float, marker: str) -> float:
+    """Sleep ``seconds`` no matter how many SIGTERMs arrive (each logs "SIGTERM-IGNORED")."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        _mark(marker, f"SIGTERM-IGNORED {time.time():.6f}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    _mark(marker, f"STARTED {os.getpid()} {time.time():.6f}")
+    _sleep_until(time.monotonic() + seconds)
+    return seconds
+
+
+def touch_and_sleep(seconds: float, marker: str) -> float:
+    """Append "STARTED <pid> <time>" to ``marker`` and sleep the full ``seconds``."""
+    _mark(marker, f"STARTED {os.getpid()} {time.time():.6f}")
+    _sleep_until(time.monotonic() + seconds)
+    return seconds
