@@ -24,6 +24,10 @@ from reconciler.rq_state import WorkerRecord
 # Worker birth is written after its process starts: the process must be older than its
 # birth record (plus clock slack). A process created after it is a recycled pid.
 BIRTH_SLACK_SECONDS = 2.0
+# ...and not much older either: a process far older than the birth record did not write
+# it (e.g. the pid of a worker in another pid namespace, on a host that shares our
+# hostname, lands on init or some old daemon here). `rq worker` registers within seconds.
+WORKER_STARTUP_SECONDS = 600.0
 # The horse forks right after RQ writes started_at.
 HORSE_SLACK_SECONDS = 2.0
 
@@ -74,6 +78,8 @@ class Processes:
             return None
         if rec.birth is not None and ct > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
             return None  # recycled pid: this process started after the worker registered
+        if rec.birth is not None and ct < rec.birth.timestamp() - WORKER_STARTUP_SECONDS:
+            return None  # not the process that registered: it is not our worker's pid
         ident = ProcIdentity(rec.pid, ct)
         return ident if identity_alive(ident) else None
 
@@ -107,8 +113,10 @@ class Processes:
         if worker is None:
             return None
         try:
-            children = psutil.Process(worker.pid).children(recursive=False)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            wproc = psutil.Process(worker.pid)
+            children = wproc.children(recursive=False)
+            exe = wproc.exe()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
         found: list[ProcIdentity] = []
         for child in children:
@@ -118,7 +126,12 @@ class Processes:
                 ct = child.create_time()
                 if child.status() == psutil.STATUS_ZOMBIE:
                     continue
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+                # A horse is a fork of its worker (or, with SpawnWorker, the same
+                # interpreter): a child running another program is not one.
+                if child.exe() != exe:
+                    continue
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess,
+                    ProcessLookupError):
                 continue
             if job_started_at is not None and ct < job_started_at.timestamp() - HORSE_SLACK_SECONDS:
                 continue

@@ -143,7 +143,7 @@ def test_breaker_refuses_mass_not_found_and_force_overrides(tmp_path: Path, redi
     r = redis.Redis.from_url(redis_url)
     ids = [insert_job(pg_dsn, f"job-{i}") for i in range(30)]
     live = []
-    for i in range(5):
+    for _ in range(5):
         jid = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
         live.append(insert_job(pg_dsn, jid, status="queued"))
     out = sweep_json(cfg)
