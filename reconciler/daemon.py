@@ -328,7 +328,8 @@ class Daemon:
                     if not lost.is_set():
                         await asyncio.wait_for(conn.fetchval("SELECT 1"), 10)
                 raise PostgresUnavailable("LISTEN connection terminated")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError,
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.InternalClientError, TimeoutError,
                     PostgresUnavailable) as exc:
                 self.set_up("postgres", False)
                 delay = backoff.next()

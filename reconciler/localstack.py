@@ -377,8 +377,12 @@ def _redis_server_bin() -> str:
 class RedisServer:
     """A private ``redis-server`` (no persistence) on 127.0.0.1:``port``."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: Sequence[str] = ()) -> None:
+        """``extra_args`` go last on redis-server's command line (they win), e.g.
+        ``["--rename-command", "CONFIG", ""]`` for a managed-Redis look-alike, or
+        ``["--appendonly", "yes"]`` for one whose data survives ``restart()``."""
         self._port = port if port is not None else free_port()
+        self._extra_args = list(extra_args)
         self._dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -428,6 +432,7 @@ class RedisServer:
             "--dir", str(self._dir),
             "--daemonize", "no",
             "--protected-mode", "no",
+            *self._extra_args,
         ]  # fmt: skip
         with log.open("ab") as logf:
             self._proc = subprocess.Popen(
@@ -1233,6 +1238,7 @@ class DaemonProc:
             self.sock.bind(self.sock_path)
         env = {**harness_env(), **self.env, "NOTIFY_SOCKET": self.sock_path,
                "WATCHDOG_USEC": "2000000", "PYTHONUNBUFFERED": "1"}
+        self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "run", "--config", str(self.config)],
@@ -1285,20 +1291,25 @@ class DaemonProc:
                 self.proc.kill()
                 self.proc.wait()
         rc = self.proc.returncode
-        self._log.close()
+        self._close_log()
         return int(rc)
 
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
-        self._log.close()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-            self._log.close()
+        self._close_log()
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -35,8 +35,19 @@ def configure(fmt: str = "json", level: str = "info", *, stream: Any = None) -> 
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    # Libraries that log through stdlib logging (rq, asyncpg) stay quiet unless it matters.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # Libraries that log through stdlib logging (rq, asyncpg) stay quiet unless it matters,
+    # and when it does they speak our format on our stream: one JSON line, traceback
+    # included as a field (asyncpg's pool logs one per failed reconnect during an outage).
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def set_level(level: str) -> None:

@@ -105,8 +105,14 @@ class CancelIntent:
     why: str = ""
 
     def describe(self) -> str:
-        parts = [p for p in (self.who, self.why) if p]
+        # Both are free text from the app: a megabyte of reason belongs on the request
+        # row (it is kept there), not in the error column or in every log line.
+        parts = [_clip(p, MAX_ERROR_LINE // 2) for p in (self.who, self.why) if p]
         return " / ".join(parts) if parts else "cancel requested"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,8 @@ _OUTAGE = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection left mid-protocol by a server restart ("cannot switch to state ...").
+    asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
 _SCHEMA = (
@@ -58,11 +60,17 @@ def translate(exc: BaseException) -> Exception:
 
 
 @asynccontextmanager
-async def translated() -> AsyncIterator[None]:
+async def translated(pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
     try:
         yield
     except (*_OUTAGE, asyncpg.PostgresError) as exc:
-        raise translate(exc) from exc
+        err = translate(exc)
+        if pool is not None and isinstance(err, PostgresUnavailable):
+            # Connections that saw the outage may be unusable: replace them all on the next
+            # acquire instead of handing a broken one to the next query.
+            with suppress(Exception):
+                await pool.expire_connections()
+        raise err from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +126,7 @@ class Store:
     # -- connection ---------------------------------------------------------------------
 
     async def connect(self, *, min_size: int = 1) -> None:
-        async with translated():
+        async with translated(self.pool):
             self.pool = await asyncpg.create_pool(
                 self.cfg.postgres.dsn,
                 min_size=min(min_size, self.cfg.postgres.pool_size),
@@ -234,7 +242,7 @@ RETURNING job_id, from_status, to_status, reason
 
     async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
         active = list(self.cfg.jobs.statuses.active)
-        async with translated():
+        async with translated(self.pool):
             if after is None:
                 recs = await self._p().fetch(self._sql["page_first"], active, limit)
             else:
@@ -244,31 +252,31 @@ RETURNING job_id, from_status, to_status, reason
     async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
         """Active rows, and cancelled ones (a cancel holds until RQ agrees)."""
         s = self.cfg.jobs.statuses
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(self._sql["by_rq_ids"], list(rq_ids),
                                          [*s.active, s.cancelled])
         return [self._active(r) for r in recs]
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(self._sql["by_ids"], list(ids))
         return [self._active(r) for r in recs]
 
     async def remember_first_seen(self, job_ids: Sequence[Any]) -> None:
         if not job_ids:
             return
-        async with translated():
+        async with translated(self.pool):
             await self._p().execute(self._sql["first_seen"], [str(i) for i in job_ids])
 
     async def prune_first_seen(self) -> None:
-        async with translated():
+        async with translated(self.pool):
             await self._p().execute(self._sql["prune_first_seen"],
                                     list(self.cfg.jobs.statuses.active))
 
     async def cancel_intents(self, job_ids: Sequence[Any]) -> dict[Any, CancelIntent]:
         if not job_ids:
             return {}
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(self._sql["intents"], list(job_ids))
         return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
 
@@ -293,7 +301,7 @@ RETURNING job_id, from_status, to_status, reason
             self.cfg.instance.name,
             list(self.cfg.jobs.statuses.active),
         )
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(self._sql["apply"], *args)
         applied = {r["job_id"] for r in recs}
         return [c for c in changes if str(c.job_id) in applied]
@@ -304,10 +312,10 @@ RETURNING job_id, from_status, to_status, reason
     async def sweep_lock(self) -> AsyncIterator[bool]:
         """Session advisory lock: one sweeper per jobs table across replicas."""
         key = f"rq-reconciler:sweep:{self.cfg.jobs.table}"
-        async with translated():
+        async with translated(self.pool):
             conn = await self._p().acquire()
         try:
-            async with translated():
+            async with translated(self.pool):
                 got = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key))
             try:
                 yield got
@@ -338,13 +346,13 @@ RETURNING job_id, from_status, to_status, reason
             f"RETURNING r.id, r.job_id, r.requested_at, coalesce(r.requested_by, '') AS who, "
             f"coalesce(r.reason, '') AS why"
         )
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
         return [CancelRequest(r["id"], r["job_id"], r["requested_at"], r["who"], r["why"])
                 for r in sorted(recs, key=lambda r: r["id"])]
 
     async def extend_lease(self, ids: Sequence[int], lease: float) -> None:
-        async with translated():
+        async with translated(self.pool):
             await self._p().execute(
                 f"UPDATE {self.req} SET claimed_until = now() + make_interval(secs => $3) "
                 f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2",
@@ -362,13 +370,13 @@ RETURNING job_id, from_status, to_status, reason
             f"RETURNING id, requested_at) "
             f"SELECT u.id, u.requested_at, pg_notify($5, u.id::text) FROM u"
         )
-        async with translated():
+        async with translated(self.pool):
             recs = await self._p().fetch(sql, list(ids), self.cfg.instance.name, outcome,
                                          json.dumps(detail, default=str), self.cfg.done_channel)
         return [(r["id"], r["requested_at"]) for r in recs]
 
     async def release_claims(self) -> int:
-        async with translated():
+        async with translated(self.pool):
             status = await self._p().execute(
                 f"UPDATE {self.req} SET state = 'pending', claimed_by = NULL, "
                 f"claimed_until = NULL WHERE state = 'claimed' AND claimed_by = $1",
@@ -377,7 +385,7 @@ RETURNING job_id, from_status, to_status, reason
         return int(status.split()[-1])
 
     async def insert_request(self, job_id: Any, requested_by: str, reason: str) -> int:
-        async with translated():
+        async with translated(self.pool):
             return int(await self._p().fetchval(
                 f"INSERT INTO {self.req} (job_id, requested_by, reason) "
                 f"VALUES ($1::text::{self.id_type}, $2, $3) RETURNING id",
@@ -385,7 +393,7 @@ RETURNING job_id, from_status, to_status, reason
             ))
 
     async def request_outcome(self, request_id: int) -> tuple[str, str | None, Any]:
-        async with translated():
+        async with translated(self.pool):
             rec = await self._p().fetchrow(
                 f"SELECT state, outcome, detail FROM {self.req} WHERE id = $1", request_id
             )
@@ -397,14 +405,14 @@ RETURNING job_id, from_status, to_status, reason
     async def previous_cancel_detail(self, job_id: Any) -> dict[str, Any] | None:
         """The detail of this job's last successful cancel, so that late duplicates of a
         request get the same outcome."""
-        async with translated():
+        async with translated(self.pool):
             raw = await self._p().fetchval(
                 f"SELECT detail FROM {self.req} WHERE job_id = $1 AND state = 'done' "
                 f"AND outcome = 'cancelled' ORDER BY id DESC LIMIT 1", job_id)
         return dict(json.loads(raw)) if raw else None
 
     async def job_status(self, job_id: Any) -> str | None:
-        async with translated():
+        async with translated(self.pool):
             return await self._p().fetchval(  # type: ignore[no-any-return]
                 f"SELECT {self.c_status} FROM {self.t} WHERE {self.c_id} = $1::{self.id_type}",
                 job_id,
