@@ -105,6 +105,7 @@ class Daemon:
         self._events_live = False
         self._fallback = cfg.redis.keyspace_events == "off"
         self._config_forbidden_said = False
+        self._remote_workers: set[str] = set()
         self.last_tick = time.monotonic()
 
     # -- health -------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class Daemon:
 
     def _local_worker_exited(self, name: str) -> None:
         jobs = set(self.reconciler.jobs_by_worker.get(name, set()))
-        rec = self.reconciler.local_workers.get(name)
+        rec = self.reconciler.local_workers.pop(name, None)
         if rec is not None and rec.current_job:
             jobs.add(rec.current_job)
         log.info("local_worker_exited", worker=name, jobs=sorted(jobs))
@@ -199,8 +200,7 @@ class Daemon:
 
     def _reload(self) -> None:
         try:
-            new = load(self.cfg.source if self.cfg.source.startswith("/") or
-                       os.path.exists(self.cfg.source) else None)
+            new = load(None if self.cfg.source == "<defaults>" else self.cfg.source)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc))
             return
@@ -419,7 +419,7 @@ class Daemon:
         if jobs:
             self._dirty.update(jobs)
             self._dirty_event.set()
-        if ident not in self.reconciler.local_workers:
+        if ident not in self.reconciler.local_workers and ident not in self._remote_workers:
             # Maybe a new worker on this host: learn it and watch its pid.
             asyncio.get_running_loop().create_task(self._learn_worker(ident))
 
@@ -429,9 +429,13 @@ class Daemon:
         except BackendUnavailable:
             return
         rec = recs.get(name)
-        if rec is not None and rec.exists and not rec.death and self.procs.is_local(rec):
+        if rec is None or not rec.exists or rec.death:
+            return
+        if self.procs.is_local(rec):
             self.reconciler.local_workers[name] = rec
             self._watch_local_workers()
+        elif len(self._remote_workers) < 100_000:
+            self._remote_workers.add(name)  # its heartbeats need no lookup
 
     # -- workers ----------------------------------------------------------------------------------
 

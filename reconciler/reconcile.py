@@ -108,6 +108,15 @@ class Reconciler:
         states: dict[str, WorkerState] = {}
         for name, rec in workers.items():
             states[name] = self._worker_state(name, rec, now)
+        for j in jobs.values():
+            if j.status is not RqStatus.STARTED and j.worker_name:
+                # Ended (or requeued): no longer that worker's business. Keeps the index
+                # as small as the set of running jobs.
+                held = self.jobs_by_worker.get(j.worker_name)
+                if held is not None:
+                    held.discard(j.id)
+                    if not held:
+                        del self.jobs_by_worker[j.worker_name]
         for j in started:
             if j.worker_name:
                 self.jobs_by_worker.setdefault(j.worker_name, set()).add(j.id)
@@ -137,10 +146,13 @@ class Reconciler:
         local = self.procs.is_local(rec)
         gone = worker_gone_reason(rec, name, now)
         if local and rec.exists:
-            self.local_workers[name] = rec
             pid_gone = self.procs.local_worker_gone(rec)
             # The local pid check wins over everything Redis says: it is the fresh one.
             gone = pid_gone or gone
+            if gone:
+                self.local_workers.pop(name, None)
+            else:
+                self.local_workers[name] = rec
         horse_alive = False
         if gone and local and rec.current_job:
             horse_alive = self.procs.tracked_horse(rec.current_job) is not None
@@ -247,13 +259,18 @@ class Reconciler:
                 await self.store.remember_first_seen(
                     [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
                 )
+            evaluated = await self.evaluate(page)
+            report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
+            # The gauges describe the table as this sweep leaves it.
+            now_status = {c.job_id: c.to_status for c in report.changes}
             for r in page:
-                counts[r.row.status] = counts.get(r.row.status, 0) + 1
+                status = now_status.get(r.row.id, r.row.status)
+                if status not in counts:
+                    continue  # terminal now
+                counts[status] += 1
                 total.oldest_age = max(total.oldest_age, r.age_seconds)
                 if r.age_seconds > stuck_after:
                     total.stuck += 1
-            evaluated = await self.evaluate(page)
-            report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
             total.merge(report)
             held += page_held
             if len(page) < self.cfg.sweep.page_size:
