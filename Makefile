@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/rq-reconciler demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check reconciler tests bench scripts
+	$(BIN)/ruff check .
 	$(BIN)/mypy --strict reconciler
 
 test: $(STAMP) lint
