@@ -1258,11 +1258,24 @@ class DaemonProc:
             with contextlib.suppress(TimeoutError):
                 self.messages.append(self.sock.recv(4096).decode())
             assert self.proc is not None
+            if self.proc.poll() is not None:
+                self._drain()  # what it sent before exiting is still queued
             if self.proc.poll() is not None and not any(text in m for m in self.messages):
                 raise AssertionError(f"daemon exited {self.proc.returncode} before {text}:\n"
                                      + self.log_text()[-4000:])
         raise AssertionError(f"daemon did not send {text} within {timeout} s:\n"
                              + self.log_text()[-4000:])
+
+    def _drain(self) -> None:
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            self.sock.setblocking(True)
 
     def log_text(self) -> str:
         try:

@@ -316,3 +316,23 @@ def test_metrics_pass_promtool_and_healthz(tmp_path: Path, redis_url: str, pg_ds
     p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                        text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_systemd_protocol_and_sighup_reload(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                            daemon_factory: Any) -> None:
+    cfg = setup(tmp_path, redis_url, pg_dsn)
+    d = daemon_factory(cfg)
+    d.wait_message("WATCHDOG=1", timeout=5)  # WATCHDOG_USEC=2 s -> a ping every second
+    assert d.proc is not None
+    text = cfg.read_text().replace('level = "info"', 'level = "debug"')
+    text = text.replace("interval_seconds = 300.0", "interval_seconds = 1.0")
+    cfg.write_text(text)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: any(e["event"] == "reloaded" for e in d.log_events()), 10, what="reload")
+    reloaded = next(e for e in d.log_events() if e["event"] == "reloaded")
+    assert reloaded["log_level"] == "debug" and reloaded["sweep_interval"] == 1.0
+    # the new interval is in force: sweeps now come every second
+    wait_for(lambda: metric_value(d.scrape(), "rq_reconciler_sweeps_total", result="ok") >= 4,
+             10, what="sweeps at the reloaded interval")
+    assert d.stop() == 0
+    d.wait_message("STOPPING=1", timeout=5)
