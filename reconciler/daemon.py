@@ -29,12 +29,17 @@ from reconciler import __version__
 from reconciler import log as logsetup
 from reconciler.cancel import CancelProcessor
 from reconciler.config import Config, ConfigError, load, redact
-from reconciler.errors import BackendUnavailable, KeyspaceConfigError, PostgresUnavailable
+from reconciler.errors import (
+    BackendUnavailable,
+    KeyspaceConfigError,
+    PostgresUnavailable,
+    SchemaError,
+)
 from reconciler.metrics import Metrics, MetricsServer
 from reconciler.processes import PidWatcher, Processes
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
-from reconciler.store import Store
+from reconciler.store import Store, translated
 
 log = structlog.get_logger("reconciler.daemon")
 
@@ -225,8 +230,13 @@ class Daemon:
                  redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
                  metrics=f"http://{host}:{self.server.port}/metrics")
         try:
-            if not await self._connect():
-                return 0
+            try:
+                if not await self._connect():
+                    return 0
+            except SchemaError as exc:
+                # Not an outage: restarting cannot fix it (the unit does not restart on 2).
+                log.error("schema_error", error=str(exc))
+                return 2
             self.request_sweep()  # the start-up sweep
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -281,6 +291,8 @@ class Daemon:
             try:
                 if self.store.pool is None:
                     await self.store.connect()
+                    async with translated(self.store.pool):
+                        await self.store.verify_schema()
                 self.set_up("postgres", True)
                 await self.rq.ping()
                 self.set_up("redis", True)

@@ -164,6 +164,29 @@ class Store:
         self.id_type = str(row["t"])
         self._build_sql()
 
+    async def verify_schema(self) -> None:
+        """Our own tables and the mapped columns exist: a daemon that cannot work says so
+        once, at start-up, instead of failing every query."""
+        missing = [
+            name for name, reg in [
+                (self.cfg.cancel.requests_table, self.req),
+                (self.cfg.events_table, self.events),
+                (self.cfg.first_seen_table, self.first_seen),
+            ]
+            if await self._p().fetchval("SELECT to_regclass($1)", reg) is None
+        ]
+        if missing:
+            raise SchemaError(f"{', '.join(missing)} missing: run `rq-reconciler migrate`")
+        j = self.cfg.jobs
+        cols = {r["attname"] for r in await self._p().fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
+            "AND NOT attisdropped", self.t)}
+        for key in ("rq_id_column", "status_column", "error_column", "started_at_column",
+                    "completed_at_column"):
+            col = getattr(j, key)
+            if col and col not in cols:
+                raise SchemaError(f"jobs.{key}: column {col!r} not found in {j.table}")
+
     def _build_sql(self) -> None:
         t, cid, crq, cst = self.t, self.c_id, self.c_rq, self.c_status
         started = f"t.{self.c_started}" if self.c_started else "NULL::timestamptz"

@@ -336,3 +336,12 @@ def test_systemd_protocol_and_sighup_reload(tmp_path: Path, redis_url: str, pg_d
              10, what="sweeps at the reloaded interval")
     assert d.stop() == 0
     d.wait_message("STOPPING=1", timeout=5)
+
+
+def test_daemon_without_its_tables_exits_2_once(tmp_path: Path, redis_url: str,
+                                                pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn)  # no migrate
+    p = run_cli(cfg, "run", timeout=60)
+    assert p.returncode == 2
+    assert "rq-reconciler migrate" in p.stdout
+    assert "Traceback" not in p.stdout + p.stderr
