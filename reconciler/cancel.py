@@ -131,7 +131,7 @@ class CancelProcessor:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
             if job.status in WAITING:
-                res = await self.rq.cancel_job(row.rq_id)
+                res = await self.rq.cancel_job(row.rq_id, only_from=WAITING)
                 rq_cancelled = res == "canceled"
                 # A worker may have dequeued it a moment before: then RQ's cancel does not
                 # stop it, and we must.
@@ -139,17 +139,19 @@ class CancelProcessor:
             # Or it had, and its horse has not marked it started yet: RQ says "canceled",
             # but the job is about to run. Wait for the horse rather than believe it.
             deadline = time.monotonic() + WORKER_REAP_SECONDS
-            while job.in_flight and time.monotonic() < deadline:
+            while job.in_flight and not job.worker_name and time.monotonic() < deadline:
                 await asyncio.sleep(POLL_SECONDS)
                 job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
-            if job.status is RqStatus.STARTED:
+            # In flight with a worker: RQ says "canceled" over a running horse.
+            if job.status is RqStatus.STARTED or job.in_flight:
                 await self.store.extend_lease(ids, self.cfg.cancel.lease_seconds
                                               + self.cfg.cancel.grace_seconds)
                 stop = await self.stop_horse(row.rq_id, job.worker_name, job.started_at)
                 job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
                 if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
                     # Make RQ say what happened: the job was canceled, not failed.
-                    rq_cancelled = (await self.rq.cancel_job(row.rq_id)) == "canceled"
+                    rq_cancelled = (await self.rq.cancel_job(
+                        row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
         await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent})
         status = await self.store.job_status(job_id)
         if status == s.cancelled:
@@ -296,7 +298,7 @@ class CancelProcessor:
                      signals=res.signals, stopped=res.stopped)
             if res.stopped and "cancelled" in hs.why:
                 with contextlib.suppress(BackendUnavailable):
-                    await self.rq.cancel_job(hs.rq_id)
+                    await self.rq.cancel_job(hs.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))
         except BackendUnavailable as exc:
             log.warning("horse_stop_interrupted", rq_id=hs.rq_id, error=str(exc))
 

@@ -17,7 +17,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -48,6 +48,36 @@ COALESCE_SECONDS = 0.002
 MAX_BATCH = 2000
 LISTEN_LIVENESS_SECONDS = 30.0
 ORPHAN_SCAN_DEBOUNCE_SECONDS = 1.0
+
+
+async def cancel_until_done(tasks: Sequence[asyncio.Task[Any]], every: float = 0.5) -> None:
+    """Cancel `tasks` again until they are done.
+
+    On Python 3.11 a cancellation can be lost inside a library: asyncio.wait_for returns
+    the inner result when it races the cancel (gh-86296), and redis-py awaits every socket
+    write through it. A loop that lost its cancel runs on, and the TaskGroup waiting for
+    it never exits: seen as a daemon that neither shut down on SIGTERM nor exited 1 when
+    `keyspace_events = "require"` could not be met.
+    """
+    while pending := [t for t in tasks if not t.done()]:
+        await asyncio.wait(pending, timeout=every)
+        for t in pending:
+            if not t.done():
+                t.cancel()
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:  # noqa: ASYNC109
+    """True if `event` is set within `timeout` seconds.
+
+    Not asyncio.wait_for, which on Python 3.11 loses a cancellation that races the event
+    being set (gh-86296; see cancel_until_done). asyncio.timeout() lets it through.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
 
 
 class Backoff:
@@ -110,6 +140,7 @@ class Daemon:
         self._events_live = False
         self._fallback = cfg.redis.keyspace_events == "off"
         self._config_forbidden_said = False
+        self._reaper: asyncio.Task[None] | None = None
         self._remote_workers: set[str] = set()
         self.last_tick = time.monotonic()
 
@@ -247,11 +278,16 @@ class Daemon:
                     tg.create_task(self._sweep_loop(), name="sweep"),
                     tg.create_task(self._watchdog_loop(), name="watchdog"),
                 ]
-                await self.stopping.wait()
-                sd_notify("STOPPING=1")
-                # Stop taking work, then drain what is in flight, bounded.
-                for t in tasks:
-                    t.cancel()
+                try:
+                    await self.stopping.wait()
+                    sd_notify("STOPPING=1")
+                    # Stop taking work, then drain what is in flight, bounded.
+                    for t in tasks:
+                        t.cancel()
+                finally:
+                    # Reached on shutdown, and when a task failed (the group cancels us).
+                    self._reaper = asyncio.get_running_loop().create_task(
+                        cancel_until_done(tasks))
             drained = await self.cancels.drain(DRAIN_SECONDS)
             if not drained:
                 log.warning("drain_timeout", seconds=DRAIN_SECONDS)
@@ -335,10 +371,11 @@ class Daemon:
                     self.request_sweep()  # the start-up sweep is requested by run()
                 first = False
                 while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), LISTEN_LIVENESS_SECONDS)
+                    # asyncio.timeout, not wait_for: see wait_event().
+                    await wait_event(lost, LISTEN_LIVENESS_SECONDS)
                     if not lost.is_set():
-                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 10)
+                        async with asyncio.timeout(10):
+                            await conn.fetchval("SELECT 1")
                 raise PostgresUnavailable("LISTEN connection terminated")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
                     asyncpg.exceptions.InternalClientError, TimeoutError,
@@ -504,9 +541,8 @@ class Daemon:
     async def _cancel_loop(self) -> None:
         backoff = Backoff(0.2, 10.0)
         while True:
-            with contextlib.suppress(TimeoutError):
-                # Leases of dead replicas expire without a NOTIFY: look again now and then.
-                await asyncio.wait_for(self._cancel_wake.wait(), self.cfg.cancel.lease_seconds)
+            # Leases of dead replicas expire without a NOTIFY: look again now and then.
+            await wait_event(self._cancel_wake, self.cfg.cancel.lease_seconds)
             self._cancel_wake.clear()
             try:
                 await self.cancels.process_pending()
@@ -524,9 +560,7 @@ class Daemon:
     async def _sweep_loop(self) -> None:
         backoff = Backoff(0.5, 30.0)
         while True:
-            try:
-                await asyncio.wait_for(self._sweep_wake.wait(), self._interval())
-            except TimeoutError:
+            if not await wait_event(self._sweep_wake, self._interval()):
                 self.metrics.events.labels(source="timer").inc()
             if self._sweep_wake.is_set() and self._sweep_delay > 0:
                 delay, self._sweep_delay = self._sweep_delay, 0.0

@@ -49,6 +49,8 @@ HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
 PUBSUB_LIVENESS_SECONDS = 30.0
 # Keyspace flags we need: K keyspace channel, g generic (del/expire), h hash, x expired.
 NEEDED_KEYSPACE_FLAGS = "Kghx"
+# How long after a Redis (re)start PUBSUB NUMSUB is not evidence of a worker's death.
+PUBSUB_SETTLE_SECONDS = 30
 
 _JOB_FIELDS = (b"status", b"worker_name", b"origin", b"started_at", b"ended_at", b"exc_info")
 _WORKER_FIELDS = (b"birth", b"last_heartbeat", b"pid", b"hostname", b"death", b"current_job")
@@ -68,7 +70,10 @@ class WorkerRecord:
     hostname: str = ""
     death: bool = False
     current_job: str | None = None
+    # PUBSUB NUMSUB of its command channel; -1 when Redis cannot tell (just restarted).
     subscribers: int = 0
+    # The key exists but is not a hash RQ wrote (WRONGTYPE): it says nothing either way.
+    unreadable: bool = False
 
 
 def _text(value: bytes | None) -> str:
@@ -180,14 +185,18 @@ class RqState:
             async with self.client.pipeline(transaction=False) as pipe:
                 for jid in id_list:
                     pipe.hmget(JOB_PREFIX + jid, list(_JOB_FIELDS))
-                raw = await pipe.execute()
-            jobs = {jid: job_from_hash(jid, vals) for jid, vals in zip(id_list, raw, strict=True)}
+                # A key of the wrong type fails its own command only: one garbage key must
+                # not make every pass (and Redis itself) look down.
+                raw = await pipe.execute(raise_on_error=False)
+            jobs = {jid: (job_from_hash(jid, vals) if not _reply_error(vals) else
+                          RqJob(jid, RqStatus.UNKNOWN, f"unreadable: {_reply_error(vals)}"[:64]))
+                    for jid, vals in zip(id_list, raw, strict=True)}
             failed = [j.id for j in jobs.values() if j.status is RqStatus.FAILED]
             if failed:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for jid in failed:
                         pipe.xrevrange(Result.get_key(jid), "+", "-", count=1)  # type: ignore[no-untyped-call]
-                    streams = await pipe.execute()
+                    streams = await pipe.execute(raise_on_error=False)
                 for jid, entries in zip(failed, streams, strict=True):
                     line = _exc_from_stream(entries)
                     if line:
@@ -198,16 +207,22 @@ class RqState:
             if canceled:
                 # RQ's Job.cancel() does not stop a worker that dequeued the job a moment
                 # earlier: the job sits in the queue's intermediate list (BLMOVE) or has an
-                # execution record, and the horse will overwrite "canceled" with "started".
+                # execution record, and the horse will overwrite "canceled" with "started";
+                # or the horse had already started it, and "canceled" now hides a running
+                # job (its worker's current_job still names it).
                 now = time.time()
                 async with self.client.pipeline(transaction=False) as pipe:
                     for j in canceled:
                         pipe.lpos(IntermediateQueue.get_intermediate_queue_key(
                             QUEUE_PREFIX + j.origin), j.id)
                         pipe.zcount(ExecutionRegistry.key_template.format(j.id), now, "+inf")
-                    flags = await pipe.execute()
+                        pipe.hget(WORKER_PREFIX + j.worker_name, "current_job")
+                    flags = await pipe.execute(raise_on_error=False)
                 for i, j in enumerate(canceled):
-                    if flags[2 * i] is not None or flags[2 * i + 1]:
+                    pos, execs, held = flags[3 * i:3 * i + 3]
+                    if (isinstance(pos, int) or (isinstance(execs, int) and execs > 0)
+                            or (j.worker_name and isinstance(held, bytes)
+                                and held.decode("utf-8", "replace") == j.id)):
                         jobs[j.id] = replace(j, in_flight=True)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
@@ -235,17 +250,30 @@ class RqState:
                 for n in name_list:
                     pipe.hmget(WORKER_PREFIX + n, list(_WORKER_FIELDS))
                 pipe.execute_command("PUBSUB", "NUMSUB", *channels)
-                raw = await pipe.execute()
+                pipe.info("server")
+                raw = await pipe.execute(raise_on_error=False)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
-        numsub_flat: list[Any] = raw[-1] or []
+        info = raw[-1] if isinstance(raw[-1], dict) else {}
+        uptime = info.get("uptime_in_seconds")
+        # A Redis that has just (re)started has lost every subscription; workers come back
+        # within seconds (RQ retries its pub/sub connection every 2 s). Until then a count
+        # of 0 says nothing about them: report it as unknown (-1), not as 0.
+        settled = not isinstance(uptime, int) or uptime >= PUBSUB_SETTLE_SECONDS
+        numsub_flat: list[Any] = raw[-2] if isinstance(raw[-2], list) else []
         subs: dict[str, int] = {}
         for i in range(0, len(numsub_flat) - 1, 2):
             ch_raw = numsub_flat[i]
             subs[ch_raw.decode() if isinstance(ch_raw, bytes) else str(ch_raw)] = int(numsub_flat[i + 1])
         out: dict[str, WorkerRecord] = {}
-        for n, ch, vals in zip(name_list, channels, raw[:-1], strict=True):
-            out[n] = worker_from_hash(n, vals, subs.get(ch, 0))
+        for n, ch, vals in zip(name_list, channels, raw[:-2], strict=True):
+            count = subs.get(ch, -1 if not isinstance(raw[-2], list) else 0)
+            if count == 0 and not settled:
+                count = -1
+            if _reply_error(vals):
+                out[n] = WorkerRecord(n, exists=True, unreadable=True, subscribers=count)
+            else:
+                out[n] = worker_from_hash(n, vals, count)
         return out
 
     async def worker_names(self) -> list[str]:
@@ -308,7 +336,8 @@ class RqState:
                 msg = await pubsub.get_message(timeout=PUBSUB_LIVENESS_SECONDS)
                 if msg is None:
                     # Silence: prove the connection is still there.
-                    await asyncio.wait_for(pubsub.ping(), self._timeout)
+                    async with asyncio.timeout(self._timeout):  # not wait_for (gh-86296)
+                        await pubsub.ping()
                     continue
                 channel = _text(msg.get("channel"))[prefix_len:]
                 event = _text(msg.get("data")) if isinstance(msg.get("data"), bytes) else ""
@@ -336,7 +365,7 @@ class RqState:
             )
         return self._sync
 
-    def _cancel_sync(self, job_id: str) -> str:
+    def _cancel_sync(self, job_id: str, only_from: frozenset[str]) -> str:
         try:
             job = Job.fetch(job_id, connection=self._sync_client())
         except NoSuchJobError:
@@ -344,16 +373,23 @@ class RqState:
         except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
             # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
             return "unreadable"
+        # Job.cancel() overwrites any status, "finished" included, and stops nothing that
+        # runs: a job that moved on since the caller looked must keep RQ's word for it.
+        status = str(getattr(job.get_status(refresh=False), "value", ""))
+        if status not in only_from:
+            return f"not_canceled ({status or 'no status'})"
         try:
             job.cancel()
         except InvalidJobOperation:
             return "already_canceled"
         return "canceled"
 
-    async def cancel_job(self, job_id: str) -> str:
-        """RQ's Job.cancel(). Returns canceled / already_canceled / missing / unreadable."""
+    async def cancel_job(self, job_id: str, *, only_from: Iterable[RqStatus]) -> str:
+        """RQ's Job.cancel(), if the job is still in one of `only_from`. Returns canceled /
+        already_canceled / missing / unreadable / not_canceled (<status>)."""
+        allowed = frozenset(s.value for s in only_from)
         try:
-            return await asyncio.to_thread(self._cancel_sync, job_id)
+            return await asyncio.to_thread(self._cancel_sync, job_id, allowed)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
@@ -388,8 +424,13 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
     )
 
 
+def _reply_error(value: Any) -> str:
+    """The error of one pipelined command (raise_on_error=False), or '' if it succeeded."""
+    return str(value) if isinstance(value, redis.exceptions.ResponseError) else ""
+
+
 def _exc_from_stream(entries: Any) -> str:
-    if not entries:
+    if not isinstance(entries, list) or not entries:
         return ""
     _entry_id, fields = entries[0]
     if not isinstance(fields, dict):
@@ -406,6 +447,8 @@ def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime) -> st
     """
     if rec is None or not rec.exists:
         return f"worker hash {WORKER_PREFIX}{name} is missing"
+    if rec.unreadable:
+        return ""  # garbage under the worker's key: skip, never read it as a death
     if rec.death:
         return "worker registered its death"
     if rec.last_heartbeat is not None:

@@ -1,0 +1,289 @@
+"""Never signal a process that was not proven to be the horse of the job being stopped.
+
+Impostors are real processes: a recycled pid (forced with /proc/sys/kernel/ns_last_pid
+when we may write it), a live unrelated process under a recorded identity, a worker
+record whose pid now belongs to a process born after the worker registered, or to one
+that is far older than the registration. Each impostor traps SIGTERM and writes it to a
+marker file, so "never signalled" is checked on the victim itself, not on our bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from reconciler.processes import Processes, ProcIdentity, identity_alive
+from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
+from tests.faults.common import Pg, insert_requests, migrate, wait_until
+from tests.harness import WorkerPool, enqueue, harness_env, pid_alive, wait_for
+from tests.support import DaemonProc, metric_value, write_config
+
+IMPOSTOR = r"""
+import os, signal, sys, time
+marker, children = sys.argv[1], int(sys.argv[2])
+def note(line):
+    with open(marker, "a") as f:
+        f.write(line + "\n")
+signal.signal(signal.SIGTERM, lambda s, f: note(f"SIGTERM {os.getpid()}"))
+for _ in range(children):
+    if os.fork() == 0:
+        os.setsid()  # like an RQ horse: leads its own process group
+        note(f"CHILD {os.getpid()}")
+        break
+else:
+    note(f"PARENT {os.getpid()}")
+while True:
+    time.sleep(0.05)
+"""
+
+
+class Impostor:
+    """A python process (optionally with horse-like children) that records SIGTERMs."""
+
+    def __init__(self, tmp: Path, children: int = 0) -> None:
+        self.marker = tmp / f"impostor-{uuid.uuid4().hex[:6]}"
+        self.marker.touch()
+        self.proc = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(self.marker),
+                                      str(children)], env=harness_env())
+        wait_for(lambda: self.marker.read_text().count("\n") >= 1 + children, 10,
+                 what="impostor up")
+        self.pid = self.proc.pid
+        self.create_time = psutil.Process(self.pid).create_time()
+        self.children = [int(ln.split()[1]) for ln in self.marker.read_text().splitlines()
+                         if ln.startswith("CHILD")]
+
+    def signalled(self) -> bool:
+        return "SIGTERM" in self.marker.read_text()
+
+    def all_alive(self) -> bool:
+        return all(pid_alive(p) for p in (self.pid, *self.children))
+
+    def stop(self) -> None:
+        for pid in (*self.children, self.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL) if pid in self.children else os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def impostors(tmp_path: Path) -> Iterator[list[Impostor]]:
+    made: list[Impostor] = []
+    yield made
+    for imp in made:
+        imp.stop()
+
+
+def record(pid: int, birth: datetime, job: str = "job-1") -> WorkerRecord:
+    return WorkerRecord(name="w-fake", exists=True, birth=birth, last_heartbeat=birth, pid=pid,
+                        hostname=socket.gethostname(), current_job=job, subscribers=1)
+
+
+def ts(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+# -- the proof, against real processes -----------------------------------------------------------
+
+
+def test_a_recycled_pid_is_never_signalled(tmp_path: Path, impostors: list[Impostor]) -> None:
+    procs = Processes()
+    first = subprocess.Popen([sys.executable, "-c", "pass"])
+    first.wait()
+    old = ProcIdentity(first.pid, time.time() - 5)  # what we recorded while it lived
+    if os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
+        # Make the kernel hand out that very pid again, to a process that traps SIGTERM.
+        for _ in range(20):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(first.pid - 1))
+            imp = Impostor(tmp_path)
+            impostors.append(imp)
+            if imp.pid == first.pid:
+                break
+        else:
+            pytest.fail("could not recycle the pid")
+    else:  # not root: a live unrelated process under an identity with another create time
+        imp = Impostor(tmp_path)
+        impostors.append(imp)
+        old = ProcIdentity(imp.pid, imp.create_time - 5)
+    assert imp.pid == old.pid
+    assert not identity_alive(old)
+    assert procs.signal_horse(old, signal.SIGTERM) is False
+    assert procs.signal_horse(old, signal.SIGKILL) is False
+    procs.horses["job-1"] = old
+    assert procs.tracked_horse("job-1") is None
+    time.sleep(0.2)
+    assert imp.all_alive() and not imp.signalled()
+    # and the same process under its true identity *is* signalled: the check is not vacuous
+    true = ProcIdentity(imp.pid, imp.create_time)
+    assert identity_alive(true)
+
+
+def test_a_live_unrelated_pid_with_another_create_time(tmp_path: Path,
+                                                       impostors: list[Impostor]) -> None:
+    imp = Impostor(tmp_path, children=1)
+    impostors.append(imp)
+    procs = Processes()
+    child = imp.children[0]
+    ct = psutil.Process(child).create_time()
+    for ident in (ProcIdentity(child, ct + 0.5), ProcIdentity(child, ct - 3600),
+                  ProcIdentity(imp.pid, imp.create_time + 1)):
+        assert procs.signal_horse(ident, signal.SIGTERM) is False
+    time.sleep(0.2)
+    assert imp.all_alive() and not imp.signalled()
+
+
+def test_worker_record_whose_pid_was_born_after_the_worker(tmp_path: Path,
+                                                           impostors: list[Impostor]) -> None:
+    imp = Impostor(tmp_path, children=1)
+    impostors.append(imp)
+    procs = Processes()
+    # The worker registered a minute before this process existed: its pid was recycled.
+    rec = record(imp.pid, birth=ts(imp.create_time - 60))
+    started = ts(imp.create_time - 30)
+    assert procs.worker_identity(rec) is None
+    assert "recycled" in procs.local_worker_gone(rec)
+    assert procs.find_horse(rec, "job-1", started) is None
+    assert procs.horses == {}
+    assert imp.all_alive() and not imp.signalled()
+
+
+def test_worker_record_whose_pid_is_far_older_than_the_worker(tmp_path: Path,
+                                                              impostors: list[Impostor]) -> None:
+    """A pid from another pid namespace (a worker in a container sharing our hostname)
+    lands on an old local process, e.g. init. That process did not register the worker,
+    and the recent child it happens to have is not a horse."""
+    imp = Impostor(tmp_path, children=1)
+    impostors.append(imp)
+    procs = Processes()
+    child_ct = psutil.Process(imp.children[0]).create_time()
+    rec = record(imp.pid, birth=ts(imp.create_time + 6 * 3600))
+    assert procs.worker_identity(rec) is None
+    assert procs.find_horse(rec, "job-1", ts(child_ct - 1)) is None
+    assert imp.all_alive() and not imp.signalled()
+
+
+def test_a_horse_must_be_a_fork_of_the_worker(tmp_path: Path, impostors: list[Impostor]) -> None:
+    """A child of the worker pid that leads its own group but runs another program (the pid
+    is not our worker's: its children are exec'd services) is not a horse."""
+    marker = tmp_path / "exec-child"
+    marker.touch()
+    child_src = IMPOSTOR.replace("for _ in range(children):", "for _ in range(0):")
+    # sh starts a setsid'd python, then becomes `sleep` (exec): parent and child differ in exe
+    parent = subprocess.Popen(
+        ["sh", "-c", f'setsid "{sys.executable}" -c \'{child_src}\' "{marker}" 0 & exec sleep 600'],
+        env=harness_env())
+    try:
+        wait_for(lambda: "PARENT" in marker.read_text(), 10, what="exec'd child up")
+        kid = int(marker.read_text().split()[1])
+        wait_for(lambda: psutil.Process(parent.pid).name() == "sleep", 10, what="exec sleep")
+        p_ct = psutil.Process(parent.pid).create_time()
+        k_ct = psutil.Process(kid).create_time()
+        procs = Processes()
+        rec = record(parent.pid, birth=ts(p_ct + 1))
+        assert procs.worker_identity(rec) is not None  # the "worker" itself passes
+        assert procs.find_horse(rec, "job-1", ts(k_ct - 1)) is None
+        assert "SIGTERM" not in marker.read_text() and pid_alive(kid)
+    finally:
+        for pid in (kid if "kid" in dir() else None, parent.pid):
+            if pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL) if pid != parent.pid else parent.kill()
+        parent.wait()
+
+
+def test_the_real_horse_is_found(tmp_path: Path, redis_url: str, workers: WorkerPool,
+                                 tmp_marker: Path) -> None:
+    """The positive control for the refusals above: same code, a real worker, a real horse."""
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
+    horse = w.wait_horse()
+    with redis.Redis.from_url(redis_url) as r:
+        wait_for(lambda: r.hget(w.key, "current_job") == rq_id.encode(), 10, what="current_job")
+        vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death", "current_job"])
+        started = r.hget(f"rq:job:{rq_id}", "started_at")
+    rec = worker_from_hash(w.name, vals, 1)
+    procs = Processes()
+    found = procs.find_horse(rec, rq_id, parse_time(started))
+    assert found is not None and found.pid == horse
+
+
+# -- end to end: the daemon cancels jobs whose worker record lies about its pid -----------------
+
+
+def test_daemon_never_signals_a_pid_it_could_not_prove(tmp_path: Path, redis_url: str,
+                                                       pg_dsn: str, workers: WorkerPool,
+                                                       impostors: list[Impostor]) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn, sweep={"min_age_seconds": 60.0},
+                       cancel={"grace_seconds": 1.0})
+    migrate(cfg)
+    pool = [workers(wait=False) for _ in range(3)]
+    for w in pool:
+        w.wait_registered()
+    markers: dict[str, Path] = {}
+    with Pg(pg_dsn) as pg:
+        for _ in pool:
+            rq_id = uuid.uuid4().hex
+            markers[rq_id] = tmp_path / f"job-{rq_id}"
+            markers[rq_id].touch()
+            pg.fetch("INSERT INTO training_jobs (rq_job_id, status, started_at) "
+                     "VALUES ($1, 'running', now())", rq_id)
+            enqueue(redis_url, "tests.jobs.trap_sigterm", 60, str(markers[rq_id]), job_id=rq_id)
+        wait_for(lambda: all(w.current_job_id() for w in pool)
+                 and all("STARTED" in m.read_text() for m in markers.values()), 20,
+                 what="a job on every worker")
+        honest, lying_young, lying_old = pool
+        job_of = {w.name: w.current_job_id() for w in pool}
+        # Now the records lie. `young`'s pid was born after the worker registered (a
+        # recycled pid); `old`'s long before (another pid namespace). Each has a child that
+        # looks like a horse: it leads its own group and was born after the job started.
+        young = Impostor(tmp_path, children=1)
+        old = Impostor(tmp_path, children=1)
+        impostors += [young, old]
+        with redis.Redis.from_url(redis_url) as r:
+            # (birth a minute back: within BIRTH_SLACK_SECONDS of it, clocks cannot tell)
+            r.hset(lying_young.key, mapping={"pid": str(young.pid), "birth": ts(
+                young.create_time - 60).strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+            r.hset(lying_old.key, mapping={"pid": str(old.pid), "birth": ts(
+                old.create_time + 6 * 3600).strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+        ids = {name: pg.val("SELECT id FROM training_jobs WHERE rq_job_id = $1", rq)
+               for name, rq in job_of.items()}
+        rids = insert_requests(pg, list(ids.values()), reason="pid test")
+        d = DaemonProc(cfg, tmp_path / "d.log")
+        try:
+            d.start()
+            wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_cancel_requests "
+                                      "WHERE state = 'done'") == len(rids), 40, "outcomes")
+            time.sleep(1.5)  # past grace: any late signal would have been sent by now
+            for imp in (young, old):
+                assert imp.all_alive(), imp.marker.read_text()
+                assert not imp.signalled(), imp.marker.read_text()
+            # the honest worker's horse was proven and stopped gracefully
+            assert "SIGTERM" in markers[job_of[honest.name]].read_text()
+            out = {r["job_id"]: r for r in pg.fetch(
+                "SELECT job_id, outcome, detail FROM rq_reconciler_cancel_requests")}
+            assert out[ids[honest.name]]["outcome"] == "cancelled"
+            assert '"SIGTERM"' in out[ids[honest.name]]["detail"]
+            for w in (lying_young, lying_old):
+                assert '"SIGTERM"' not in (out[ids[w.name]]["detail"] or "")
+                assert "SIGTERM" not in markers[job_of[w.name]].read_text()
+            text = d.scrape()
+            assert metric_value(text, "rq_reconciler_process_signals_total", signal="SIGTERM") == 1
+            assert metric_value(text, "rq_reconciler_process_signals_total", signal="SIGKILL") == 0
+            assert d.stop() == 0
+            print("\n" + "\n".join(f"{w.name}: {out[ids[w.name]]['outcome']} "
+                                    f"{out[ids[w.name]]['detail']}" for w in pool))
+        finally:
+            d.close()
