@@ -127,6 +127,7 @@ class CancelProcessor:
         log.info("cancel_started", requests=ids, rq_id=row.rq_id, status=row.status)
         rq_cancelled = False
         stop = StopResult()
+        rq_said = "no RQ job id"
         if row.rq_id:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
@@ -167,7 +168,10 @@ class CancelProcessor:
                 "success": False, "status": status, "signals": stop.signals,
                 "message": f"Job {job_id} {status} before it could be cancelled"})
         else:
-            msg = stop.message or f"Job {job_id} could not be stopped (row is {status})"
+            if row.rq_id:
+                last = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
+                rq_said = f"RQ says {last.raw_status or last.status.value!r}"
+            msg = stop.message or f"Job {job_id} could not be stopped (row is {status}, {rq_said})"
             await self._finish(reqs, "failed", {"success": False, "message": msg,
                                                 "horse_signals": stop.signals})
 
