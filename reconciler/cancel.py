@@ -213,7 +213,8 @@ class CancelProcessor:
             gone = self.procs.local_worker_gone(rec) or gone
         horse: ProcIdentity | None = None
         if local and rec is not None and not gone:
-            horse = await self._find_horse(rec, rq_id, started_at)
+            horse = self.procs.tracked_horse(rq_id) or await self._find_horse(rec, rq_id,
+                                                                               started_at)
         elif local or not worker_name:
             horse = self.procs.tracked_horse(rq_id)
         if horse is not None:
@@ -275,12 +276,10 @@ class CancelProcessor:
         for up to a second before giving up on a local proof."""
         deadline = time.monotonic() + 1.0
         while True:
-            horse = self.procs.find_horse(rec, rq_id, started_at)
+            horse = await self.reconciler.prove_horse(rec.name, rq_id, started_at)
             if horse is not None or time.monotonic() > deadline:
                 return horse
             await asyncio.sleep(0.02)
-            fresh = await self.rq.read_workers([rec.name])
-            rec = fresh.get(rec.name, rec)
 
     async def stop_for_reconcile(self, stops: Sequence[HorseStop]) -> None:
         """Horses the reconciler found: cancelled rows whose job started anyway, orphans."""

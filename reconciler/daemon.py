@@ -532,9 +532,12 @@ class Daemon:
         next pass that sees the job tries again)."""
         for delay in (0.01, 0.05, 0.2, 1.0):
             await asyncio.sleep(delay)
-            for rq_id, (rec, started_at) in list(pending.items()):
-                if self.procs.find_horse(rec, rq_id, started_at) is not None:
-                    del pending[rq_id]
+            for rq_id, (name, started_at) in list(pending.items()):
+                try:
+                    if await self.reconciler.prove_horse(name, rq_id, started_at) is not None:
+                        del pending[rq_id]
+                except BackendUnavailable:
+                    return  # the next pass that sees the job tries again
             if not pending:
                 return
 

@@ -101,11 +101,15 @@ class Processes:
 
     def find_horse(self, rec: WorkerRecord, job_id: str,
                    job_started_at: datetime | None) -> ProcIdentity | None:
-        """Prove which process is `job_id`'s horse under the live worker `rec`.
+        """The one process that can be `job_id`'s horse under the live worker `rec`.
 
-        Proof: the worker pid is alive and is the process that registered; the worker's
-        current_job is this job; the candidate is its child, leads its own process group
-        and was created after the job started (minus slack).
+        The worker pid is alive and is the process that registered; `rec.current_job` is
+        this job; the candidate is its child, leads its own process group, runs the
+        worker's executable and was created after the job started (minus slack).
+
+        This is only half a proof: `rec` was read before the children were listed, and
+        the worker may have moved on to its next job in between. Reconciler.prove_horse()
+        completes it with a fresh read and only then remember()s the horse.
         """
         if not self.is_local(rec) or rec.current_job != job_id:
             return None
@@ -138,8 +142,10 @@ class Processes:
             found.append(ProcIdentity(child.pid, ct))
         if len(found) != 1:
             return None  # none, or ambiguous: never guess
-        self.horses[job_id] = found[0]
         return found[0]
+
+    def remember(self, job_id: str, ident: ProcIdentity) -> None:
+        self.horses[job_id] = ident
 
     def tracked_horse(self, job_id: str) -> ProcIdentity | None:
         """A horse proven earlier (its worker may be dead now), if it is still that process."""

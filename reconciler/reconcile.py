@@ -29,7 +29,7 @@ from reconciler.model import (
     WorkerState,
     decide,
 )
-from reconciler.processes import Processes
+from reconciler.processes import Processes, ProcIdentity, identity_alive
 from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
 from reconciler.store import ActiveRow, RowChange, Store
 
@@ -90,7 +90,7 @@ class Reconciler:
         # local workers seen (name -> record), for the pid watcher
         self.local_workers: dict[str, WorkerRecord] = {}
         # started jobs on live local workers whose horse was not found yet
-        self.untracked: dict[str, tuple[WorkerRecord, datetime | None]] = {}
+        self.untracked: dict[str, tuple[str, datetime | None]] = {}
 
     # -- evaluate ---------------------------------------------------------------------------
 
@@ -117,16 +117,22 @@ class Reconciler:
                     held.discard(j.id)
                     if not held:
                         del self.jobs_by_worker[j.worker_name]
+        candidates: dict[str, tuple[str, ProcIdentity]] = {}
         for j in started:
             if j.worker_name:
                 self.jobs_by_worker.setdefault(j.worker_name, set()).add(j.id)
                 wrec = workers.get(j.worker_name)
                 if (wrec is not None and states[j.worker_name].alive and self.procs.is_local(wrec)
-                        and self.procs.horses.get(j.id) is None
-                        and self.procs.find_horse(wrec, j.id, j.started_at) is None):
-                    # RQ marks the job started just before it forks: look again shortly,
-                    # so that the horse is known if its worker dies later.
-                    self.untracked[j.id] = (wrec, j.started_at)
+                        and self.procs.horses.get(j.id) is None):
+                    cand = self.procs.find_horse(wrec, j.id, j.started_at)
+                    if cand is not None:
+                        candidates[j.id] = (j.worker_name, cand)
+                    else:
+                        # Not forked yet, or just gone: look again shortly, so that the
+                        # horse is known if its worker dies later.
+                        self.untracked[j.id] = (j.worker_name, j.started_at)
+        if candidates:
+            await self.confirm_horses(candidates)
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
         out: list[Evaluated] = []
@@ -141,6 +147,33 @@ class Reconciler:
                        old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
             out.append(Evaluated(ar, job, worker, d))
         return out
+
+    async def confirm_horses(self, candidates: dict[str, tuple[str, ProcIdentity]]) -> None:
+        """Complete the proof of horse candidates with one fresh read of their workers.
+
+        A candidate was found under a worker record read *before* the worker's children
+        were listed; meanwhile the worker may have finished the job and forked the next
+        one's horse. RQ clears current_job before it forks again, so a worker that still
+        names the job after the listing means the child seen is that job's horse.
+        """
+        fresh = await self.rq.read_workers({name for name, _ in candidates.values()})
+        for job_id, (name, ident) in candidates.items():
+            rec = fresh.get(name)
+            if rec is not None and rec.exists and rec.current_job == job_id \
+                    and identity_alive(ident):
+                self.procs.remember(job_id, ident)
+
+    async def prove_horse(self, worker_name: str, job_id: str,
+                          started_at: datetime | None) -> ProcIdentity | None:
+        """Find and prove `job_id`'s horse under `worker_name` now (two worker reads)."""
+        rec = (await self.rq.read_workers([worker_name])).get(worker_name)
+        if rec is None or not rec.exists:
+            return None
+        cand = self.procs.find_horse(rec, job_id, started_at)
+        if cand is None:
+            return None
+        await self.confirm_horses({job_id: (worker_name, cand)})
+        return cand if self.procs.horses.get(job_id) == cand else None
 
     def _worker_state(self, name: str, rec: WorkerRecord, now: datetime) -> WorkerState:
         local = self.procs.is_local(rec)

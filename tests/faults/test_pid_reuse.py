@@ -287,3 +287,48 @@ def test_daemon_never_signals_a_pid_it_could_not_prove(tmp_path: Path, redis_url
                                     f"{out[ids[w.name]]['detail']}" for w in pool))
         finally:
             d.close()
+
+
+def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
+        redis_url: str, workers: WorkerPool, tmp_marker: Path) -> None:
+    """Found by the 200+200 replica storm: a worker record read while job A ran, and the
+    worker's children listed after A ended and B's horse was forked, 'proved' B's horse to
+    be A's -- and a cancel of A sent SIGTERM to B. The fresh re-read must refuse it."""
+    import asyncio
+
+    from reconciler.metrics import Metrics
+    from reconciler.reconcile import Reconciler
+    from reconciler.rq_state import RqState
+
+    w = workers()
+    a = enqueue(redis_url, "tests.jobs.sleep", 0.5)
+    with redis.Redis.from_url(redis_url) as r:
+        wait_for(lambda: r.hget(w.key, "current_job") == a.encode(), 10, what="A running")
+        stale_vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death",
+                                     "current_job"])
+        a_started = parse_time(r.hget(f"rq:job:{a}", "started_at"))
+        b = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
+        wait_for(lambda: r.hget(w.key, "current_job") == b.encode(), 10, what="B running")
+    b_horse = w.wait_horse()
+    stale = worker_from_hash(w.name, stale_vals, 1)
+    procs = Processes()
+    cand = procs.find_horse(stale, a, a_started)
+    # the hazard is real: half a proof picks B's horse for A
+    assert cand is not None and cand.pid == b_horse
+
+    async def confirm() -> None:
+        from reconciler.config import from_mapping
+
+        rq = RqState(redis_url)
+        try:
+            rec = Reconciler(from_mapping({}, environ={}), None, rq, procs, Metrics())  # type: ignore[arg-type]
+            await rec.confirm_horses({a: (w.name, cand)})
+            assert await rec.prove_horse(w.name, a, a_started) is None
+            proven = await rec.prove_horse(w.name, b, None)
+            assert proven is not None and proven.pid == b_horse
+        finally:
+            await rq.close()
+
+    asyncio.run(confirm())
+    assert a not in procs.horses
+    assert procs.horses[b].pid == b_horse
