@@ -9,6 +9,8 @@ seen, so that the mass-orphan breaker can refuse them all at once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
 from reconciler.store import ActiveRow, RowChange, Store
 
 log = structlog.get_logger("reconciler.reconcile")
+
+LOG_EACH_MAX = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,13 +248,25 @@ class Reconciler:
         report.changes = applied
         report.lost_races = len(changes) - len(applied)
         now = datetime.now(UTC)
+        # One line per transition, unless a batch is large (a first sweep over a neglected
+        # table): then those go to debug and one summary line to info. The audit table
+        # keeps every one of them either way.
+        each = log.info if len(applied) <= LOG_EACH_MAX else log.debug
+        summary: dict[tuple[str, str, str], int] = {}
         for ch in applied:
             self.metrics.transitions.labels(ch.from_status, ch.to_status, ch.reason).inc()
             if ch.reason == Reason.SYNCED.value and ch.job_id in ended:
                 self.metrics.sync_lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
-            log.info("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
-                     to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
-                     error=ch.error or None)
+            key = (ch.from_status, ch.to_status, ch.reason)
+            summary[key] = summary.get(key, 0) + 1
+            each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
+                 to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
+                 error=ch.error or None)
+        if len(applied) > LOG_EACH_MAX:
+            log.info("job_transitions", count=len(applied),
+                     by_kind={f"{f}->{t} ({r})": n for (f, t, r), n in summary.items()},
+                     first_job_ids=[str(ch.job_id) for ch in applied[:10]],
+                     hint="every transition is in rq_reconciler_events")
         if report.lost_races:
             log.info("transitions_lost_race", count=report.lost_races)
         return report, held
@@ -282,32 +298,25 @@ class Reconciler:
         held: list[Evaluated] = []
         counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
         stuck_after = self.cfg.sweep.stuck_after_seconds
-        after: Any = None
-        while True:
-            page = await self.store.active_page(after, self.cfg.sweep.page_size)
-            if not page:
-                break
-            after = page[-1].row.id
-            if not dry_run:
-                await self.store.remember_first_seen(
-                    [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
-                )
-            evaluated = await self.evaluate(page)
-            report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
-            # The gauges describe the table as this sweep leaves it.
-            now_status = {c.job_id: c.to_status for c in report.changes}
-            for r in page:
-                status = now_status.get(r.row.id, r.row.status)
-                if status not in counts:
-                    continue  # terminal now
-                counts[status] += 1
-                total.oldest_age = max(total.oldest_age, r.age_seconds)
-                if r.age_seconds > stuck_after:
-                    total.stuck += 1
-            total.merge(report)
-            held += page_held
-            if len(page) < self.cfg.sweep.page_size:
-                break
+        size = self.cfg.sweep.page_size
+        # The next page is read while this one is decided and applied (keyset pages never
+        # overlap), so Postgres and Python work at the same time.
+        fetch: asyncio.Task[list[ActiveRow]] | None = asyncio.create_task(
+            self.store.active_page(None, size))
+        try:
+            while fetch is not None:
+                page = await fetch
+                fetch = None
+                if not page:
+                    break
+                if len(page) == size:
+                    fetch = asyncio.create_task(self.store.active_page(page[-1].row.id, size))
+                await self._sweep_page(page, total, held, counts, stuck_after, dry_run)
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                with contextlib.suppress(BaseException):
+                    await fetch
         total.counts = counts
         total.not_found_held = len(held)
         if held:
@@ -328,6 +337,27 @@ class Reconciler:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
         return total
+
+    async def _sweep_page(self, page: list[ActiveRow], total: PassReport, held: list[Evaluated],
+                          counts: dict[str, int], stuck_after: float, dry_run: bool) -> None:
+        if not dry_run:
+            await self.store.remember_first_seen(
+                [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
+            )
+        evaluated = await self.evaluate(page)
+        report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
+        # The gauges describe the table as this sweep leaves it.
+        now_status = {c.job_id: c.to_status for c in report.changes}
+        for r in page:
+            status = now_status.get(r.row.id, r.row.status)
+            if status not in counts:
+                continue  # terminal now
+            counts[status] += 1
+            total.oldest_age = max(total.oldest_age, r.age_seconds)
+            if r.age_seconds > stuck_after:
+                total.stuck += 1
+        total.merge(report)
+        held += page_held
 
     async def _apply_not_found(self, held: list[Evaluated], *, dry_run: bool) -> PassReport:
         """Re-check existence right before failing rows as "not found" (they were read up to

@@ -81,16 +81,16 @@ def _text(value: bytes | None) -> str:
 
 
 def parse_time(value: bytes | str | None) -> datetime | None:
-    """RQ's utcformat timestamps; garbage gives None, never an exception."""
+    """RQ's utcformat timestamps ('%Y-%m-%dT%H:%M:%S.%fZ'); garbage gives None, never an
+    exception. fromisoformat: strptime cost a tenth of a 20,000-row sweep."""
     if not value:
         return None
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _decode_exc(raw: bytes | None, *, b64: bool) -> str:
@@ -160,6 +160,8 @@ class RqState:
             retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         )
         self._sync: redis.Redis | None = None
+        self._script: Any = None
+        self._exists_script: Any = None
 
     @property
     def db(self) -> int:
@@ -182,27 +184,14 @@ class RqState:
         if not id_list:
             return {}
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for jid in id_list:
-                    pipe.hmget(JOB_PREFIX + jid, list(_JOB_FIELDS))
-                # A key of the wrong type fails its own command only: one garbage key must
-                # not make every pass (and Redis itself) look down.
-                raw = await pipe.execute(raise_on_error=False)
-            jobs = {jid: (job_from_hash(jid, vals) if not _reply_error(vals) else
-                          RqJob(jid, RqStatus.UNKNOWN, f"unreadable: {_reply_error(vals)}"[:64]))
-                    for jid, vals in zip(id_list, raw, strict=True)}
-            failed = [j.id for j in jobs.values() if j.status is RqStatus.FAILED]
-            if failed:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for jid in failed:
-                        pipe.xrevrange(Result.get_key(jid), "+", "-", count=1)  # type: ignore[no-untyped-call]
-                    streams = await pipe.execute(raise_on_error=False)
-                for jid, entries in zip(failed, streams, strict=True):
-                    line = _exc_from_stream(entries)
-                    if line:
-                        j = jobs[jid]
-                        jobs[jid] = RqJob(j.id, j.status, j.raw_status, j.worker_name,
-                                          j.origin, j.started_at, j.ended_at, line)
+            jobs: dict[str, RqJob] = {}
+            for i in range(0, len(id_list), READ_CHUNK):
+                chunk = id_list[i:i + READ_CHUNK]
+                keys = [JOB_PREFIX + jid for jid in chunk]
+                keys += [Result.get_key(jid) for jid in chunk]  # type: ignore[no-untyped-call]
+                raw = await self._read_jobs_script(keys=keys)
+                for jid, vals in zip(chunk, raw, strict=True):
+                    jobs[jid] = _job_from_script(jid, vals)
             canceled = [j for j in jobs.values() if j.status is RqStatus.CANCELED]
             if canceled:
                 # RQ's Job.cancel() does not stop a worker that dequeued the job a moment
@@ -228,17 +217,26 @@ class RqState:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         return jobs
 
+    @property
+    def _read_jobs_script(self) -> Any:
+        if self._script is None:
+            self._script = self.client.register_script(_READ_JOBS_LUA)
+        return self._script
+
     async def jobs_exist(self, ids: Sequence[str]) -> dict[str, bool]:
         if not ids:
             return {}
+        out: dict[str, bool] = {}
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for jid in ids:
-                    pipe.exists(JOB_PREFIX + jid)
-                raw = await pipe.execute()
+            for i in range(0, len(ids), READ_CHUNK):
+                chunk = list(ids[i:i + READ_CHUNK])
+                if self._exists_script is None:
+                    self._exists_script = self.client.register_script(_EXISTS_LUA)
+                raw = await self._exists_script(keys=[JOB_PREFIX + jid for jid in chunk])
+                out.update((jid, bool(n)) for jid, n in zip(chunk, raw, strict=True))
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
-        return {jid: bool(n) for jid, n in zip(ids, raw, strict=True)}
+        return out
 
     async def read_workers(self, names: Iterable[str]) -> dict[str, WorkerRecord]:
         name_list = [n for n in dict.fromkeys(names) if n]
@@ -422,6 +420,55 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
         current_job=_text(vals[5]) or None,
         subscribers=subscribers,
     )
+
+
+# One round trip and one reply per chunk of jobs instead of one command each: per-command
+# packing and parsing in redis-py dominated a sweep. Read-only (HMGET, XREVRANGE): it
+# changes nothing in RQ. KEYS = n job hashes, then their n results streams. A key of the
+# wrong type fails only its own entry ({"!ERR", msg}), never the whole read.
+_READ_JOBS_LUA = """
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local v = redis.pcall('HMGET', KEYS[i], 'status', 'worker_name', 'origin', 'started_at',
+                        'ended_at', 'exc_info')
+  if v.err then
+    out[i] = {'!ERR', v.err}
+  else
+    if v[1] == 'failed' then
+      local s = redis.pcall('XREVRANGE', KEYS[n + i], '+', '-', 'COUNT', 1)
+      if not s.err and s[1] then
+        local f = s[1][2]
+        for j = 1, #f, 2 do
+          if f[j] == 'exc_string' then v[7] = f[j + 1] end
+        end
+      end
+    end
+    out[i] = v
+  end
+end
+return out
+"""
+READ_CHUNK = 1000
+_EXISTS_LUA = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+return out
+"""
+
+
+def _job_from_script(job_id: str, vals: Any) -> RqJob:
+    if not isinstance(vals, list):
+        return RqJob(job_id, RqStatus.UNKNOWN, "unreadable")
+    if vals and vals[0] == b"!ERR":
+        return RqJob(job_id, RqStatus.UNKNOWN, f"unreadable: {_text(vals[1])}"[:64])
+    fields = (vals + [None] * 7)[:7]
+    job = job_from_hash(job_id, fields[:6])
+    if job.status is RqStatus.FAILED and fields[6]:
+        exc = _decode_exc(fields[6], b64=True)
+        if exc:
+            return replace(job, exc_line=last_line(exc))
+    return job
 
 
 def _reply_error(value: Any) -> str:
