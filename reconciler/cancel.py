@@ -253,6 +253,12 @@ class CancelProcessor:
                 res.stopped = True
                 res.message = f"worker {worker_name} did not receive stop-job: it is gone"
                 return res
+        if gone and horse is not None:
+            # An orphan's horse: its worker is dead, so nobody will record an end and
+            # there is no worker to be wedged.
+            res.orphan = True
+            self.procs.forget(rq_id)
+            return res
         # The worker must record the end (and be ready for its next job) promptly.
         deadline = time.monotonic() + (WORKER_REAP_SECONDS if horse is not None
                                        else grace + WORKER_REAP_SECONDS)
