@@ -1,0 +1,437 @@
+"""Shared helpers for the rq-reconciler benchmarks (bench/*.py).
+
+Each benchmark script starts its own throwaway redis-server and PostgreSQL through
+tests/harness.py, prints plain-text tables and exits 0: it reports numbers beside the
+goal ("PASS"/"MISS"), it does not assert them. Run the scripts from the repo root:
+``python bench/<name>.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import re
+import resource
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psutil
+import redis
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # pragma: no cover - scripts insert it themselves
+    sys.path.insert(0, str(ROOT))
+
+from tests.harness import PostgresServer, RedisServer, create_jobs_table  # noqa: E402
+from tests.support import run_cli, write_config  # noqa: E402
+
+SEED = 20240611
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def banner(title: str) -> None:
+    print()
+    print("=" * len(title))
+    print(title)
+    print("=" * len(title))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
+    """A plain-text table, columns left-aligned, one header line and a rule."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(cells[0], widths, strict=True)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    sys.stdout.flush()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def verdict(value: float, limit: float, *, higher_is_better: bool = False) -> str:
+    if math.isnan(value):
+        return "MISS"
+    ok = value >= limit if higher_is_better else value <= limit
+    return "PASS" if ok else "MISS"
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear-interpolated percentile (numpy's default method); nan for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * p / 100.0
+    lo = math.floor(k)
+    hi = math.ceil(k)
+    if lo == hi:
+        return xs[lo]
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+# -- servers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """A redis-server, a PostgreSQL cluster, one database with the seed-shaped jobs table
+    and rq-reconciler's own tables (migrated), and a config file pointing at them."""
+
+    redis_srv: RedisServer
+    pg: PostgresServer
+    dbname: str
+    dsn: str
+    config: Path
+    workdir: Path
+    config_sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis_srv.url
+
+    def redis_client(self) -> redis.Redis:
+        return self.redis_srv.client()
+
+    def write_config(self, dsn: str | None = None, path: Path | None = None,
+                     **sections: dict[str, Any]) -> Path:
+        merged = {k: dict(v) for k, v in self.config_sections.items()}
+        for k, v in sections.items():
+            merged.setdefault(k, {}).update(v)
+        return write_config(path or self.config, self.redis_url, dsn or self.dsn, **merged)
+
+
+@contextlib.contextmanager
+def bench_env(workdir: Path, dbname: str = "bench", **sections: dict[str, Any]) -> Iterator[Env]:
+    """Start redis + postgres, create `dbname` with training_jobs, migrate, yield an Env.
+    Everything is stopped and removed on exit (and by the harness's atexit hook)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with RedisServer() as rs, PostgresServer() as pg:
+        dsn = pg.create_database(dbname)
+        create_jobs_table(dsn)
+        config = workdir / "config.toml"
+        env = Env(rs, pg, dbname, dsn, config, workdir, {k: dict(v) for k, v in sections.items()})
+        env.write_config()
+        migrate(env.config)
+        yield env
+
+
+def migrate(config: Path) -> None:
+    p = run_cli(config, "migrate")
+    if p.returncode != 0:
+        raise RuntimeError(f"migrate failed: {p.stderr}")
+
+
+# -- postgres helpers ---------------------------------------------------------------------------
+
+
+def pg_run(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+class PgConn:
+    """One persistent asyncpg connection used synchronously (for tight polling loops)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection = self._loop.run_until_complete(asyncpg.connect(dsn))
+
+    def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        return list(self._loop.run_until_complete(self._conn.fetch(sql, *args)))
+
+    def fetchval(self, sql: str, *args: Any) -> Any:
+        return self._loop.run_until_complete(self._conn.fetchval(sql, *args))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+    def __enter__(self) -> PgConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pg_copy_rows(dsn: str, rows: Sequence[tuple[Any, ...]], columns: Sequence[str],
+                 table: str = "training_jobs") -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.copy_records_to_table(table, records=rows, columns=list(columns))
+            await conn.execute(f"ANALYZE {table}")
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+# -- RQ state through RQ's own API --------------------------------------------------------------
+
+EXC_TEXT = (
+    "Traceback (most recent call last):\n"
+    '  File "/srv/app/train.py", line 42, in train\n'
+    "    raise RuntimeError(msg)\n"
+    "RuntimeError: CUDA out of memory (job {i})\n"
+)
+
+
+def create_rq_jobs(conn: redis.Redis, specs: Sequence[tuple[str, str]], *,
+                   func: str = "tests.jobs.succeed", batch: int = 1000) -> None:
+    """Create RQ job hashes with RQ's API: Job.create + job.save, then set_status; failed ones
+    get a failure Result (exc_string) in rq:results:<id>. `specs` is [(rq_id, status)] with
+    status one of queued/finished/failed/started/...; status "missing" creates nothing."""
+    pipe = conn.pipeline(transaction=False)
+    pending = 0
+    for rq_id, status in specs:
+        if status == "missing":
+            continue
+        job = Job.create(func, args=(1,), id=rq_id, connection=conn, result_ttl=-1)
+        if status in ("finished", "failed", "stopped", "canceled"):
+            job.started_at = datetime.now(UTC)
+            job.ended_at = datetime.now(UTC)
+        job.save(pipeline=pipe)
+        job.set_status(JobStatus(status), pipeline=pipe)
+        if status == "failed":
+            Result.create_failure(job, 86400, exc_string=EXC_TEXT.format(i=rq_id), pipeline=pipe)
+        pending += 1
+        if pending >= batch:
+            pipe.execute()
+            pending = 0
+    pipe.execute()
+
+
+# -- process sampling ---------------------------------------------------------------------------
+
+
+class ProcSampler:
+    """Polls a process's RSS (and CPU times) every `interval` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []  # (monotonic, rss bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._proc = psutil.Process(pid)
+
+    def start(self) -> ProcSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = self._proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                return
+            self.samples.append((time.monotonic(), rss))
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def peak(self) -> int:
+        return max((s for _, s in self.samples), default=0)
+
+    def between(self, t0: float, t1: float) -> list[int]:
+        return [s for t, s in self.samples if t0 <= t <= t1]
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def mb(n_bytes: float) -> float:
+    return n_bytes / (1024 * 1024)
+
+
+# -- prometheus text ----------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+
+
+def histogram(text: str, name: str) -> tuple[list[tuple[float, float]], float, float]:
+    """(cumulative buckets [(le, count)], count, sum) of histogram `name` (no labels)."""
+    buckets: list[tuple[float, float]] = []
+    count = total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        if m.group("name") == f"{name}_bucket":
+            le = re.search(r'le="([^"]+)"', m.group("labels") or "")
+            if le:
+                buckets.append((float(le.group(1)), float(m.group("value"))))
+        elif m.group("name") == f"{name}_count":
+            count = float(m.group("value"))
+        elif m.group("name") == f"{name}_sum":
+            total = float(m.group("value"))
+    buckets.sort()
+    return buckets, count, total
+
+
+def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
+    """PromQL's histogram_quantile() over cumulative buckets (linear within a bucket)."""
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return buckets[-1][0]
+
+
+def bucket_summary(buckets: Sequence[tuple[float, float]]) -> str:
+    """'le=0.005:12 le=0.01:40 ...' for buckets whose count changed."""
+    parts = []
+    prev = 0.0
+    for le, c in buckets:
+        if c != prev:
+            parts.append(f"<={'+Inf' if math.isinf(le) else f'{le:g}'}:{int(c)}")
+        prev = c
+    return " ".join(parts)
+
+
+_START: dict[str, float] = {}
+
+
+def _busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0))
+
+
+def _own_seconds() -> float:
+    """CPU of this process and of every descendant it has reaped (the harness reaps its
+    servers, workers and daemons; postgres reaps its backends)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def env_info() -> str:
+    """One line about the host, including the load average at the start: the numbers are
+    only comparable between runs on an otherwise idle machine. Also starts the account
+    of CPU used by other processes that footer() prints."""
+    _START.update(wall=time.monotonic(), busy=_busy_seconds(), own=_own_seconds())
+    return (f"host: {os.cpu_count()} CPUs, {mb(psutil.virtual_memory().total) / 1024:.1f} GiB RAM, "
+            f"python {sys.version.split()[0]}; {loadavg()} at start")
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def footer() -> None:
+    """Load average, and how much CPU processes outside this benchmark used meanwhile
+    (host busy time - this process tree's; call after the servers have been stopped)."""
+    print(f"\n{loadavg()} at the end")
+    if _START:
+        wall = time.monotonic() - _START["wall"]
+        busy = _busy_seconds() - _START["busy"]
+        own = _own_seconds() - _START["own"]
+        other = max(0.0, busy - own)
+        print(f"CPU over {wall:.0f} s: host busy {busy:.1f} s, this benchmark's processes {own:.1f} s, "
+              f"other processes ~{other:.1f} s ({100 * other / wall / (os.cpu_count() or 1):.0f}% of "
+              f"the machine){'  <- numbers disturbed by other load' if other > 0.1 * wall else ''}")
+    sys.stdout.flush()
+
+
+
+# -- driving RQ state directly (RQ's API, no real worker) --------------------------------------
+
+
+class DriverWorker:
+    """This process registered as an RQ worker (RQ's Worker API: register_birth, heartbeat,
+    register_death) and subscribed to its command channel, so that the daemon sees a live
+    local worker for the jobs the driver marks `started` (hash present, fresh heartbeat,
+    NUMSUB 1, pid alive and older than its birth). Job transitions use RQ's Job API the
+    way a real worker does: prepare_for_execution (started), _handle_success (finished)."""
+
+    def __init__(self, conn: redis.Redis, name: str) -> None:
+        from rq.command import PUBSUB_CHANNEL_TEMPLATE
+        from rq.worker import Worker
+
+        self.conn = conn
+        self.name = name
+        self.worker = Worker(["default"], connection=conn, name=name)
+        self.worker.register_birth()  # type: ignore[no-untyped-call]
+        self._pubsub = conn.pubsub()  # type: ignore[no-untyped-call]
+        self._pubsub.subscribe(PUBSUB_CHANNEL_TEMPLATE % name)
+        self._pubsub.get_message(timeout=1)  # the subscribe confirmation
+
+    def heartbeat(self) -> None:
+        self.worker.heartbeat()
+
+    def start_job(self, job: Job, pipe: Any) -> None:
+        job.prepare_for_execution(self.name, pipe)
+
+    def finish_job(self, job: Job, pipe: Any) -> datetime:
+        from rq.utils import now
+
+        job.ended_at = now()
+        job._result = 1
+        job._handle_success(-1, pipeline=pipe, worker_name=self.name)
+        return job.ended_at
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self._pubsub.close()
+            self.worker.register_death()  # type: ignore[no-untyped-call]
+
+
+def pace(t0: float, i: int, rate: float) -> None:
+    """Sleep until slot i of a fixed-rate schedule starting at perf_counter() == t0."""
+    delay = t0 + i / rate - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
