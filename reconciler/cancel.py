@@ -128,6 +128,7 @@ class CancelProcessor:
         rq_cancelled = False
         stop = StopResult()
         rq_said = "no RQ job id"
+        settle: set[str] = set()
         if row.rq_id:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
@@ -143,8 +144,14 @@ class CancelProcessor:
             while job.in_flight and not job.worker_name and time.monotonic() < deadline:
                 await asyncio.sleep(POLL_SECONDS)
                 job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
+            if job.status is RqStatus.CANCELED and job.in_flight and not job.worker_name:
+                # The worker that took it has not started it within WORKER_REAP_SECONDS
+                # (it may have died holding it). RQ says canceled: the cancel stands. If
+                # that worker starts it after all, the cancelled row's horse is stopped
+                # again (the reconcile table's last rule).
+                settle.add(row.rq_id)
             # In flight with a worker: RQ says "canceled" over a running horse.
-            if job.status is RqStatus.STARTED or job.in_flight:
+            elif job.status is RqStatus.STARTED or job.in_flight:
                 await self.store.extend_lease(ids, self.cfg.cancel.lease_seconds
                                               + self.cfg.cancel.grace_seconds)
                 stop = await self.stop_horse(row.rq_id, job.worker_name, job.started_at)
@@ -153,7 +160,8 @@ class CancelProcessor:
                     # Make RQ say what happened: the job was canceled, not failed.
                     rq_cancelled = (await self.rq.cancel_job(
                         row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
-        await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent})
+        await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent},
+                                                settle=settle)
         status = await self.store.job_status(job_id)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,10 +99,14 @@ class Reconciler:
     # -- evaluate ---------------------------------------------------------------------------
 
     async def evaluate(self, rows: Sequence[ActiveRow],
-                       extra_intents: dict[Any, CancelIntent] | None = None) -> list[Evaluated]:
+                       extra_intents: dict[Any, CancelIntent] | None = None,
+                       settle: set[str] | None = None) -> list[Evaluated]:
         """Read RQ for `rows` (one pipeline for jobs, one for workers) and decide each."""
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
         jobs = await self.rq.read_jobs(rq_ids)
+        for rid in settle or ():
+            if rid in jobs and jobs[rid].in_flight:
+                jobs[rid] = replace(jobs[rid], in_flight=False)
         started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
         workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
         intents = await self.store.cancel_intents([r.row.id for r in rows])
@@ -283,11 +287,14 @@ class Reconciler:
         return report
 
     async def reconcile_job_ids(self, job_ids: Sequence[Any],
-                                intents: dict[Any, CancelIntent] | None = None) -> PassReport:
+                                intents: dict[Any, CancelIntent] | None = None,
+                                settle: set[str] | None = None) -> PassReport:
+        """`settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final
+        (the cancel flow waited for that worker long enough)."""
         rows = await self.store.rows_by_ids(job_ids)
         if not rows:
             return PassReport()
-        evaluated = await self.evaluate(rows, intents)
+        evaluated = await self.evaluate(rows, intents, settle)
         report, _ = await self.apply(evaluated)
         return report
 
