@@ -528,16 +528,28 @@ class Daemon:
             asyncio.get_running_loop().create_task(self._track_horses(pending))
 
     async def _track_horses(self, pending: dict[str, tuple[Any, Any]]) -> None:
-        """Prove the horses of just-started local jobs (bounded retries, then give up: the
-        next pass that sees the job tries again)."""
+        """Prove the horses of just-started local jobs: bounded retries, one batched worker
+        read per round, and a job is dropped as soon as its worker no longer names it (it
+        ended, or the worker moved on or died: nothing left to prove)."""
         for delay in (0.01, 0.05, 0.2, 1.0):
             await asyncio.sleep(delay)
-            for rq_id, (name, started_at) in list(pending.items()):
-                try:
-                    if await self.reconciler.prove_horse(name, rq_id, started_at) is not None:
+            try:
+                fresh = await self.rq.read_workers({name for name, _ in pending.values()})
+                candidates = {}
+                for rq_id, (name, started_at) in list(pending.items()):
+                    rec = fresh.get(name)
+                    if rec is None or not rec.exists or rec.current_job != rq_id:
                         del pending[rq_id]
-                except BackendUnavailable:
-                    return  # the next pass that sees the job tries again
+                        continue
+                    cand = self.procs.find_horse(rec, rq_id, started_at)
+                    if cand is not None:
+                        candidates[rq_id] = (name, cand)
+                if candidates:
+                    await self.reconciler.confirm_horses(candidates)
+                    for rq_id in candidates:
+                        pending.pop(rq_id, None)
+            except BackendUnavailable:
+                return  # the next pass that sees the job tries again
             if not pending:
                 return
 
