@@ -13,7 +13,6 @@ Usage: python bench/cancel_latency.py
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from bench.common import (  # noqa: E402
     footer,
     histogram,
     histogram_quantile,
+    make_workdir,
     ms,
     percentile,
     print_table,
@@ -54,7 +54,7 @@ def main() -> int:
     banner(f"cancel_latency: {N_CANCELS} cancels of running jobs through the daemon, "
            f"vs RQ's stop-job for {N_STOPS}")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-cancel-"))
+    work = make_workdir("bench-cancel-")
     (work / "markers").mkdir()
     with bench_env(work, sweep={"interval_seconds": 300.0}) as env:
         pool = WorkerPool(env.redis_url, log_dir=work)

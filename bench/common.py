@@ -9,12 +9,15 @@ goal ("PASS"/"MISS"), it does not assert them. Run the scripts from the repo roo
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import math
 import os
 import re
 import resource
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -103,6 +106,14 @@ def ms(seconds: float) -> float:
 
 
 # -- servers ------------------------------------------------------------------------------------
+
+
+def make_workdir(prefix: str) -> Path:
+    """A temp dir for configs and logs, removed at exit (BENCH_KEEP=1 keeps it)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if not os.environ.get("BENCH_KEEP"):
+        atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 @dataclass

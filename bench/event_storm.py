@@ -16,7 +16,6 @@ the backlog has drained. Usage: python bench/event_storm.py
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     env_info,
     footer,
+    make_workdir,
     mb,
     ms,
     pace,
@@ -62,7 +62,7 @@ def main() -> int:
     banner(f"event_storm: {CHANGES_PER_S:,} RQ status changes/s for {SECONDS} s "
            f"({N_JOBS:,} jobs started+finished), daemon on events only")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-storm-"))
+    work = make_workdir("bench-storm-")
     with bench_env(work, sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0}) as env:
         daemon = DaemonProc(env.config, work / "daemon.log")
         rq_ids = [f"storm-{i:06d}" for i in range(N_JOBS)]

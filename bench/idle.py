@@ -11,7 +11,6 @@ Usage: python bench/idle.py
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     env_info,
     footer,
+    make_workdir,
     mb,
     pg_copy_rows,
     print_table,
@@ -42,7 +42,7 @@ GOAL_CPU_PCT = 1.0
 def main() -> int:
     banner(f"idle: the daemon at rest for {IDLE_SECONDS:g} s (keyspace events on, sweep every 300 s)")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-idle-"))
+    work = make_workdir("bench-idle-")
     with bench_env(work, sweep={"interval_seconds": 300.0}) as env:
         pg_copy_rows(env.dsn, [(f"done-{i}", "completed") for i in range(1000)], ["rq_job_id", "status"])
         pool = WorkerPool(env.redis_url, log_dir=work)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from bench.common import (  # noqa: E402
     bench_env,
     env_info,
     footer,
+    make_workdir,
     ms,
     percentile,
     pg_run,
@@ -49,7 +49,7 @@ def _started(marker: Path) -> Callable[[], bool]:
 def main() -> int:
     banner(f"local_kill: SIGKILL a local worker mid-job, {REPEATS} times")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-local-kill-"))
+    work = make_workdir("bench-local-kill-")
     (work / "markers").mkdir()
     results: list[dict[str, Any]] = []
     with bench_env(work, sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0}) as env:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every rq-reconciler benchmark in sequence (about 10 minutes on a 2-core VM).
+# Run every rq-reconciler benchmark in sequence (about 5 minutes on a 2-core VM).
 # Usage, from anywhere: bench/run_all.sh            (uses .venv/bin/python if present)
 #                        PYTHON=/path/to/python bench/run_all.sh
 # Each script starts and removes its own redis-server / PostgreSQL / rq workers and

@@ -15,7 +15,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from bench.common import (  # noqa: E402
     create_rq_jobs,
     env_info,
     footer,
+    make_workdir,
     mb,
     pg_copy_rows,
     pg_run,
@@ -46,7 +46,7 @@ GOAL_MB = 150.0
 def main() -> int:
     banner(f"sweep_memory: peak RSS of `rq-reconciler sweep` over {ROWS:,} active rows")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-sweep-mem-"))
+    work = make_workdir("bench-sweep-mem-")
     rng = random.Random(SEED)
     kinds: list[str] = []
     for kind, share in SHARES.items():

@@ -19,7 +19,6 @@ CPU use. Usage: python bench/sync_lag.py
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +43,7 @@ from bench.common import (  # noqa: E402
     footer,
     histogram,
     histogram_quantile,
+    make_workdir,
     ms,
     pace,
     percentile,
@@ -194,7 +194,7 @@ def phase_driven(env: Env, daemon: DaemonProc) -> dict[str, Any]:
 def main() -> int:
     banner(f"sync_lag: RQ ended_at -> row updated, events only, {RATE:g} jobs/s for {SECONDS:g} s")
     print(env_info())
-    work = Path(tempfile.mkdtemp(prefix="bench-sync-lag-"))
+    work = make_workdir("bench-sync-lag-")
     results: list[dict[str, Any]] = []
     with bench_env(work, sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0}) as env:
         pool = WorkerPool(env.redis_url, log_dir=work)
