@@ -103,22 +103,28 @@ def _decode_exc(raw: bytes | None, *, b64: bool) -> str:
         return ""
 
 
+_STATUS_BY_WORD: dict[bytes, RqStatus] = {s.value.encode(): RqStatus(s.value) for s in RqStatus
+                                          if s.value in _KNOWN}
+
+
 def job_from_hash(job_id: str, values: Sequence[bytes | None]) -> RqJob:
-    """Build an RqJob from HMGET of _JOB_FIELDS. All-None means the hash does not exist."""
-    if all(v is None for v in values):
+    """Build an RqJob from HMGET of _JOB_FIELDS. All-None means the hash does not exist.
+    Runs once per active row in a sweep: no per-field helpers on the common path."""
+    status_b, worker_b, origin_b, started_b, ended_b, exc_b = values[:6]
+    if status_b is None and worker_b is None and origin_b is None and started_b is None \
+            and ended_b is None and exc_b is None:
         return RqJob(job_id, RqStatus.MISSING)
-    status_raw = _text(values[0])
-    status = RqStatus(status_raw) if status_raw in _KNOWN else RqStatus.UNKNOWN
-    exc = _decode_exc(values[5], b64=False)
+    status = _STATUS_BY_WORD.get(status_b or b"", RqStatus.UNKNOWN)
+    exc = _decode_exc(exc_b, b64=False) if exc_b else ""
     return RqJob(
-        id=job_id,
-        status=status,
-        raw_status=status_raw[:64],
-        worker_name=_text(values[1]),
-        origin=_text(values[2]),
-        started_at=parse_time(values[3]),
-        ended_at=parse_time(values[4]),
-        exc_line=last_line(exc) if exc else "",
+        job_id,
+        status,
+        status.value if status is not RqStatus.UNKNOWN else _text(status_b)[:64],
+        worker_b.decode("utf-8", "replace") if worker_b else "",
+        origin_b.decode("utf-8", "replace") if origin_b else "",
+        parse_time(started_b) if started_b else None,
+        parse_time(ended_b) if ended_b else None,
+        last_line(exc) if exc else "",
     )
 
 
@@ -187,11 +193,17 @@ class RqState:
             jobs: dict[str, RqJob] = {}
             for i in range(0, len(id_list), READ_CHUNK):
                 chunk = id_list[i:i + READ_CHUNK]
-                keys = [JOB_PREFIX + jid for jid in chunk]
-                keys += [Result.get_key(jid) for jid in chunk]  # type: ignore[no-untyped-call]
-                raw = await self._read_jobs_script(keys=keys)
-                for jid, vals in zip(chunk, raw, strict=True):
+                # One argument for the whole chunk: redis-py packs each argument in Python,
+                # and 2,000 key arguments cost more than the script itself.
+                readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
+                raw = await self._read_jobs_script(
+                    args=[_ID_SEP.join(readable), JOB_PREFIX, _RESULTS_PREFIX]) if readable else []
+                for jid, vals in zip(readable, raw, strict=True):
                     jobs[jid] = _job_from_script(jid, vals)
+                for jid in chunk:
+                    if jid not in jobs:
+                        # RQ never makes such an id (letters, digits, '_' and '-' only).
+                        jobs[jid] = RqJob(jid, RqStatus.MISSING)
             canceled = [j for j in jobs.values() if j.status is RqStatus.CANCELED]
             if canceled:
                 # RQ's Job.cancel() does not stop a worker that dequeued the job a moment
@@ -424,19 +436,27 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
 
 # One round trip and one reply per chunk of jobs instead of one command each: per-command
 # packing and parsing in redis-py dominated a sweep. Read-only (HMGET, XREVRANGE): it
-# changes nothing in RQ. KEYS = n job hashes, then their n results streams. A key of the
-# wrong type fails only its own entry ({"!ERR", msg}), never the whole read.
+# changes nothing in RQ. ARGV[1] = the chunk's job ids joined by "\n", ARGV[2] = the job
+# hash prefix, ARGV[3] = the results stream prefix. The ids travel as one argument, not as
+# KEYS: packing 2,000 key arguments in redis-py cost more than running the script. That
+# needs a standalone Redis (a cluster requires declared keys); so does RQ itself.
+# Reply per job: 0 if its hash does not exist, else the HMGET values (+ the failure text
+# for a failed job). A key of the wrong type fails only its own entry ({"!ERR", msg}).
 _READ_JOBS_LUA = """
-local n = #KEYS / 2
 local out = {}
-for i = 1, n do
-  local v = redis.pcall('HMGET', KEYS[i], 'status', 'worker_name', 'origin', 'started_at',
+local jp, rp = ARGV[2], ARGV[3]
+local i = 0
+for id in string.gmatch(ARGV[1], '[^\\n]+') do
+  i = i + 1
+  local v = redis.pcall('HMGET', jp .. id, 'status', 'worker_name', 'origin', 'started_at',
                         'ended_at', 'exc_info')
   if v.err then
     out[i] = {'!ERR', v.err}
+  elseif not (v[1] or v[2] or v[3] or v[4] or v[5] or v[6]) then
+    out[i] = 0
   else
     if v[1] == 'failed' then
-      local s = redis.pcall('XREVRANGE', KEYS[n + i], '+', '-', 'COUNT', 1)
+      local s = redis.pcall('XREVRANGE', rp .. id, '+', '-', 'COUNT', 1)
       if not s.err and s[1] then
         local f = s[1][2]
         for j = 1, #f, 2 do
@@ -449,6 +469,8 @@ for i = 1, n do
 end
 return out
 """
+_ID_SEP = "\n"
+_RESULTS_PREFIX: str = Result.get_key("")  # type: ignore[no-untyped-call]
 READ_CHUNK = 1000
 _EXISTS_LUA = """
 local out = {}
@@ -458,14 +480,15 @@ return out
 
 
 def _job_from_script(job_id: str, vals: Any) -> RqJob:
-    if not isinstance(vals, list):
+    if vals == 0:
+        return RqJob(job_id, RqStatus.MISSING)
+    if not isinstance(vals, list) or len(vals) < 2:
         return RqJob(job_id, RqStatus.UNKNOWN, "unreadable")
-    if vals and vals[0] == b"!ERR":
+    if vals[0] == b"!ERR":
         return RqJob(job_id, RqStatus.UNKNOWN, f"unreadable: {_text(vals[1])}"[:64])
-    fields = (vals + [None] * 7)[:7]
-    job = job_from_hash(job_id, fields[:6])
-    if job.status is RqStatus.FAILED and fields[6]:
-        exc = _decode_exc(fields[6], b64=True)
+    job = job_from_hash(job_id, vals if len(vals) >= 6 else vals + [None] * (6 - len(vals)))
+    if job.status is RqStatus.FAILED and len(vals) > 6 and vals[6]:
+        exc = _decode_exc(vals[6], b64=True)
         if exc:
             return replace(job, exc_line=last_line(exc))
     return job
@@ -474,16 +497,6 @@ def _job_from_script(job_id: str, vals: Any) -> RqJob:
 def _reply_error(value: Any) -> str:
     """The error of one pipelined command (raise_on_error=False), or '' if it succeeded."""
     return str(value) if isinstance(value, redis.exceptions.ResponseError) else ""
-
-
-def _exc_from_stream(entries: Any) -> str:
-    if not isinstance(entries, list) or not entries:
-        return ""
-    _entry_id, fields = entries[0]
-    if not isinstance(fields, dict):
-        return ""
-    exc = _decode_exc(fields.get(b"exc_string"), b64=True)
-    return last_line(exc) if exc else ""
 
 
 def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime) -> str:

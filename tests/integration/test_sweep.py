@@ -183,6 +183,12 @@ def test_garbage_in_redis_is_skipped_not_fatal(tmp_path: Path, redis_url: str, p
     ids = {k: insert_job(pg_dsn, k) for k in
            ("weird-status", "no-status", "binary", "bad-exc", "started-no-worker", "started-ghost")}
     ids["odd id ✓ '; --"] = insert_job(pg_dsn, "odd id ✓ '; --")
+    # Ids travel to Redis joined by newlines: one holding a newline must not be read as
+    # the two jobs its halves name (both finished here). RQ cannot make such an id.
+    r.hset("rq:job:split", mapping={"status": "finished"})
+    r.hset("rq:job:me", mapping={"status": "finished"})
+    ids["split\nme"] = insert_job(pg_dsn, "split\nme")
+    ids["finished-neighbour"] = insert_job(pg_dsn, "me")
     out = sweep_json(cfg)
     assert out["_rc"] == 0, out["_stderr"]
     got = statuses(pg_dsn, list(ids.values()))
@@ -196,6 +202,8 @@ def test_garbage_in_redis_is_skipped_not_fatal(tmp_path: Path, redis_url: str, p
     assert got[ids["started-ghost"]] == "failed"
     assert "ghost" in row(pg_dsn, ids["started-ghost"])["error_message"]
     assert got[ids["odd id ✓ '; --"]] == "failed"
+    assert row(pg_dsn, ids["split\nme"])["error_message"] == "Orphaned: RQ job not found"
+    assert got[ids["finished-neighbour"]] == "completed"
     r.close()
 
 
