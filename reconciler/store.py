@@ -219,23 +219,28 @@ class Store:
                 f"{self.c_completed} = CASE WHEN u.mark_completed "
                 f"THEN coalesce(u.completed_ts, now()) ELSE t.{self.c_completed} END"
             )
+        # The batch travels as one JSON document ($2): encoding eleven parallel arrays cost
+        # more client CPU than the statement costs the server.
+        # `t.id = ANY($1)` as well as the join: without it the planner hashes the whole jobs
+        # table for every batch when the table is small enough to look cheap to scan (9 of
+        # 19 ms for 500 rows in a 20,000-row table); with it, each batch costs index
+        # lookups only, however the table grows.
         self._sql["apply"] = f"""
 WITH u AS (
-    SELECT * FROM unnest($1::{self.id_type}[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::bool[], $8::timestamptz[], $9::bool[],
-                         $10::timestamptz[], $11::jsonb[])
-        AS u(id, from_s, to_s, err, reason, rq_status, mark_started, started_ts,
-             mark_completed, completed_ts, detail)
+    SELECT * FROM jsonb_to_recordset($2::jsonb)
+        AS u(id {self.id_type}, from_s text, to_s text, err text, reason text, rq_status text,
+             mark_started bool, started_ts timestamptz, mark_completed bool,
+             completed_ts timestamptz, detail jsonb)
 ), upd AS (
     UPDATE {t} t SET {', '.join(sets)}
-    FROM u WHERE t.{cid} = u.id AND t.{cst} = u.from_s
+    FROM u WHERE t.{cid} = ANY($1::{self.id_type}[]) AND t.{cid} = u.id AND t.{cst} = u.from_s
     RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
 ), gone AS (
     DELETE FROM {self.first_seen} f USING upd
-    WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($13::text[])
+    WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($4::text[])
 )
 INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
-SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''), upd.detail, $12
+SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''), upd.detail, $3
 FROM upd
 RETURNING job_id, from_status, to_status, reason
 """
@@ -309,21 +314,17 @@ RETURNING job_id, from_status, to_status, reason
         """Apply guarded transitions in one statement; returns the ones that took effect."""
         if not changes:
             return []
-        args = (
-            [c.job_id for c in changes],
-            [c.from_status for c in changes],
-            [c.to_status for c in changes],
-            [c.error for c in changes],
-            [c.reason for c in changes],
-            [c.rq_status for c in changes],
-            [c.mark_started for c in changes],
-            [c.set_started_at for c in changes],
-            [c.mark_completed for c in changes],
-            [c.set_completed_at for c in changes],
-            [json.dumps(c.detail, default=str) for c in changes],
-            self.cfg.instance.name,
-            list(self.cfg.jobs.statuses.active),
-        )
+        batch = json.dumps([
+            {"id": c.job_id, "from_s": c.from_status, "to_s": c.to_status, "err": c.error,
+             "reason": c.reason, "rq_status": c.rq_status, "mark_started": c.mark_started,
+             "started_ts": c.set_started_at.isoformat() if c.set_started_at else None,
+             "mark_completed": c.mark_completed,
+             "completed_ts": c.set_completed_at.isoformat() if c.set_completed_at else None,
+             "detail": c.detail}
+            for c in changes
+        ], default=str)
+        args = ([c.job_id for c in changes], batch, self.cfg.instance.name,
+                list(self.cfg.jobs.statuses.active))
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["apply"], *args)
         applied = {r["job_id"] for r in recs}
