@@ -10,7 +10,7 @@ seen, so that the mass-orphan breaker can refuse them all at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -103,13 +103,18 @@ class Reconciler:
                        settle: set[str] | None = None) -> list[Evaluated]:
         """Read RQ for `rows` (one pipeline for jobs, one for workers) and decide each."""
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
-        jobs = await self.rq.read_jobs(rq_ids)
-        for rid in settle or ():
-            if rid in jobs and jobs[rid].in_flight:
-                jobs[rid] = replace(jobs[rid], in_flight=False)
-        started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
-        workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
-        intents = await self.store.cancel_intents([r.row.id for r in rows])
+        # Postgres answers the intents query while Redis answers the reads.
+        asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
+        try:
+            jobs = await self.rq.read_jobs(rq_ids)
+            for rid in settle or ():
+                if rid in jobs and jobs[rid].in_flight:
+                    jobs[rid] = replace(jobs[rid], in_flight=False)
+            started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
+            workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
+            intents = await asking
+        finally:
+            await _abandon(asking)
         if extra_intents:
             intents.update(extra_intents)
         now = datetime.now(UTC)
@@ -256,16 +261,22 @@ class Reconciler:
         # table): then those go to debug and one summary line to info. The audit table
         # keeps every one of them either way.
         each = log.info if len(applied) <= LOG_EACH_MAX else log.debug
+        # Skip building 500 debug events a page nobody will see (a first sweep over a
+        # neglected table is exactly when the CPU matters).
+        quiet = len(applied) > LOG_EACH_MAX and not log.is_enabled_for(logging.DEBUG)
         summary: dict[tuple[str, str, str], int] = {}
+        lag = self.metrics.sync_lag
         for ch in applied:
-            self.metrics.transitions.labels(ch.from_status, ch.to_status, ch.reason).inc()
-            if ch.reason == Reason.SYNCED.value and ch.job_id in ended:
-                self.metrics.sync_lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
+            if ch.reason == Reason.SYNCED and ch.job_id in ended:
+                lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
             key = (ch.from_status, ch.to_status, ch.reason)
             summary[key] = summary.get(key, 0) + 1
-            each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
-                 to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
-                 error=ch.error or None)
+            if not quiet:
+                each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
+                     to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
+                     error=ch.error or None)
+        for (f, t, r), n in summary.items():
+            self.metrics.transitions.labels(f, t, r).inc(n)
         if len(applied) > LOG_EACH_MAX:
             log.info("job_transitions", count=len(applied),
                      by_kind={f"{f}->{t} ({r})": n for (f, t, r), n in summary.items()},
@@ -310,6 +321,9 @@ class Reconciler:
         # overlap), so Postgres and Python work at the same time.
         fetch: asyncio.Task[list[ActiveRow]] | None = asyncio.create_task(
             self.store.active_page(None, size))
+        # ... and one page's writes are in flight while the next page is read from Redis
+        # and decided (pages are disjoint, so their writes commute).
+        writing: asyncio.Task[None] | None = None
         try:
             while fetch is not None:
                 page = await fetch
@@ -318,12 +332,24 @@ class Reconciler:
                     break
                 if len(page) == size:
                     fetch = asyncio.create_task(self.store.active_page(page[-1].row.id, size))
-                await self._sweep_page(page, total, held, counts, stuck_after, dry_run)
+                if not dry_run:
+                    await self.store.remember_first_seen(
+                        [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
+                    )
+                evaluated = await self.evaluate(page)
+                if writing is not None:
+                    done, writing = writing, None
+                    await done  # raises the previous page's error, if it had one
+                writing = asyncio.create_task(
+                    self._apply_page(page, evaluated, total, held, counts, stuck_after, dry_run))
+            if writing is not None:
+                done, writing = writing, None
+                await done
         finally:
-            if fetch is not None:
-                fetch.cancel()
-                with contextlib.suppress(BaseException):
-                    await fetch
+            await _abandon(fetch)
+            # A write in flight is let finish, not cancelled: cancelling a statement that may
+            # already have committed would leave its transitions out of the report and logs.
+            await _settle(writing)
         total.counts = counts
         total.not_found_held = len(held)
         if held:
@@ -345,13 +371,9 @@ class Reconciler:
         total.duration = time.monotonic() - t0
         return total
 
-    async def _sweep_page(self, page: list[ActiveRow], total: PassReport, held: list[Evaluated],
-                          counts: dict[str, int], stuck_after: float, dry_run: bool) -> None:
-        if not dry_run:
-            await self.store.remember_first_seen(
-                [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
-            )
-        evaluated = await self.evaluate(page)
+    async def _apply_page(self, page: list[ActiveRow], evaluated: list[Evaluated], total: PassReport,
+                          held: list[Evaluated], counts: dict[str, int], stuck_after: float,
+                          dry_run: bool) -> None:
         report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
         # The gauges describe the table as this sweep leaves it.
         now_status = {c.job_id: c.to_status for c in report.changes}
@@ -379,3 +401,31 @@ class Reconciler:
             report.checked = 0
             total.merge(report)
         return total
+
+
+async def _settle(task: asyncio.Task[Any] | None) -> None:
+    """Wait for `task` to end and collect its outcome (the caller has already seen or is
+    already raising an error). If the caller is cancelled meanwhile, so is the task."""
+    if task is None:
+        return
+    try:
+        await asyncio.wait([task])
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.cancelled():
+        task.exception()
+
+
+async def _abandon(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel unfinished helper tasks and collect every outcome, so that no error is left
+    unretrieved. Unlike `suppress(BaseException): await t`, a cancellation of the caller
+    itself still propagates."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    if live:
+        await asyncio.wait(live)
+    for t in live:
+        if not t.cancelled():
+            t.exception()
