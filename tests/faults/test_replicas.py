@@ -310,7 +310,10 @@ def test_rq_cancel_of_a_running_job_is_not_believed(tmp_path: Path, redis_url: s
         with redis.Redis.from_url(redis_url) as conn:
             q = Queue("default", connection=conn)
             for name, func, args in (("stopped", "tests.jobs.trap_sigterm", (60, str(marker))),
-                                     ("finishes", "tests.jobs.sleep", (2.0,))):
+                                     # long enough to be still running when the app
+                                     # cancels it on a loaded machine: Job.cancel() of a
+                                     # job that already finished overwrites "finished"
+                                     ("finishes", "tests.jobs.sleep", (5.0,))):
                 rq_id = uuid.uuid4().hex
                 ids[name] = (insert_rows(pg, [rq_id])[0], rq_id)
                 q.enqueue(func, *args, job_id=rq_id)
