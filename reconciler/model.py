@@ -8,9 +8,11 @@ terminal state, and it must never read "Redis could not be asked" as "job not fo
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from reconciler.config import Statuses
 
@@ -37,6 +39,9 @@ WAITING = frozenset({RqStatus.CREATED, RqStatus.QUEUED, RqStatus.DEFERRED, RqSta
 ENDED = frozenset({RqStatus.FINISHED, RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED})
 
 
+NO_DETAIL: Mapping[str, Any] = MappingProxyType({})
+
+
 class Reason(enum.StrEnum):
     """The `reason` label of transitions_total and the audit table."""
 
@@ -52,8 +57,12 @@ class Action(enum.StrEnum):
     STOP_HORSE = "stop_horse"
 
 
-@dataclass(frozen=True, slots=True)
-class JobRow:
+# The per-row types below are NamedTuples, not frozen dataclasses: a sweep builds several
+# per active row, and a frozen dataclass's __init__ (one object.__setattr__ per field) cost
+# about 2 us against 0.5 us. They are just as immutable; change them with _replace().
+
+
+class JobRow(NamedTuple):
     """One row of the application's jobs table, as read."""
 
     id: Any
@@ -63,8 +72,7 @@ class JobRow:
     first_seen: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RqJob:
+class RqJob(NamedTuple):
     """What Redis says about one RQ job, read fresh."""
 
     id: str
@@ -115,8 +123,7 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What to do with one row. `to_status` None means leave the row as it is."""
 
     to_status: str | None = None
@@ -126,7 +133,7 @@ class Decision:
     set_completed_at: bool = False
     action: Action = Action.NONE
     not_found: bool = False
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = NO_DETAIL
 
     @property
     def changes_row(self) -> bool:

@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -70,8 +70,7 @@ class PassReport:
         self.horse_stops += other.horse_stops
 
 
-@dataclass(frozen=True, slots=True)
-class Evaluated:
+class Evaluated(NamedTuple):
     row: ActiveRow
     rq_job: RqJob | None
     worker: WorkerState | None
@@ -109,7 +108,7 @@ class Reconciler:
             jobs = await self.rq.read_jobs(rq_ids)
             for rid in settle or ():
                 if rid in jobs and jobs[rid].in_flight:
-                    jobs[rid] = replace(jobs[rid], in_flight=False)
+                    jobs[rid] = jobs[rid]._replace(in_flight=False)
             started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
             workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
             intents = await asking

@@ -17,7 +17,7 @@ import json
 import time
 import zlib
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -224,7 +224,7 @@ class RqState:
                     if (isinstance(pos, int) or (isinstance(execs, int) and execs > 0)
                             or (j.worker_name and isinstance(held, bytes)
                                 and held.decode("utf-8", "replace") == j.id)):
-                        jobs[j.id] = replace(j, in_flight=True)
+                        jobs[j.id] = j._replace(in_flight=True)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         return jobs
@@ -490,7 +490,7 @@ def _job_from_script(job_id: str, vals: Any) -> RqJob:
     if job.status is RqStatus.FAILED and len(vals) > 6 and vals[6]:
         exc = _decode_exc(vals[6], b64=True)
         if exc:
-            return replace(job, exc_line=last_line(exc))
+            return job._replace(exc_line=last_line(exc))
     return job
 
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 from reconciler.config import Config, quote_ident
 from reconciler.errors import PostgresUnavailable, SchemaError
-from reconciler.model import CancelIntent, JobRow
+from reconciler.model import NO_DETAIL, CancelIntent, JobRow
 
 _OUTAGE = (
     OSError,
@@ -73,8 +73,7 @@ async def translated(pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
         raise err from exc
 
 
-@dataclass(frozen=True, slots=True)
-class RowChange:
+class RowChange(NamedTuple):
     """One guarded transition to apply."""
 
     job_id: Any
@@ -87,11 +86,10 @@ class RowChange:
     set_completed_at: datetime | None = None
     mark_started: bool = False
     mark_completed: bool = False
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: Mapping[str, Any] = NO_DETAIL
 
 
-@dataclass(frozen=True, slots=True)
-class ActiveRow:
+class ActiveRow(NamedTuple):
     row: JobRow
     age_seconds: float
 
@@ -320,7 +318,7 @@ RETURNING job_id, from_status, to_status, reason
              "started_ts": c.set_started_at.isoformat() if c.set_started_at else None,
              "mark_completed": c.mark_completed,
              "completed_ts": c.set_completed_at.isoformat() if c.set_completed_at else None,
-             "detail": c.detail}
+             "detail": dict(c.detail)}
             for c in changes
         ], default=str)
         args = ([c.job_id for c in changes], batch, self.cfg.instance.name,
