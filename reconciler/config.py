@@ -283,6 +283,10 @@ def _validate(cfg: Config) -> None:
         if getattr(j, name):
             _check_ident(f"jobs.{name}", getattr(j, name))
     _check_ident("cancel.requests_table", cfg.cancel.requests_table, qualified=True)
+    if cfg.postgres.pool_size < 2:
+        # With one connection a sweep would wait forever for a second one.
+        raise ConfigError("postgres.pool_size", "must be at least 2: a sweep holds one "
+                          f"connection for its lock and queries on others, got {cfg.postgres.pool_size}")
     _check_ident("cancel.channel", cfg.cancel.channel)
     if len(cfg.cancel.channel) > 58:
         raise ConfigError("cancel.channel", "must be at most 58 characters (a _done suffix is added)")

@@ -56,6 +56,7 @@ def test_example_file_loads_and_lists_every_key() -> None:
         ({"redis": {"url": "http://x"}}, "redis.url"),
         ({"redis": {"nope": 1}}, "redis.nope"),
         ({"postgres": {"pool_size": 0}}, "postgres.pool_size"),
+        ({"postgres": {"pool_size": 1}}, "postgres.pool_size"),
         ({"postgres": {"pool_size": True}}, "postgres.pool_size"),
         ({"sweep": {"max_orphan_fraction": 1.5}}, "sweep.max_orphan_fraction"),
         ({"sweep": {"interval_seconds": 0}}, "sweep.interval_seconds"),
