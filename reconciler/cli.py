@@ -112,42 +112,35 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
 
     store = Store(cfg)
     rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+    out = _ChangeOutput(cfg, as_json=as_json, dry_run=dry_run)
     try:
         await store.connect()
         await rq.ping()
         rec = Reconciler(cfg, store, rq, Processes(), Metrics())
         if dry_run:
-            report = await rec.sweep(dry_run=True, force=force)
+            report = await rec.sweep(dry_run=True, force=force, on_changes=out.write)
         else:
             async with store.sweep_lock() as got:
                 if not got:
                     print("rq-reconciler: another sweep holds the lock (a daemon replica is "
                           "sweeping); try again in a moment", file=sys.stderr)
                     return 1
-                report = await rec.sweep(force=force)
+                report = await rec.sweep(force=force, on_changes=out.write)
+    except ReconcilerError as exc:
+        out.abort(str(exc))  # what was applied before the failure has been printed
+        raise
     finally:
         await rq.close()
         await store.close()
-    changes = [
-        {"job_id": str(c.job_id), "from": c.from_status, "to": c.to_status, "reason": c.reason,
-         "rq_status": c.rq_status, "error": c.error}
-        for c in report.changes
-    ]
-    if as_json:
-        print(json.dumps({
-            "dry_run": dry_run, "checked": report.checked, "changed": len(changes),
-            "changes": changes, "lost_races": report.lost_races,
-            "breaker_open": report.breaker_open, "not_found": report.not_found_held,
-            "active": report.counts, "stuck": report.stuck,
-            "horse_stops": [{"job_id": str(h.job_id), "rq_id": h.rq_id, "worker": h.worker_name,
-                             "why": h.why} for h in report.horse_stops],
-            "duration_seconds": round(report.duration, 3),
-        }, indent=2))
-    else:
-        _print_table(changes, dry_run)
-        verb = "would change" if dry_run else "changed"
-        print(f"\nchecked {report.checked} active rows, {verb} {len(changes)} "
-              f"in {report.duration:.2f} s")
+    out.finish({
+        "checked": report.checked, "changed": report.changed, "lost_races": report.lost_races,
+        "breaker_open": report.breaker_open, "not_found": report.not_found_held,
+        "active": report.counts, "stuck": report.stuck,
+        "horse_stops": [{"job_id": str(h.job_id), "rq_id": h.rq_id, "worker": h.worker_name,
+                         "why": h.why} for h in report.horse_stops],
+        "duration_seconds": round(report.duration, 3),
+    })
+    if not as_json:
         for h in report.horse_stops:
             print(f"note: job {h.job_id} ({h.rq_id}) has a horse to stop on worker "
                   f"{h.worker_name}: {h.why} (the daemon does this)")
@@ -159,15 +152,72 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     return 0
 
 
-def _print_table(changes: list[dict[str, str]], dry_run: bool) -> None:
-    if not changes:
-        print("nothing to change" if not dry_run else "nothing would change")
-        return
-    cols = ["job_id", "from", "to", "reason", "error"]
-    width = {c: max(len(c), *(len(str(ch[c])[:70]) for ch in changes)) for c in cols}
-    print("  ".join(c.upper().ljust(width[c]) for c in cols))
-    for ch in changes:
-        print("  ".join(str(ch[c])[:70].ljust(width[c]) for c in cols))
+class _ChangeOutput:
+    """A sweep's changes, printed page by page as they are applied (a first sweep over a
+    neglected table can change 100,000 rows: nothing is kept), as a table or as one JSON
+    document whose "changes" array is streamed."""
+
+    CLIP = 70
+
+    def __init__(self, cfg: Config, *, as_json: bool, dry_run: bool) -> None:
+        from reconciler.model import Reason
+
+        self.as_json, self.dry_run = as_json, dry_run
+        self.count = 0
+        self._started = False
+        words = [*cfg.jobs.statuses.active, *cfg.jobs.statuses.terminal]
+        self._w_status = max(len("FROM"), *(len(w) for w in words))
+        self._w_reason = max(len("REASON"), *(len(r.value) for r in Reason))
+        self._w_id = len("JOB_ID")  # grows with the ids seen: ids are not known up front
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.as_json:
+            sys.stdout.write(f'{{\n  "dry_run": {json.dumps(self.dry_run)},\n  "changes": [')
+
+    def write(self, changes: Sequence[Any]) -> None:
+        self._start()
+        c = self.CLIP
+        if self.as_json:
+            sep = "\n    " if self.count == 0 else ",\n    "
+            sys.stdout.write(sep + ",\n    ".join(json.dumps({
+                "job_id": str(ch.job_id), "from": ch.from_status, "to": ch.to_status,
+                "reason": ch.reason, "rq_status": ch.rq_status, "error": ch.error,
+            }) for ch in changes))
+        else:
+            ws, wr = self._w_status, self._w_reason
+            ids = [str(ch.job_id)[:c] for ch in changes]
+            self._w_id = wi = max(self._w_id, *map(len, ids))
+            lines = [] if self.count else [
+                f"{'JOB_ID':<{wi}}  {'FROM':<{ws}}  {'TO':<{ws}}  {'REASON':<{wr}}  ERROR"]
+            lines += [
+                f"{i:<{wi}}  {ch.from_status[:c]:<{ws}}  {ch.to_status[:c]:<{ws}}  "
+                f"{ch.reason:<{wr}}  {ch.error[:c]}".rstrip()
+                for i, ch in zip(ids, changes, strict=True)
+            ]
+            sys.stdout.write("\n".join(lines) + "\n")
+        self.count += len(changes)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.as_json:
+            self._start()
+            tail = json.dumps(summary, indent=2)
+            sys.stdout.write(("\n  ],\n" if self.count else "],\n") + tail[2:] + "\n")
+            return
+        if not self.count:
+            print("nothing to change" if not self.dry_run else "nothing would change")
+        verb = "would change" if self.dry_run else "changed"
+        print(f"\nchecked {summary['checked']} active rows, {verb} {summary['changed']} "
+              f"in {summary['duration_seconds']:.2f} s")
+
+    def abort(self, error: str) -> None:
+        """Close the JSON document of a sweep that failed midway (still valid JSON)."""
+        if self.as_json:
+            self.finish({"error": error, "completed": False, "changed": self.count})
+        elif self.count:
+            print(f"\nstopped after {self.count} changes: the sweep could not complete")
 
 
 async def _migrate(cfg: Config, *, print_only: bool) -> int:

@@ -39,7 +39,7 @@ from reconciler.metrics import Metrics, MetricsServer
 from reconciler.processes import PidWatcher, Processes
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
-from reconciler.store import Store, translated
+from reconciler.store import RowChange, Store, translated
 
 log = structlog.get_logger("reconciler.daemon")
 
@@ -511,14 +511,17 @@ class Daemon:
                 self._dirty_event.set()
                 await asyncio.sleep(backoff.next())
 
-    def _after_pass(self, report: PassReport) -> None:
-        for ch in report.changes:
+    def _forget_ended(self, changes: Sequence[RowChange]) -> None:
+        for ch in changes:
             # Forget a horse only once RQ says its job ended: an orphaned row is terminal
             # while its horse still runs and must still be stopped.
             if ch.rq_status not in ("", "started"):
                 rq_id = ch.detail.get("rq_id")
                 if isinstance(rq_id, str):
                     self.procs.forget(rq_id)
+
+    def _after_pass(self, report: PassReport) -> None:
+        self._forget_ended(report.changes)
         if report.horse_stops:
             asyncio.get_running_loop().create_task(
                 self.cancels.stop_for_reconcile(report.horse_stops))
@@ -602,7 +605,7 @@ class Daemon:
                 self._notify_ready()
                 return None
             await self.discover_workers()
-            report = await self.reconciler.sweep()
+            report = await self.reconciler.sweep(on_changes=self._forget_ended)
         self.set_up("postgres", True)
         self.set_up("redis", True)
         m = self.metrics
@@ -615,7 +618,7 @@ class Daemon:
             m.jobs_active.labels(status=status).set(n)
         m.jobs_stuck.set(report.stuck)
         m.oldest_active_age.set(report.oldest_age)
-        log.info("sweep_done", checked=report.checked, changed=len(report.changes),
+        log.info("sweep_done", checked=report.checked, changed=report.changed,
                  lost_races=report.lost_races, breaker_open=report.breaker_open,
                  seconds=round(report.duration, 3))
         self._after_pass(report)

@@ -53,6 +53,9 @@ class HorseStop:
 @dataclass
 class PassReport:
     checked: int = 0
+    # Applied (or, in a dry run, decided) changes: `changed` counts them all; `changes`
+    # lists them unless a sweep handed them to its `on_changes` sink page by page.
+    changed: int = 0
     changes: list[RowChange] = field(default_factory=list)
     lost_races: int = 0
     horse_stops: list[HorseStop] = field(default_factory=list)
@@ -65,6 +68,7 @@ class PassReport:
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
+        self.changed += other.changed
         self.changes += other.changes
         self.lost_races += other.lost_races
         self.horse_stops += other.horse_stops
@@ -77,6 +81,13 @@ class Evaluated(NamedTuple):
     decision: Decision
 
 
+class Reading(NamedTuple):
+    jobs: dict[str, RqJob]
+    workers: dict[str, WorkerRecord]
+    intents: dict[Any, CancelIntent]
+
+
+ChangeSink = Callable[[Sequence[RowChange]], None]
 HorseStopper = Callable[[Sequence[HorseStop]], Awaitable[None]]
 
 
@@ -97,12 +108,13 @@ class Reconciler:
 
     # -- evaluate ---------------------------------------------------------------------------
 
-    async def evaluate(self, rows: Sequence[ActiveRow],
-                       extra_intents: dict[Any, CancelIntent] | None = None,
-                       settle: set[str] | None = None) -> list[Evaluated]:
-        """Read RQ for `rows` (one pipeline for jobs, one for workers) and decide each."""
+    async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None) -> Reading:
+        """Everything `rows` need from the backends: their jobs and the workers of the
+        started ones (Redis), and their cancel intents (Postgres, asked meanwhile).
+
+        `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
+        """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
-        # Postgres answers the intents query while Redis answers the reads.
         asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
         try:
             jobs = await self.rq.read_jobs(rq_ids)
@@ -114,6 +126,15 @@ class Reconciler:
             intents = await asking
         finally:
             await _abandon(asking)
+        return Reading(jobs, workers, intents)
+
+    async def evaluate(self, rows: Sequence[ActiveRow],
+                       extra_intents: dict[Any, CancelIntent] | None = None,
+                       settle: set[str] | None = None, *,
+                       reading: Reading | None = None) -> list[Evaluated]:
+        """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them)."""
+        jobs, workers, intents = reading if reading is not None else await self.read(rows, settle)
+        started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
         if extra_intents:
             intents.update(extra_intents)
         now = datetime.now(UTC)
@@ -241,6 +262,8 @@ class Reconciler:
                 report.horse_stops.append(HorseStop(
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
                     str(ev.decision.detail.get("why") or ev.decision.error or "orphan")))
+            if ev.decision.to_status is None:
+                continue
             if hold_not_found and ev.decision.not_found:
                 held.append(ev)
                 continue
@@ -251,9 +274,11 @@ class Reconciler:
                     ended[ch.job_id] = ev.rq_job.ended_at
         if dry_run:
             report.changes = changes
+            report.changed = len(changes)
             return report, held
         applied = await self.store.apply(changes)
         report.changes = applied
+        report.changed = len(applied)
         report.lost_races = len(changes) - len(applied)
         now = datetime.now(UTC)
         # One line per transition, unless a batch is large (a first sweep over a neglected
@@ -308,44 +333,60 @@ class Reconciler:
         report, _ = await self.apply(evaluated)
         return report
 
-    async def sweep(self, *, dry_run: bool = False, force: bool = False) -> PassReport:
-        """Every active row, page by page. Raises BackendUnavailable if a backend fails."""
+    async def sweep(self, *, dry_run: bool = False, force: bool = False,
+                    on_changes: ChangeSink | None = None) -> PassReport:
+        """Every active row, page by page. Raises BackendUnavailable if a backend fails.
+
+        With `on_changes`, each page's changes go there as soon as they are applied and are
+        not kept: a sweep's memory stays bounded by the page size, not by what it changed.
+        """
         t0 = time.monotonic()
         total = PassReport()
         held: list[Evaluated] = []
         counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
         stuck_after = self.cfg.sweep.stuck_after_seconds
         size = self.cfg.sweep.page_size
-        # The next page is read while this one is decided and applied (keyset pages never
-        # overlap), so Postgres and Python work at the same time.
-        fetch: asyncio.Task[list[ActiveRow]] | None = asyncio.create_task(
-            self.store.active_page(None, size))
-        # ... and one page's writes are in flight while the next page is read from Redis
-        # and decided (pages are disjoint, so their writes commute).
+        # Three pages are in the air at once (keyset pages never overlap, so their guarded
+        # writes commute): page i is decided while page i+1 is read from Redis and page
+        # i-1 is written, and the rows of page i+2 are on their way. Python's work per
+        # row, not a backend's, sets the pace.
+        fetch: asyncio.Task[list[ActiveRow]] | None = None
+        reading: asyncio.Task[Reading] | None = None
         writing: asyncio.Task[None] | None = None
+
+        def next_page(after: Any) -> asyncio.Task[list[ActiveRow]]:
+            return asyncio.create_task(self.store.active_page(after, size))
+
         try:
-            while fetch is not None:
-                page = await fetch
-                fetch = None
-                if not page:
-                    break
+            page = await next_page(None)
+            if page:
+                reading = asyncio.create_task(self._read_page(page, dry_run))
                 if len(page) == size:
-                    fetch = asyncio.create_task(self.store.active_page(page[-1].row.id, size))
-                if not dry_run:
-                    await self.store.remember_first_seen(
-                        [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
-                    )
-                evaluated = await self.evaluate(page)
+                    fetch = next_page(page[-1].row.id)
+            while page:
+                assert reading is not None
+                got, reading = reading, None
+                read = await got
+                following: list[ActiveRow] = []
+                if fetch is not None:
+                    got_rows, fetch = fetch, None
+                    following = await got_rows
+                    if following:
+                        reading = asyncio.create_task(self._read_page(following, dry_run))
+                        if len(following) == size:
+                            fetch = next_page(following[-1].row.id)
+                evaluated = await self.evaluate(page, reading=read)
                 if writing is not None:
                     done, writing = writing, None
                     await done  # raises the previous page's error, if it had one
-                writing = asyncio.create_task(
-                    self._apply_page(page, evaluated, total, held, counts, stuck_after, dry_run))
+                writing = asyncio.create_task(self._apply_page(
+                    page, evaluated, total, held, counts, stuck_after, dry_run, on_changes))
+                page = following
             if writing is not None:
                 done, writing = writing, None
                 await done
         finally:
-            await _abandon(fetch)
+            await _abandon(fetch, reading)
             # A write in flight is let finish, not cancelled: cancelling a statement that may
             # already have committed would leave its transitions out of the report and logs.
             await _settle(writing)
@@ -364,15 +405,23 @@ class Reconciler:
             else:
                 if trips:
                     log.warning("orphan_breaker_forced", not_found=n, checked=checked)
-                total.merge(await self._apply_not_found(held, dry_run=dry_run))
+                await self._apply_not_found(held, total, counts, stuck_after, dry_run=dry_run,
+                                            on_changes=on_changes)
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
         return total
 
+    async def _read_page(self, page: list[ActiveRow], dry_run: bool) -> Reading:
+        if not dry_run:
+            await self.store.remember_first_seen(
+                [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
+            )
+        return await self.read(page)
+
     async def _apply_page(self, page: list[ActiveRow], evaluated: list[Evaluated], total: PassReport,
                           held: list[Evaluated], counts: dict[str, int], stuck_after: float,
-                          dry_run: bool) -> None:
+                          dry_run: bool, on_changes: ChangeSink | None) -> None:
         report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
         # The gauges describe the table as this sweep leaves it.
         now_status = {c.job_id: c.to_status for c in report.changes}
@@ -384,22 +433,53 @@ class Reconciler:
             total.oldest_age = max(total.oldest_age, r.age_seconds)
             if r.age_seconds > stuck_after:
                 total.stuck += 1
+        _hand_over(report, on_changes)
         total.merge(report)
         held += page_held
 
-    async def _apply_not_found(self, held: list[Evaluated], *, dry_run: bool) -> PassReport:
+    async def _apply_not_found(self, held: list[Evaluated], total: PassReport,
+                               counts: dict[str, int], stuck_after: float, *, dry_run: bool,
+                               on_changes: ChangeSink | None) -> None:
         """Re-check existence right before failing rows as "not found" (they were read up to
-        a whole sweep ago; a job may have been enqueued since)."""
-        total = PassReport()
+        a whole sweep ago; a job may have been enqueued since). One chunk is written while
+        the next is checked."""
         size = self.cfg.sweep.page_size
-        for i in range(0, len(held), size):
-            chunk = held[i:i + size]
-            exists = await self.rq.jobs_exist([ev.rq_job.id for ev in chunk if ev.rq_job])
-            still = [ev for ev in chunk if ev.rq_job is not None and not exists.get(ev.rq_job.id)]
+        writing: asyncio.Task[None] | None = None
+
+        async def write(still: list[Evaluated]) -> None:
             report, _ = await self.apply(still, dry_run=dry_run)
             report.checked = 0
+            # They were counted as active when their page was read; they are not any more.
+            # (The oldest age stays: it is a maximum, and a lower bound is not worth a pass.)
+            age = {ev.row.row.id: ev.row.age_seconds for ev in still}
+            for ch in report.changes:
+                if ch.from_status in counts:
+                    counts[ch.from_status] -= 1
+                if age.get(ch.job_id, 0.0) > stuck_after:
+                    total.stuck -= 1
+            _hand_over(report, on_changes)
             total.merge(report)
-        return total
+
+        try:
+            for i in range(0, len(held), size):
+                chunk = held[i:i + size]
+                exists = await self.rq.jobs_exist([ev.rq_job.id for ev in chunk if ev.rq_job])
+                still = [ev for ev in chunk if ev.rq_job is not None and not exists.get(ev.rq_job.id)]
+                if writing is not None:
+                    done, writing = writing, None
+                    await done
+                writing = asyncio.create_task(write(still))
+            if writing is not None:
+                done, writing = writing, None
+                await done
+        finally:
+            await _settle(writing)
+
+
+def _hand_over(report: PassReport, sink: ChangeSink | None) -> None:
+    if sink is not None and report.changes:
+        sink(report.changes)
+        report.changes = []
 
 
 async def _settle(task: asyncio.Task[Any] | None) -> None:

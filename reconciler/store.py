@@ -260,10 +260,11 @@ RETURNING job_id, from_status, to_status, reason
 
     @staticmethod
     def _active(rec: asyncpg.Record) -> ActiveRow:
+        # By position (id, rq_id, status, started_at, first_seen, age: the SELECT's order):
+        # once per active row in a sweep.
         return ActiveRow(
-            JobRow(rec["id"], rec["rq_id"] or None, rec["status"], rec["started_at"],
-                   rec["first_seen"]),
-            float(rec["age"] or 0.0),
+            JobRow(rec[0], rec[1] or None, rec[2], rec[3], rec[4]),
+            float(rec[5] or 0.0),
         )
 
     async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
