@@ -168,6 +168,7 @@ class Reconciler:
             await self.confirm_horses(candidates)
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
+        words = self.cfg.jobs.statuses
         out: list[Evaluated] = []
         for ar in rows:
             row = ar.row
@@ -176,7 +177,7 @@ class Reconciler:
             if job is not None and job.status is RqStatus.STARTED:
                 worker = states.get(job.worker_name) if job.worker_name else WorkerState(
                     "", gone_because="job has no worker_name")
-            d = decide(row, job, worker, intents.get(row.id), self.cfg.jobs.statuses,
+            d = decide(row, job, worker, intents.get(row.id), words,
                        old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
             out.append(Evaluated(ar, job, worker, d))
         return out
@@ -227,28 +228,22 @@ class Reconciler:
     # -- apply --------------------------------------------------------------------------------
 
     def to_change(self, ev: Evaluated) -> RowChange | None:
+        """The guarded transition for a decision that changes its row (runs per change:
+        positional, and the StrEnum members are the strs they stand for)."""
         d = ev.decision
         if d.to_status is None:
             return None
-        job = ev.rq_job
-        detail = dict(d.detail)
-        if job is not None:
-            detail.setdefault("rq_id", job.id)
-            if job.status is RqStatus.UNKNOWN:
-                detail["rq_raw_status"] = job.raw_status
-        return RowChange(
-            job_id=ev.row.row.id,
-            from_status=ev.row.row.status,
-            to_status=d.to_status,
-            error=d.error,
-            reason=d.reason.value if d.reason else "",
-            rq_status=job.status.value if job is not None else "",
-            set_started_at=job.started_at if job is not None else None,
-            set_completed_at=job.ended_at if job is not None else None,
-            mark_started=d.set_started_at,
-            mark_completed=d.set_completed_at,
-            detail=detail,
-        )
+        row, job = ev.row.row, ev.rq_job
+        reason = d.reason or ""
+        if job is None:
+            return RowChange(row.id, row.status, d.to_status, d.error, reason, "", None, None,
+                             d.set_started_at, d.set_completed_at, dict(d.detail))
+        detail = {"rq_id": job.id, **d.detail}
+        if job.status is RqStatus.UNKNOWN:
+            detail["rq_raw_status"] = job.raw_status
+        return RowChange(row.id, row.status, d.to_status, d.error, reason, job.status,
+                         job.started_at, job.ended_at, d.set_started_at, d.set_completed_at,
+                         detail)
 
     async def apply(self, evaluated: Sequence[Evaluated], *, dry_run: bool = False,
                     hold_not_found: bool = False) -> tuple[PassReport, list[Evaluated]]:

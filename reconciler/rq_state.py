@@ -103,8 +103,9 @@ def _decode_exc(raw: bytes | None, *, b64: bool) -> str:
         return ""
 
 
-_STATUS_BY_WORD: dict[bytes, RqStatus] = {s.value.encode(): RqStatus(s.value) for s in RqStatus
-                                          if s.value in _KNOWN}
+_STATUS_BY_WORD: dict[bytes, tuple[RqStatus, str]] = {
+    s.value.encode(): (s, str(s.value)) for s in RqStatus if s.value in _KNOWN}
+_UNKNOWN_WORD = (RqStatus.UNKNOWN, "")
 
 
 def job_from_hash(job_id: str, values: Sequence[bytes | None]) -> RqJob:
@@ -114,12 +115,12 @@ def job_from_hash(job_id: str, values: Sequence[bytes | None]) -> RqJob:
     if status_b is None and worker_b is None and origin_b is None and started_b is None \
             and ended_b is None and exc_b is None:
         return RqJob(job_id, RqStatus.MISSING)
-    status = _STATUS_BY_WORD.get(status_b or b"", RqStatus.UNKNOWN)
+    status, word = _STATUS_BY_WORD.get(status_b or b"", _UNKNOWN_WORD)
     exc = _decode_exc(exc_b, b64=False) if exc_b else ""
     return RqJob(
         job_id,
         status,
-        status.value if status is not RqStatus.UNKNOWN else _text(status_b)[:64],
+        word or _text(status_b)[:64],
         worker_b.decode("utf-8", "replace") if worker_b else "",
         origin_b.decode("utf-8", "replace") if origin_b else "",
         parse_time(started_b) if started_b else None,
