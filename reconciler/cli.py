@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 from collections.abc import Coroutine, Sequence
@@ -16,6 +17,8 @@ from typing import Any
 from reconciler import __version__
 from reconciler.config import Config, ConfigError, load
 from reconciler.errors import ReconcilerError
+
+GC_THRESHOLD = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +61,12 @@ def _load(args: argparse.Namespace, *, missing_ok: bool = False) -> Config:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
+    # What is loaded by now (modules, config) lives as long as the process: keep the cyclic
+    # collector from walking it again and again, and from running every 700 allocations.
+    # A 20,000-row sweep makes a few hundred thousand objects; with the defaults the
+    # collector took about a tenth of it (600 collections, 5 of them full).
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
     try:
         import uvloop
 
