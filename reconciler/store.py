@@ -59,6 +59,14 @@ def translate(exc: BaseException) -> Exception:
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections need no reset query on release: asyncpg still rolls back an open
+    transaction and drops listeners, our queries set no session state, LISTEN has its own
+    connections, and the one session lock (the sweep's) is released explicitly, or its
+    connection closed. The default reset (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL)
+    cost a round trip and a statement after every query."""
+
+
 @asynccontextmanager
 async def translated(pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
     try:
@@ -131,6 +139,7 @@ class Store:
                 max_size=self.cfg.postgres.pool_size,
                 command_timeout=60,
                 timeout=10,
+                reset=_keep_session,
             )
             await self._introspect()
 
@@ -337,9 +346,11 @@ RETURNING job_id, from_status, to_status, reason
         key = f"rq-reconciler:sweep:{self.cfg.jobs.table}"
         async with translated(self.pool):
             conn = await self._p().acquire()
+        unlocked = False
         try:
             async with translated(self.pool):
                 got = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", key))
+            unlocked = not got
             try:
                 yield got
             finally:
@@ -347,7 +358,12 @@ RETURNING job_id, from_status, to_status, reason
                     # If the session is gone, the lock went with it.
                     with suppress(*_OUTAGE):
                         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+                        unlocked = True
         finally:
+            if not unlocked:
+                # Pool connections are not reset on release (see connect): a session that
+                # may still hold the lock must not go back to the pool.
+                conn.terminate()
             with suppress(*_OUTAGE):
                 await self._p().release(conn)
 

@@ -4,6 +4,7 @@ reconcile table, the breaker, dry-run, Redis failing mid-sweep, and garbage in R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -221,6 +222,56 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
     assert sorted(handed) == completed
     audited = q(pg_dsn, "SELECT job_id FROM rq_reconciler_events")
     assert sorted(str(r["job_id"]) for r in audited) == completed
+
+
+def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
+                                                  pg_dsn: str) -> None:
+    """Pool connections are not reset on release (no RESET ALL / advisory unlock round trip
+    after every query), so the session-level sweep lock must be let go explicitly: after a
+    normal end, an error in the body, and a cancellation, no advisory lock may remain."""
+    cfg = load(str(migrated(tmp_path, redis_url, pg_dsn)))
+
+    def advisory_locks() -> int:
+        return int(q(pg_dsn, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'")[0]["n"])
+
+    async def scenarios() -> list[int]:
+        store = Store(cfg)
+        await store.connect()
+        seen: list[int] = []
+        try:
+            async with store.sweep_lock() as got:
+                assert got
+            seen.append(await _locks(store))
+            with contextlib.suppress(RuntimeError):
+                async with store.sweep_lock() as got:
+                    assert got
+                    raise RuntimeError("the sweep failed")
+            seen.append(await _locks(store))
+
+            async def hold_forever() -> None:
+                async with store.sweep_lock():
+                    await asyncio.Event().wait()
+
+            task = asyncio.create_task(hold_forever())
+            await asyncio.sleep(0.2)
+            seen.append(await _locks(store))  # held now
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with store.sweep_lock() as got:  # and takeable again at once
+                seen.append(int(got))
+        finally:
+            await store.close()
+        return seen
+
+    assert asyncio.run(scenarios()) == [0, 0, 1, 1]
+    wait_for(lambda: advisory_locks() == 0, 5, what="no advisory lock left")
+
+
+async def _locks(store: Store) -> int:
+    assert store.pool is not None
+    return int(await store.pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
 
 
 def test_garbage_in_redis_is_skipped_not_fatal(tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
