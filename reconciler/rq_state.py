@@ -108,15 +108,21 @@ _STATUS_BY_WORD: dict[bytes, tuple[RqStatus, str]] = {
 _UNKNOWN_WORD = (RqStatus.UNKNOWN, "")
 
 
-def job_from_hash(job_id: str, values: Sequence[bytes | None]) -> RqJob:
+def job_from_hash(job_id: str, values: Sequence[bytes | None], result_exc: bytes | None = None) -> RqJob:
     """Build an RqJob from HMGET of _JOB_FIELDS. All-None means the hash does not exist.
-    Runs once per active row in a sweep: no per-field helpers on the common path."""
+    `result_exc`: a failed job's exc_string from its latest result (RQ 2), preferred over
+    the job hash's legacy exc_info. Runs once per active row in a sweep: no per-field
+    helpers on the common path."""
     status_b, worker_b, origin_b, started_b, ended_b, exc_b = values[:6]
     if status_b is None and worker_b is None and origin_b is None and started_b is None \
             and ended_b is None and exc_b is None:
         return RqJob(job_id, RqStatus.MISSING)
     status, word = _STATUS_BY_WORD.get(status_b or b"", _UNKNOWN_WORD)
-    exc = _decode_exc(exc_b, b64=False) if exc_b else ""
+    exc = ""
+    if result_exc and status is RqStatus.FAILED:
+        exc = _decode_exc(result_exc, b64=True)
+    if not exc and exc_b:
+        exc = _decode_exc(exc_b, b64=False)
     return RqJob(
         job_id,
         status,
@@ -487,12 +493,9 @@ def _job_from_script(job_id: str, vals: Any) -> RqJob:
         return RqJob(job_id, RqStatus.UNKNOWN, "unreadable")
     if vals[0] == b"!ERR":
         return RqJob(job_id, RqStatus.UNKNOWN, f"unreadable: {_text(vals[1])}"[:64])
-    job = job_from_hash(job_id, vals if len(vals) >= 6 else vals + [None] * (6 - len(vals)))
-    if job.status is RqStatus.FAILED and len(vals) > 6 and vals[6]:
-        exc = _decode_exc(vals[6], b64=True)
-        if exc:
-            return job._replace(exc_line=last_line(exc))
-    return job
+    if len(vals) > 6:
+        return job_from_hash(job_id, vals, vals[6])
+    return job_from_hash(job_id, vals if len(vals) == 6 else vals + [None] * (6 - len(vals)))
 
 
 def _reply_error(value: Any) -> str:
