@@ -227,17 +227,20 @@ class Store:
                 f"THEN coalesce(u.completed_ts, now()) ELSE t.{self.c_completed} END"
             )
         # The batch travels as one JSON document ($2): encoding eleven parallel arrays cost
-        # more client CPU than the statement costs the server.
+        # more client CPU than the statement costs the server. Short keys, and absent ones
+        # for false/NULL (ms, st, mc, ct, q), keep it small to write and to parse.
         # `t.id = ANY($1)` as well as the join: without it the planner hashes the whole jobs
         # table for every batch when the table is small enough to look cheap to scan (9 of
         # 19 ms for 500 rows in a 20,000-row table); with it, each batch costs index
         # lookups only, however the table grows.
         self._sql["apply"] = f"""
 WITH u AS (
-    SELECT * FROM jsonb_to_recordset($2::jsonb)
-        AS u(id {self.id_type}, from_s text, to_s text, err text, reason text, rq_status text,
-             mark_started bool, started_ts timestamptz, mark_completed bool,
-             completed_ts timestamptz, detail jsonb)
+    SELECT b.i AS id, b.f AS from_s, b.t AS to_s, b.e AS err, b.r AS reason, b.q AS rq_status,
+           b.ms AS mark_started, b.st AS started_ts, b.mc AS mark_completed,
+           b.ct AS completed_ts, b.d AS detail
+    FROM jsonb_to_recordset($2::jsonb)
+        AS b(i {self.id_type}, f text, t text, e text, r text, q text, ms bool, st timestamptz,
+             mc bool, ct timestamptz, d jsonb)
 ), upd AS (
     UPDATE {t} t SET {', '.join(sets)}
     FROM u WHERE t.{cid} = ANY($1::{self.id_type}[]) AND t.{cid} = u.id AND t.{cst} = u.from_s
@@ -322,15 +325,22 @@ RETURNING job_id, from_status, to_status, reason
         """Apply guarded transitions in one statement; returns the ones that took effect."""
         if not changes:
             return []
-        batch = json.dumps([
-            {"id": c.job_id, "from_s": c.from_status, "to_s": c.to_status, "err": c.error,
-             "reason": c.reason, "rq_status": c.rq_status, "mark_started": c.mark_started,
-             "started_ts": c.set_started_at.isoformat() if c.set_started_at else None,
-             "mark_completed": c.mark_completed,
-             "completed_ts": c.set_completed_at.isoformat() if c.set_completed_at else None,
-             "detail": dict(c.detail)}
-            for c in changes
-        ], default=str)
+        rows: list[dict[str, Any]] = []
+        for c in changes:
+            r = {"i": c.job_id, "f": c.from_status, "t": c.to_status, "e": c.error,
+                 "r": c.reason, "d": dict(c.detail)}
+            if c.rq_status:
+                r["q"] = c.rq_status
+            if c.mark_started:
+                r["ms"] = True
+            if c.set_started_at is not None:
+                r["st"] = c.set_started_at.isoformat()
+            if c.mark_completed:
+                r["mc"] = True
+            if c.set_completed_at is not None:
+                r["ct"] = c.set_completed_at.isoformat()
+            rows.append(r)
+        batch = json.dumps(rows, default=str)
         args = ([c.job_id for c in changes], batch, self.cfg.instance.name,
                 list(self.cfg.jobs.statuses.active))
         async with translated(self.pool):
