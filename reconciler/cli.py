@@ -123,7 +123,9 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
     out = _ChangeOutput(cfg, as_json=as_json, dry_run=dry_run)
     try:
-        await store.connect()
+        # All connections at once, in parallel: the sweep keeps up to four busy (its lock,
+        # a page, a lookup, a write) and would otherwise open them one by one mid-sweep.
+        await store.connect(min_size=cfg.postgres.pool_size)
         await rq.ping()
         rec = Reconciler(cfg, store, rq, Processes(), Metrics())
         if dry_run:
