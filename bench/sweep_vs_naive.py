@@ -56,7 +56,7 @@ from tests.harness import cleanup_all, harness_env  # noqa: E402
 
 N_FINISHED, N_FAILED, N_MISSING, N_QUEUED = 5_000, 3_000, 2_000, 10_000
 ROWS = N_FINISHED + N_FAILED + N_MISSING + N_QUEUED
-RUNS = 3
+RUNS = 5
 GOAL_SPEEDUP = 10.0
 
 
