@@ -32,6 +32,38 @@ WORKER_STARTUP_SECONDS = 600.0
 HORSE_SLACK_SECONDS = 2.0
 
 
+def child_processes(proc: psutil.Process) -> list[psutil.Process]:
+    """The direct children of `proc`, from /proc/<pid>/task/<tid>/children (Linux >= 3.5,
+    CONFIG_PROC_CHILDREN): a few reads, where psutil's children() reads the stat file of
+    every process on the host (about 1.5 ms each time on a quiet host, and growing with
+    it). Falls back to psutil where the kernel does not offer the file."""
+    base = f"/proc/{proc.pid}/task"
+    try:
+        tids = os.listdir(base)
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(proc.pid) from None
+    except OSError:
+        return proc.children(recursive=False)
+    pids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/children", "rb") as f:
+                pids.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            if tid == str(proc.pid) and os.path.exists(base):
+                return proc.children(recursive=False)  # no CONFIG_PROC_CHILDREN
+            continue  # that thread just exited
+    out: list[psutil.Process] = []
+    for pid in dict.fromkeys(pids):
+        try:
+            child = psutil.Process(pid)
+            if child.ppid() == proc.pid:  # the pid may have been reused since the read
+                out.append(child)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ProcIdentity:
     pid: int
@@ -118,7 +150,7 @@ class Processes:
             return None
         try:
             wproc = psutil.Process(worker.pid)
-            children = wproc.children(recursive=False)
+            children = child_processes(wproc)
             exe = wproc.exe()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None

@@ -25,7 +25,7 @@ import psutil
 import pytest
 import redis
 
-from reconciler.processes import Processes, ProcIdentity, identity_alive
+from reconciler.processes import Processes, ProcIdentity, child_processes, identity_alive
 from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
 from tests.faults.common import Pg, insert_requests, migrate, wait_until
 from tests.harness import WorkerPool, enqueue, harness_env, pid_alive, wait_for
@@ -332,3 +332,27 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
     asyncio.run(confirm())
     assert a not in procs.horses
     assert procs.horses[b].pid == b_horse
+
+
+def test_child_processes_lists_exactly_the_live_direct_children() -> None:
+    """Horse candidates come from /proc/<pid>/task/*/children, not a scan of every
+    process: it must list the same children psutil does, no grandchildren, none that ended."""
+    me = psutil.Process()
+    before = {p.pid for p in child_processes(me)}
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+                               "time.sleep(30)"])
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_for(lambda: len(psutil.Process(parent.pid).children()) == 1, 10, what="grandchild")
+        quick.wait(10)  # reaped: gone from the list
+        mine = {p.pid for p in child_processes(me)} - before
+        assert mine == {parent.pid} == {p.pid for p in me.children()} - before
+        grand = psutil.Process(parent.pid).children()
+        assert [p.pid for p in child_processes(psutil.Process(parent.pid))] == [grand[0].pid]
+    finally:
+        for p in psutil.Process(parent.pid).children():
+            p.kill()
+        parent.kill()
+        parent.wait(10)
