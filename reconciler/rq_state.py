@@ -192,7 +192,8 @@ class RqState:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
     async def read_jobs(self, ids: Iterable[str]) -> dict[str, RqJob]:
-        """One pipeline for the hashes, one more for failure texts of failed jobs."""
+        """One atomic script call per 1,000 jobs: status and fields, a failed job's text,
+        and whether a canceled job is still in a worker's hands."""
         id_list = list(dict.fromkeys(ids))
         if not id_list:
             return {}
@@ -203,35 +204,15 @@ class RqState:
                 # One argument for the whole chunk: redis-py packs each argument in Python,
                 # and 2,000 key arguments cost more than the script itself.
                 readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
-                raw = await self._read_jobs_script(
-                    args=[_ID_SEP.join(readable), JOB_PREFIX, _RESULTS_PREFIX]) if readable else []
+                raw = await self._read_jobs_script(args=[
+                    _ID_SEP.join(readable), JOB_PREFIX, _RESULTS_PREFIX, *_IN_FLIGHT_KEYS,
+                    WORKER_PREFIX, repr(time.time())]) if readable else []
                 for jid, vals in zip(readable, raw, strict=True):
                     jobs[jid] = _job_from_script(jid, vals)
                 for jid in chunk:
                     if jid not in jobs:
                         # RQ never makes such an id (letters, digits, '_' and '-' only).
                         jobs[jid] = RqJob(jid, RqStatus.MISSING)
-            canceled = [j for j in jobs.values() if j.status is RqStatus.CANCELED]
-            if canceled:
-                # RQ's Job.cancel() does not stop a worker that dequeued the job a moment
-                # earlier: the job sits in the queue's intermediate list (BLMOVE) or has an
-                # execution record, and the horse will overwrite "canceled" with "started";
-                # or the horse had already started it, and "canceled" now hides a running
-                # job (its worker's current_job still names it).
-                now = time.time()
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for j in canceled:
-                        pipe.lpos(IntermediateQueue.get_intermediate_queue_key(
-                            QUEUE_PREFIX + j.origin), j.id)
-                        pipe.zcount(ExecutionRegistry.key_template.format(j.id), now, "+inf")
-                        pipe.hget(WORKER_PREFIX + j.worker_name, "current_job")
-                    flags = await pipe.execute(raise_on_error=False)
-                for i, j in enumerate(canceled):
-                    pos, execs, held = flags[3 * i:3 * i + 3]
-                    if (isinstance(pos, int) or (isinstance(execs, int) and execs > 0)
-                            or (j.worker_name and isinstance(held, bytes)
-                                and held.decode("utf-8", "replace") == j.id)):
-                        jobs[j.id] = j._replace(in_flight=True)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         return jobs
@@ -442,16 +423,30 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
 
 
 # One round trip and one reply per chunk of jobs instead of one command each: per-command
-# packing and parsing in redis-py dominated a sweep. Read-only (HMGET, XREVRANGE): it
-# changes nothing in RQ. ARGV[1] = the chunk's job ids joined by "\n", ARGV[2] = the job
-# hash prefix, ARGV[3] = the results stream prefix. The ids travel as one argument, not as
-# KEYS: packing 2,000 key arguments in redis-py cost more than running the script. That
-# needs a standalone Redis (a cluster requires declared keys); so does RQ itself.
-# Reply per job: 0 if its hash does not exist, else the HMGET values (+ the failure text
-# for a failed job). A key of the wrong type fails only its own entry ({"!ERR", msg}).
+# packing and parsing in redis-py dominated a sweep. Read-only (HMGET, XREVRANGE, LPOS,
+# ZCOUNT, HGET): it changes nothing in RQ. ARGV[1] = the chunk's job ids joined by "\n",
+# ARGV[2] = the job hash prefix, ARGV[3] = the results stream prefix, ARGV[4..7] = the
+# intermediate list and execution registry keys around a queue name / job id, ARGV[8] =
+# the worker hash prefix, ARGV[9] = now. The ids travel as one argument, not as KEYS:
+# packing 2,000 key arguments in redis-py cost more than running the script. That needs a
+# standalone Redis (a cluster requires declared keys); so does RQ itself.
+# Reply per job: 0 if its hash does not exist, else the HMGET values, [7] the failure text
+# of a failed job, [8] for a canceled job 1 if a worker still holds it. A key of the wrong
+# type fails only its own entry ({"!ERR", msg}).
+#
+# Why [8] is read here, in the same atomic step as the status: RQ's Job.cancel() does not
+# stop a worker that dequeued the job a moment earlier. The job sits in its queue's
+# intermediate list (BLMOVE) or has an execution record until the horse writes "started"
+# over "canceled"; or the horse already runs it and its worker's current_job names it.
+# Read in a second round trip, the horse could take the job out of the intermediate list
+# in between, while the worker name read with the status was still empty: the job looked
+# canceled and idle, the row was cancelled, and the job then ran to completion (the
+# replica storm caught it, about 1 run in 8 on a loaded machine).
 _READ_JOBS_LUA = """
 local out = {}
 local jp, rp = ARGV[2], ARGV[3]
+local iq_pre, iq_suf, ex_pre, ex_suf, wp = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local now = ARGV[9]
 local i = 0
 for id in string.gmatch(ARGV[1], '[^\\n]+') do
   i = i + 1
@@ -470,6 +465,22 @@ for id in string.gmatch(ARGV[1], '[^\\n]+') do
           if f[j] == 'exc_string' then v[7] = f[j + 1] end
         end
       end
+    elseif v[1] == 'canceled' then
+      local held = 0
+      if v[3] then
+        local p = redis.pcall('LPOS', iq_pre .. v[3] .. iq_suf, id)
+        if type(p) == 'number' then held = 1 end
+      end
+      if held == 0 then
+        local n = redis.pcall('ZCOUNT', ex_pre .. id .. ex_suf, now, '+inf')
+        if type(n) == 'number' and n > 0 then held = 1 end
+      end
+      if held == 0 and v[2] then
+        local cj = redis.pcall('HGET', wp .. v[2], 'current_job')
+        if cj == id then held = 1 end
+      end
+      v[7] = false
+      v[8] = held
     end
     out[i] = v
   end
@@ -478,6 +489,19 @@ return out
 """
 _ID_SEP = "\n"
 _RESULTS_PREFIX: str = Result.get_key("")  # type: ignore[no-untyped-call]
+
+
+def _around(key: str) -> tuple[str, str]:
+    """(prefix, suffix) of an RQ key built around a NUL marker name."""
+    pre, _, suf = key.partition("\0")
+    return pre, suf
+
+
+# Key layout taken from RQ itself, split around the queue name / job id.
+_IN_FLIGHT_KEYS: tuple[str, ...] = (
+    *_around(IntermediateQueue.get_intermediate_queue_key(QUEUE_PREFIX + "\0")),
+    *_around(ExecutionRegistry.key_template.format("\0")),
+)
 READ_CHUNK = 1000
 _EXISTS_LUA = """
 local out = {}
@@ -493,6 +517,8 @@ def _job_from_script(job_id: str, vals: Any) -> RqJob:
         return RqJob(job_id, RqStatus.UNKNOWN, "unreadable")
     if vals[0] == b"!ERR":
         return RqJob(job_id, RqStatus.UNKNOWN, f"unreadable: {_text(vals[1])}"[:64])
+    if len(vals) > 7:
+        return job_from_hash(job_id, vals, vals[6])._replace(in_flight=vals[7] == 1)
     if len(vals) > 6:
         return job_from_hash(job_id, vals, vals[6])
     return job_from_hash(job_id, vals if len(vals) == 6 else vals + [None] * (6 - len(vals)))
