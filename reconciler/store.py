@@ -9,7 +9,9 @@ Nothing here holds a transaction open while the caller talks to Redis.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -19,6 +21,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import asyncpg
+import structlog
 
 from reconciler.config import Config, quote_ident
 from reconciler.errors import PostgresUnavailable, SchemaError
@@ -45,11 +48,18 @@ _SCHEMA = (
     asyncpg.exceptions.UndefinedFunctionError,
 )
 
+log = structlog.get_logger("reconciler.store")
+
 SCHEMA_VERSION = 1
+# Attempts of one guarded batch UPDATE that PostgreSQL failed to break a deadlock.
+APPLY_ATTEMPTS = 5
 MIGRATIONS = ("001_initial.sql",)
 
 
 def translate(exc: BaseException) -> Exception:
+    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
+        # A deadlock or serialization failure: nothing was written; try again later.
+        return PostgresUnavailable(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, _SCHEMA):
         return SchemaError(str(exc))
     if isinstance(exc, _OUTAGE):
@@ -325,6 +335,10 @@ RETURNING job_id, from_status, to_status, reason
         """Apply guarded transitions in one statement; returns the ones that took effect."""
         if not changes:
             return []
+        # One lock order for every writer (replicas apply overlapping batches), so that
+        # lock cycles are rare; the retry below handles the rest.
+        with suppress(TypeError):
+            changes = sorted(changes, key=lambda c: c.job_id)
         rows: list[dict[str, Any]] = []
         for c in changes:
             r = {"i": c.job_id, "f": c.from_status, "t": c.to_status, "e": c.error,
@@ -344,7 +358,20 @@ RETURNING job_id, from_status, to_status, reason
         args = ([c.job_id for c in changes], batch, self.cfg.instance.name,
                 list(self.cfg.jobs.statuses.active))
         async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["apply"], *args)
+            for attempt in range(1, APPLY_ATTEMPTS + 1):
+                try:
+                    recs = await self._p().fetch(self._sql["apply"], *args)
+                    break
+                except asyncpg.exceptions.TransactionRollbackError as exc:
+                    # Replicas apply overlapping batches from the same events; PostgreSQL
+                    # breaks a lock cycle by failing one statement whole. It is guarded, so
+                    # running it again is safe: rows another replica changed meanwhile
+                    # are simply skipped. After the last attempt it is an outage (retried
+                    # later, nothing lost), never a schema error that stops the daemon.
+                    if attempt == APPLY_ATTEMPTS:
+                        raise
+                    log.info("apply_retried", attempt=attempt, error=type(exc).__name__)
+                    await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
         applied = {r["job_id"] for r in recs}
         return [c for c in changes if str(c.job_id) in applied]
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import redis
 from rq.command import send_stop_job_command
 from rq.job import Job
@@ -361,3 +362,38 @@ def test_migrate_is_idempotent_and_fk_refuses_unknown_job(tmp_path: Path, redis_
     assert sql.returncode == 0 and "REFERENCES \"training_jobs\" (\"id\")" in sql.stdout
     p = run_cli(cfg, "cancel", "999999")
     assert p.returncode == 1 and "no job with id = '999999'" in p.stderr
+
+
+def test_a_deadlocked_batch_is_retried_not_fatal(tmp_path: Path, redis_url: str,
+                                                 pg_dsn: str) -> None:
+    """Replicas apply overlapping batches. When PostgreSQL breaks a lock cycle by failing
+    our statement, it must be run again (it is guarded), not end the daemon as a schema
+    error, which is what any other PostgresError means."""
+    cfg = load(str(migrated(tmp_path, redis_url, pg_dsn)))
+    a, b = insert_job(pg_dsn, "dl-a"), insert_job(pg_dsn, "dl-b")
+
+    async def cycle() -> list[str]:
+        store = Store(cfg)
+        await store.connect()
+        other = await asyncpg.connect(pg_dsn)
+        try:
+            tx = other.transaction()
+            await tx.start()
+            await other.execute("UPDATE training_jobs SET error_message = 'x' WHERE id = $1", b)
+            changes = [RowChange(i, "running", "completed", "Synced: RQ finished", "synced",
+                                 "finished") for i in (a, b)]
+            ours = asyncio.create_task(store.apply(changes))  # locks a, waits for b
+            await asyncio.sleep(0.3)
+            # ... and now the other session wants a: a cycle; ours has waited longer, so
+            # PostgreSQL's deadlock check (deadlock_timeout, 1 s) fails ours.
+            await other.execute("UPDATE training_jobs SET error_message = 'y' WHERE id = $1", a)
+            await tx.commit()
+            applied = await asyncio.wait_for(ours, 30)
+            return sorted(str(c.job_id) for c in applied)
+        finally:
+            await other.close()
+            await store.close()
+
+    assert asyncio.run(cycle()) == sorted([str(a), str(b)])
+    assert statuses(pg_dsn, [a, b]) == {a: "completed", b: "completed"}
+    assert len(transitions(pg_dsn, a)) == len(transitions(pg_dsn, b)) == 1
