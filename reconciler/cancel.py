@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +36,8 @@ KILL_AFTER_STOP_JOB_SECONDS = 2.0
 # How long a live worker gets to notice its horse died and record the job's end.
 WORKER_REAP_SECONDS = 5.0
 POLL_SECONDS = 0.01
+# How many finished horse stops are remembered (see CancelProcessor._stopped).
+RECENT_STOPS = 1000
 
 
 @dataclass
@@ -62,6 +64,9 @@ class CancelProcessor:
         self._inflight: set[asyncio.Task[None]] = set()
         # jobs whose horse is being stopped right now: one stop per job at a time
         self._stopping: dict[str, asyncio.Task[StopResult]] = {}
+        # ...and how the last few stops ended: the event path may stop a horse for a
+        # cancel request a moment before the request's own flow gets to it.
+        self._stopped: OrderedDict[str, StopResult] = OrderedDict()
 
     @property
     def busy(self) -> int:
@@ -156,10 +161,14 @@ class CancelProcessor:
                                               + self.cfg.cancel.grace_seconds)
                 stop = await self.stop_horse(row.rq_id, job.worker_name, job.started_at)
                 job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
-                if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
-                    # Make RQ say what happened: the job was canceled, not failed.
-                    rq_cancelled = (await self.rq.cancel_job(
-                        row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
+            elif row.rq_id in self._stopped:
+                # The event path saw this request's intent and stopped the horse already
+                # (the reconcile table's cancel rule): report those signals, not none.
+                stop = self._stopped[row.rq_id]
+            if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
+                # Make RQ say what happened: the job was canceled, not failed.
+                rq_cancelled = (await self.rq.cancel_job(
+                    row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
         await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent},
                                                 settle=settle)
         status = await self.store.job_status(job_id)
@@ -205,8 +214,17 @@ class CancelProcessor:
         if task is None:
             task = asyncio.create_task(self._stop_horse(rq_id, worker_name, started_at))
             self._stopping[rq_id] = task
-            task.add_done_callback(lambda _t: self._stopping.pop(rq_id, None))
+            task.add_done_callback(lambda t: self._stop_ended(rq_id, t))
         return await asyncio.shield(task)
+
+    def _stop_ended(self, rq_id: str, task: asyncio.Task[StopResult]) -> None:
+        self._stopping.pop(rq_id, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._stopped[rq_id] = task.result()
+        self._stopped.move_to_end(rq_id)
+        while len(self._stopped) > RECENT_STOPS:
+            self._stopped.popitem(last=False)
 
     async def _stop_horse(self, rq_id: str, worker_name: str,
                           started_at: datetime | None) -> StopResult:

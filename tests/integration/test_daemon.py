@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,14 @@ import pytest
 import redis
 from rq.command import send_stop_job_command
 
+from reconciler.cancel import CancelProcessor
+from reconciler.config import load
+from reconciler.metrics import Metrics
+from reconciler.model import RqStatus
+from reconciler.processes import Processes
+from reconciler.reconcile import Reconciler
+from reconciler.rq_state import RqState
+from reconciler.store import Store
 from tests.harness import enqueue, pid_alive, rq_status, wait_for
 from tests.support import (
     DaemonProc,
@@ -345,3 +354,46 @@ def test_daemon_without_its_tables_exits_2_once(tmp_path: Path, redis_url: str,
     assert p.returncode == 2
     assert "rq-reconciler migrate" in p.stdout
     assert "Traceback" not in p.stdout + p.stderr
+
+
+def test_cancel_reports_signals_the_event_path_sent_first(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, tmp_marker: Path) -> None:
+    """A cancel request is also an intent the event path acts on: it may stop the horse a
+    moment before the request's own flow runs, which then finds RQ saying "failed". The
+    outcome must still say which signals stopped it, and RQ must still say canceled."""
+    cfg_path = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 5.0})
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id)
+    horse = w.wait_horse()
+    rid = request_cancel(pg_dsn, jid, by="web:alice", reason="clicked Cancel")
+
+    async def event_path_first() -> None:
+        cfg = load(str(cfg_path))
+        store, rq, procs = Store(cfg), RqState(cfg.redis.url), Processes()
+        await store.connect()
+        try:
+            metrics = Metrics()
+            rec = Reconciler(cfg, store, rq, procs, metrics)
+            cancels = CancelProcessor(cfg, store, rq, procs, rec, metrics)
+            report = await rec.reconcile_rq_ids([rq_id])  # what a keyspace event triggers
+            assert [h.rq_id for h in report.horse_stops] == [rq_id]
+            await cancels.stop_for_reconcile(report.horse_stops)
+            while cancels.busy:
+                await asyncio.sleep(0.01)
+            while (await rq.read_jobs([rq_id]))[rq_id].status is not RqStatus.FAILED:
+                await asyncio.sleep(0.01)
+            assert await cancels.process_pending() == 1  # now the request's own flow
+            assert await cancels.drain(30)
+        finally:
+            await rq.close()
+            await store.close()
+
+    asyncio.run(event_path_first())
+    req = wait_request(pg_dsn, rid, timeout=5)
+    assert req["outcome"] == "cancelled", req
+    assert req["detail"]["horse_signals"] == ["SIGTERM"]
+    assert req["detail"]["rq_cancelled"] is True
+    assert rq_status(redis_url, rq_id) == "canceled"
+    assert "SIGTERM" in tmp_marker.read_text() and not pid_alive(horse)
+    assert row(pg_dsn, jid)["status"] == "cancelled"
