@@ -70,9 +70,12 @@ def main() -> int:
             for i in range(N_CANCELS):
                 marker = work / "markers" / f"cancel-{i}.txt"
                 rq_id = f"cancel-{i:03d}"
-                job_row = insert_job(env.dsn, rq_id, status="running", started_ago=3600)
+                # RQ job first, then its row: a row that says it has run for an hour with no
+                # RQ job behind it is an orphan, and the sweep after each cancel (rightly)
+                # failed one that way now and then, leaving its horse to run.
                 enqueue(env.redis_url, "tests.jobs.trap_sigterm", 300, str(marker), job_id=rq_id,
                         job_timeout=600)
+                job_row = insert_job(env.dsn, rq_id, status="running", started_ago=3600)
                 _wait_started(marker)
                 t = time.perf_counter()
                 req = request_cancel(env.dsn, job_row, by="bench", reason="cancel_latency")
