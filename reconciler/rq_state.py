@@ -232,8 +232,12 @@ class RqState:
                 chunk = list(ids[i:i + READ_CHUNK])
                 if self._exists_script is None:
                     self._exists_script = self.client.register_script(_EXISTS_LUA)
-                raw = await self._exists_script(keys=[JOB_PREFIX + jid for jid in chunk])
-                out.update((jid, bool(n)) for jid, n in zip(chunk, raw, strict=True))
+                # As in read_jobs: one argument, and no id RQ could not have made.
+                readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
+                raw = await self._exists_script(
+                    args=[_ID_SEP.join(readable), JOB_PREFIX]) if readable else []
+                out.update(dict.fromkeys(chunk, False))
+                out.update((jid, bool(n)) for jid, n in zip(readable, raw, strict=True))
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         return out
@@ -505,7 +509,11 @@ _IN_FLIGHT_KEYS: tuple[str, ...] = (
 READ_CHUNK = 1000
 _EXISTS_LUA = """
 local out = {}
-for i = 1, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+local i = 0
+for id in string.gmatch(ARGV[1], '[^\\n]+') do
+  i = i + 1
+  out[i] = redis.call('EXISTS', ARGV[2] .. id)
+end
 return out
 """
 
