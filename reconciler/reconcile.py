@@ -436,15 +436,13 @@ class Reconciler:
                                counts: dict[str, int], stuck_after: float, *, dry_run: bool,
                                on_changes: ChangeSink | None) -> None:
         """Re-check existence right before failing rows as "not found" (they were read up to
-        a whole sweep ago; a job may have been enqueued since). Chunks are disjoint: two are
-        written at once, and handed over in order."""
+        a whole sweep ago; a job may have been enqueued since). One chunk is written while
+        the next is checked."""
         size = self.cfg.sweep.page_size
-        writing: list[asyncio.Task[None]] = []
+        writing: asyncio.Task[None] | None = None
 
-        async def write(still: list[Evaluated], after: asyncio.Task[None] | None) -> None:
+        async def write(still: list[Evaluated]) -> None:
             report, _ = await self.apply(still, dry_run=dry_run)
-            if after is not None:
-                await asyncio.wait([after])
             report.checked = 0
             # They were counted as active when their page was read; they are not any more.
             # (The oldest age stays: it is a maximum, and a lower bound is not worth a pass.)
@@ -462,14 +460,15 @@ class Reconciler:
                 chunk = held[i:i + size]
                 exists = await self.rq.jobs_exist([ev.rq_job.id for ev in chunk if ev.rq_job])
                 still = [ev for ev in chunk if ev.rq_job is not None and not exists.get(ev.rq_job.id)]
-                if len(writing) >= 2:
-                    await writing.pop(0)
-                writing.append(asyncio.create_task(write(still, writing[-1] if writing else None)))
-            while writing:
-                await writing.pop(0)
+                if writing is not None:
+                    done, writing = writing, None
+                    await done
+                writing = asyncio.create_task(write(still))
+            if writing is not None:
+                done, writing = writing, None
+                await done
         finally:
-            for task in writing:
-                await _settle(task)
+            await _settle(writing)
 
 
 def _hand_over(report: PassReport, sink: ChangeSink | None) -> None:

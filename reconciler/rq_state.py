@@ -201,11 +201,9 @@ class RqState:
             jobs: dict[str, RqJob] = {}
             for i in range(0, len(id_list), READ_CHUNK):
                 chunk = id_list[i:i + READ_CHUNK]
-                # One argument for the whole chunk: redis-py packs each argument in Python,
-                # and 2,000 key arguments cost more than the script itself.
-                readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
+                readable, packed = _pack_ids(chunk)
                 raw = await self._read_jobs_script(args=[
-                    _ID_SEP.join(readable), JOB_PREFIX, _RESULTS_PREFIX, *_IN_FLIGHT_KEYS,
+                    packed, JOB_PREFIX, _RESULTS_PREFIX, *_IN_FLIGHT_KEYS,
                     WORKER_PREFIX, repr(time.time())]) if readable else []
                 for jid, vals in zip(readable, raw, strict=True):
                     jobs[jid] = _job_from_script(jid, vals)
@@ -232,10 +230,8 @@ class RqState:
                 chunk = list(ids[i:i + READ_CHUNK])
                 if self._exists_script is None:
                     self._exists_script = self.client.register_script(_EXISTS_LUA)
-                # As in read_jobs: one argument, and no id RQ could not have made.
-                readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
-                raw = await self._exists_script(
-                    args=[_ID_SEP.join(readable), JOB_PREFIX]) if readable else []
+                readable, packed = _pack_ids(chunk)
+                raw = await self._exists_script(args=[packed, JOB_PREFIX]) if readable else []
                 out.update(dict.fromkeys(chunk, False))
                 out.update((jid, bool(n)) for jid, n in zip(readable, raw, strict=True))
         except _REDIS_ERRORS as exc:
@@ -493,6 +489,16 @@ return out
 """
 _ID_SEP = "\n"
 _RESULTS_PREFIX: str = Result.get_key("")  # type: ignore[no-untyped-call]
+
+
+def _pack_ids(chunk: Sequence[str]) -> tuple[list[str], str]:
+    """The ids of `chunk` a script can be asked about, and them as its one argument.
+
+    One argument for the whole chunk: redis-py packs each argument in Python, and 2,000
+    key arguments cost more than the script itself. An id holding the separator cannot
+    be an RQ id (letters, digits, '_' and '-' only): callers read those as missing."""
+    readable = [jid for jid in chunk if jid and _ID_SEP not in jid]
+    return readable, _ID_SEP.join(readable)
 
 
 def _around(key: str) -> tuple[str, str]:
