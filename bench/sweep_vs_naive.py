@@ -5,11 +5,15 @@ created with RQ's own API (Job.create/save/set_status, Result.create_failure):
 5,000 finished, 3,000 failed (exception text in the results stream), 2,000 missing (no
 hash) and 10,000 queued (unchanged). Seeded shuffle, so which row is which is fixed.
 
-(a) naive: for each running row Job.fetch(rq_id) (NoSuchJobError -> orphaned;
-    latest_result() for a failed job's text) and one UPDATE committed per row, awaited one
-    at a time: one round trip per job. Run as a subprocess of this script (`--naive`),
-    so that both sides pay interpreter start-up.
-(b) `python -m reconciler sweep --config X` as a subprocess, whole command timed.
+(a) naive: `bench/naive_cleanup.py` (Job.fetch and one committed UPDATE per row, one
+    round trip at a time; it imports only redis, rq and asyncpg), as a subprocess.
+(b) `python -m reconciler sweep --config X`, as a subprocess.
+
+Both are timed as whole commands (interpreter start-up, imports and connecting
+included) and by the time each reports for its work on the rows alone. The package's
+bytecode is compiled first, as `pip install` does: otherwise a shell that exports
+PYTHONDONTWRITEBYTECODE recompiles it on every run (about 0.1 s here), which no installed
+copy pays.
 
 Each run gets a fresh copy of the table (CREATE DATABASE run TEMPLATE tmpl). Redis is
 only read by both sides (checked: DBSIZE and a digest of every status before/after).
@@ -19,8 +23,7 @@ Usage: python bench/sweep_vs_naive.py
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+import compileall
 import hashlib
 import random
 import re
@@ -33,10 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
 import redis  # noqa: E402
-from rq.exceptions import NoSuchJobError  # noqa: E402
-from rq.job import Job, JobStatus  # noqa: E402
 
 from bench.common import (  # noqa: E402
     SEED,
@@ -56,60 +56,9 @@ from tests.harness import cleanup_all, harness_env  # noqa: E402
 
 N_FINISHED, N_FAILED, N_MISSING, N_QUEUED = 5_000, 3_000, 2_000, 10_000
 ROWS = N_FINISHED + N_FAILED + N_MISSING + N_QUEUED
+NAIVE = Path(__file__).resolve().parent / "naive_cleanup.py"
 RUNS = 5
 GOAL_SPEEDUP = 10.0
-
-
-# -- (a) the naive cleanup script -----------------------------------------------------------------
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-async def naive_cleanup(dsn: str, redis_url: str) -> tuple[int, int]:
-    """What the seed's cleanup script does, written as it would be written.
-    Returns (rows changed, network round trips made)."""
-    r = redis.Redis.from_url(redis_url)
-    pg = await asyncpg.connect(dsn)
-    changed = 0
-    rtt = 1
-    try:
-        rows = await pg.fetch("SELECT id, rq_job_id FROM training_jobs WHERE status = 'running'")
-        for row in rows:
-            job_id, rq_id = row["id"], row["rq_job_id"]
-            new_status: str | None = None
-            error = ""
-            rtt += 1
-            try:
-                job = Job.fetch(rq_id, connection=r)
-            except NoSuchJobError:
-                new_status, error = "failed", "Orphaned: RQ job not found"
-            else:
-                status = job.get_status(refresh=False)
-                if status == JobStatus.FINISHED:
-                    new_status, error = "completed", "Synced: RQ finished"
-                elif status == JobStatus.FAILED:
-                    res = job.latest_result()
-                    rtt += 1
-                    exc = res.exc_string if res is not None and res.exc_string else ""
-                    error = "Synced: RQ failed" + (f": {_last_line(exc)}" if exc else "")
-                    new_status = "failed"
-                elif status == JobStatus.STOPPED:
-                    new_status, error = "failed", "Synced: RQ job stopped"
-                elif status == JobStatus.CANCELED:
-                    new_status, error = "failed", "Synced: RQ job canceled"
-            if new_status is not None:
-                await pg.execute(
-                    "UPDATE training_jobs SET status = $2, error_message = $3, completed_at = now() "
-                    "WHERE id = $1 AND status = 'running'", job_id, new_status, error)
-                changed += 1
-                rtt += 1
-    finally:
-        await pg.close()
-        r.close()
-    return changed, rtt
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
@@ -124,8 +73,9 @@ def _final_table(dsn: str) -> list[tuple[int, str, str]]:
 class Run:
     run: int
     naive_s: float
+    naive_work_s: float
     sweep_s: float
-    sweep_internal_s: float
+    sweep_work_s: float
     naive_changed: int
     sweep_changed: int
     same_status: bool
@@ -187,6 +137,8 @@ def main() -> int:
         print(f"setup: {ROWS:,} rows + RQ hashes in {time.monotonic() - t0:.1f} s "
               f"(redis keys {before[0]:,}, status digest {before[1]})")
 
+        # What `pip install` does; a no-op where the bytecode is already there and fresh.
+        compileall.compile_dir(ROOT / "reconciler", quiet=1)
         runs: list[Run] = []
         for run in range(1, RUNS + 1):
             dsn = {}
@@ -197,14 +149,15 @@ def main() -> int:
             # (a) naive, as a subprocess
             cmds0 = _redis_commands(env.redis_url)
             t = time.perf_counter()
-            p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--naive",
-                                dsn["naive"], env.redis_url], capture_output=True, text=True,
-                               check=False, cwd=ROOT, env=harness_env())
+            p = subprocess.run([sys.executable, str(NAIVE), dsn["naive"], env.redis_url],
+                               capture_output=True, text=True, check=False, cwd=ROOT,
+                               env=harness_env())
             naive_s = time.perf_counter() - t
             naive_cmds = _redis_commands(env.redis_url) - cmds0 - 1
             if p.returncode != 0:
                 raise RuntimeError(f"naive failed: {p.stderr[-3000:]}")
-            naive_changed, naive_rtt = (int(x) for x in p.stdout.split())
+            changed_s, rtt_s, work_s = p.stdout.split()
+            naive_changed, naive_rtt, naive_work_s = int(changed_s), int(rtt_s), float(work_s)
             # (b) rq-reconciler sweep, as a subprocess
             cfg = env.write_config(dsn["sweep"], path=work / f"config-{run}.toml")
             cmds0 = _redis_commands(env.redis_url)
@@ -219,8 +172,8 @@ def main() -> int:
             m = re.search(r"checked (\d+) active rows, changed (\d+) in ([\d.]+) s", p.stdout)
             a, b = _final_table(dsn["naive"]), _final_table(dsn["sweep"])
             runs.append(Run(
-                run=run, naive_s=naive_s, sweep_s=sweep_s,
-                sweep_internal_s=float(m.group(3)) if m else float("nan"),
+                run=run, naive_s=naive_s, naive_work_s=naive_work_s, sweep_s=sweep_s,
+                sweep_work_s=float(m.group(3)) if m else float("nan"),
                 naive_changed=naive_changed, sweep_changed=int(m.group(2)) if m else -1,
                 same_status=[(i, s) for i, s, _ in a] == [(i, s) for i, s, _ in b],
                 same_error=a == b, naive_rtt=naive_rtt,
@@ -236,21 +189,30 @@ def main() -> int:
             after = _redis_digest(r)
 
     print_table(
-        ["run", "naive s", "sweep s (whole cmd)", "sweep s (in-process)", "speed-up",
-         "naive changed", "sweep changed", "same (id,status)", "same error texts"],
-        [(r.run, r.naive_s, r.sweep_s, r.sweep_internal_s, f"{r.naive_s / r.sweep_s:.1f}x",
-          r.naive_changed, r.sweep_changed, "yes" if r.same_status else "NO",
+        ["run", "naive s", "sweep s", "speed-up", "naive s (rows)", "sweep s (rows)",
+         "speed-up (rows)", "naive changed", "sweep changed", "same (id,status)",
+         "same error texts"],
+        [(r.run, r.naive_s, r.sweep_s, f"{r.naive_s / r.sweep_s:.1f}x", r.naive_work_s,
+          r.sweep_work_s, f"{r.naive_work_s / r.sweep_work_s:.1f}x", r.naive_changed,
+          r.sweep_changed, "yes" if r.same_status else "NO",
           "yes" if r.same_error else "NO") for r in runs],
-        title="per run (fresh copy of the table each time; Redis read-only)",
+        title="per run (fresh copy of the table each time; Redis read-only). Whole commands, "
+              "and (rows) the work on the rows as each side reports it",
     )
     naive_med = median([r.naive_s for r in runs])
     sweep_med = median([r.sweep_s for r in runs])
     speedup = naive_med / sweep_med
+    naive_work = median([r.naive_work_s for r in runs])
+    sweep_work = median([r.sweep_work_s for r in runs])
     print_table(
-        ["rows", "naive s (median)", "sweep s (median)", "speed-up", "goal", "result"],
-        [(f"{ROWS:,}", naive_med, sweep_med, f"{speedup:.1f}x", f">= {GOAL_SPEEDUP:g}x",
-          verdict(speedup, GOAL_SPEEDUP, higher_is_better=True))],
-        title=f"summary (median of {RUNS})",
+        ["rows", "timed", "naive s (median)", "sweep s (median)", "speed-up", "goal", "result"],
+        [(f"{ROWS:,}", "whole command", naive_med, sweep_med, f"{speedup:.1f}x",
+          f">= {GOAL_SPEEDUP:g}x", verdict(speedup, GOAL_SPEEDUP, higher_is_better=True)),
+         (f"{ROWS:,}", "work on the rows", naive_work, sweep_work,
+          f"{naive_work / sweep_work:.1f}x", f">= {GOAL_SPEEDUP:g}x",
+          verdict(naive_work / sweep_work, GOAL_SPEEDUP, higher_is_better=True))],
+        title=f"summary (median of {RUNS}; whole command = start-up, imports and connecting "
+              "included, as an operator running it pays)",
     )
     print(f"\nfinal (id, status) tables identical in every run: "
           f"{'yes' if all(r.same_status for r in runs) else 'NO'}; "
@@ -281,14 +243,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--naive", nargs=2, metavar=("DSN", "REDIS_URL"),
-                    help="internal: run the naive cleanup once and print the rows it changed")
-    ns = ap.parse_args()
-    if ns.naive:
-        n_changed, n_rtt = asyncio.run(naive_cleanup(ns.naive[0], ns.naive[1]))
-        print(n_changed, n_rtt)
-        sys.exit(0)
     try:
         sys.exit(main())
     finally:
