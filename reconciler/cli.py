@@ -113,7 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
-    from reconciler.metrics import Metrics
     from reconciler.processes import Processes
     from reconciler.reconcile import Reconciler
     from reconciler.rq_state import RqState
@@ -127,7 +126,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         # a page, a lookup, a write) and would otherwise open them one by one mid-sweep.
         await store.connect(min_size=cfg.postgres.pool_size)
         await rq.ping()
-        rec = Reconciler(cfg, store, rq, Processes(), Metrics())
+        rec = Reconciler(cfg, store, rq, Processes(), None)
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_changes=out.write)
         else:

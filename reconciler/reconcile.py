@@ -15,12 +15,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
 from reconciler.config import Config
-from reconciler.metrics import Metrics
 from reconciler.model import (
     Action,
     CancelIntent,
@@ -34,6 +33,9 @@ from reconciler.model import (
 from reconciler.processes import Processes, ProcIdentity, identity_alive
 from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
 from reconciler.store import ActiveRow, RowChange, Store
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
+    from reconciler.metrics import Metrics
 
 log = structlog.get_logger("reconciler.reconcile")
 
@@ -93,7 +95,8 @@ HorseStopper = Callable[[Sequence[HorseStop]], Awaitable[None]]
 
 class Reconciler:
     def __init__(self, cfg: Config, store: Store, rq: RqState, procs: Processes,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics | None) -> None:
+        """`metrics`: None in a one-shot command, which nothing scrapes."""
         self.cfg = cfg
         self.store = store
         self.rq = rq
@@ -284,9 +287,9 @@ class Reconciler:
         # neglected table is exactly when the CPU matters).
         quiet = len(applied) > LOG_EACH_MAX and not log.is_enabled_for(logging.DEBUG)
         summary: dict[tuple[str, str, str], int] = {}
-        lag = self.metrics.sync_lag
+        lag = self.metrics.sync_lag if self.metrics is not None else None
         for ch in applied:
-            if ch.reason == Reason.SYNCED and ch.job_id in ended:
+            if lag is not None and ch.reason == Reason.SYNCED and ch.job_id in ended:
                 lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
             key = (ch.from_status, ch.to_status, ch.reason)
             summary[key] = summary.get(key, 0) + 1
@@ -294,8 +297,9 @@ class Reconciler:
                 each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
                      to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
                      error=ch.error or None)
-        for (f, t, r), n in summary.items():
-            self.metrics.transitions.labels(f, t, r).inc(n)
+        if self.metrics is not None:
+            for (f, t, r), n in summary.items():
+                self.metrics.transitions.labels(f, t, r).inc(n)
         if len(applied) > LOG_EACH_MAX:
             log.info("job_transitions", count=len(applied),
                      by_kind={f"{f}->{t} ({r})": n for (f, t, r), n in summary.items()},
