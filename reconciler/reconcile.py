@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
@@ -89,6 +91,8 @@ class Reading(NamedTuple):
     intents: dict[Any, CancelIntent]
 
 
+# (from_status, to_status, reason) of a RowChange: what the transitions counter counts.
+_KIND = itemgetter(1, 2, 4)
 ChangeSink = Callable[[Sequence[RowChange]], None]
 HorseStopper = Callable[[Sequence[HorseStop]], Awaitable[None]]
 
@@ -241,7 +245,7 @@ class Reconciler:
         if job is None:
             return RowChange(row.id, row.status, d.to_status, d.error, reason, "", None, None,
                              d.set_started_at, d.set_completed_at, dict(d.detail))
-        detail = {"rq_id": job.id, **d.detail}
+        detail = {"rq_id": job.id, **d.detail} if d.detail else {"rq_id": job.id}
         if job.status is RqStatus.UNKNOWN:
             detail["rq_raw_status"] = job.raw_status
         return RowChange(row.id, row.status, d.to_status, d.error, reason, job.status,
@@ -254,22 +258,20 @@ class Reconciler:
         report = PassReport(checked=len(evaluated))
         held: list[Evaluated] = []
         changes: list[RowChange] = []
-        ended: dict[Any, datetime] = {}
         for ev in evaluated:
-            if ev.decision.action is Action.STOP_HORSE and ev.rq_job is not None:
+            d = ev.decision
+            if d.action is Action.STOP_HORSE and ev.rq_job is not None:
                 report.horse_stops.append(HorseStop(
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
-                    str(ev.decision.detail.get("why") or ev.decision.error or "orphan")))
-            if ev.decision.to_status is None:
+                    str(d.detail.get("why") or d.error or "orphan")))
+            if d.to_status is None:
                 continue
-            if hold_not_found and ev.decision.not_found:
+            if hold_not_found and d.not_found:
                 held.append(ev)
                 continue
             ch = self.to_change(ev)
             if ch is not None:
                 changes.append(ch)
-                if ev.rq_job is not None and ev.rq_job.ended_at is not None:
-                    ended[ch.job_id] = ev.rq_job.ended_at
         if dry_run:
             report.changes = changes
             report.changed = len(changes)
@@ -286,14 +288,15 @@ class Reconciler:
         # Skip building 500 debug events a page nobody will see (a first sweep over a
         # neglected table is exactly when the CPU matters).
         quiet = len(applied) > LOG_EACH_MAX and not log.is_enabled_for(logging.DEBUG)
-        summary: dict[tuple[str, str, str], int] = {}
-        lag = self.metrics.sync_lag if self.metrics is not None else None
-        for ch in applied:
-            if lag is not None and ch.reason == Reason.SYNCED and ch.job_id in ended:
-                lag.observe(max(0.0, (now - ended[ch.job_id]).total_seconds()))
-            key = (ch.from_status, ch.to_status, ch.reason)
-            summary[key] = summary.get(key, 0) + 1
-            if not quiet:
+        summary = Counter(map(_KIND, applied))
+        if self.metrics is not None:
+            lag = self.metrics.sync_lag
+            for ch in applied:
+                # set_completed_at of a synced change is RQ's ended_at
+                if ch.reason == Reason.SYNCED and ch.set_completed_at is not None:
+                    lag.observe(max(0.0, (now - ch.set_completed_at).total_seconds()))
+        if not quiet:
+            for ch in applied:
                 each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
                      to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
                      error=ch.error or None)
