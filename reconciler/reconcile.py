@@ -248,9 +248,11 @@ class Reconciler:
         detail = {"rq_id": job.id, **d.detail} if d.detail else {"rq_id": job.id}
         if job.status is RqStatus.UNKNOWN:
             detail["rq_raw_status"] = job.raw_status
+        # RQ's times travel only where the statement uses them (each is a datetime to encode).
         return RowChange(row.id, row.status, d.to_status, d.error, reason, job.status,
-                         job.started_at, job.ended_at, d.set_started_at, d.set_completed_at,
-                         detail)
+                         job.started_at if d.set_started_at else None,
+                         job.ended_at if d.set_completed_at else None,
+                         d.set_started_at, d.set_completed_at, detail)
 
     async def apply(self, evaluated: Sequence[Evaluated], *, dry_run: bool = False,
                     hold_not_found: bool = False) -> tuple[PassReport, list[Evaluated]]:
