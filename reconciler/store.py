@@ -276,7 +276,7 @@ WITH u AS (
 INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
 SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''), upd.detail, $3
 FROM upd
-RETURNING job_id, from_status, to_status, reason
+RETURNING job_id
 """
         self._sql["first_seen"] = (
             f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
@@ -371,7 +371,9 @@ RETURNING job_id, from_status, to_status, reason
                         raise
                     log.info("apply_retried", attempt=attempt, error=type(exc).__name__)
                     await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
-        applied = {r["job_id"] for r in recs}
+        if len(recs) == len(changes):  # one event row per updated row: all took effect
+            return list(changes)
+        applied = {r[0] for r in recs}
         return [c for c in changes if str(c.job_id) in applied]
 
     # -- sweep lock -----------------------------------------------------------------------
