@@ -158,10 +158,12 @@ def check_sweep_lock(pg: Pg, daemons: list[DaemonProc]) -> None:
     every replica: none sweeps concurrently with the holder."""
     before = {d.name: sum(1 for e in d.log_events() if e.get("event") == "sweep_skipped")
               for d in daemons}
-    done_before = {d.name: sum(1 for e in d.log_events() if e.get("event") == "sweep_done")
-                   for d in daemons}
+    # Blocks while a replica sweeps; that sweep has logged sweep_done by the time it lets go
+    # of the lock, so it is counted here, not taken for one that ran while we held it.
     pg.fetch("SELECT pg_advisory_lock(hashtext('rq-reconciler:sweep:training_jobs'))")
     try:
+        done_before = {d.name: sum(1 for e in d.log_events() if e.get("event") == "sweep_done")
+                       for d in daemons}
         for d in daemons:
             assert d.proc is not None
             d.proc.send_signal(signal.SIGHUP)
