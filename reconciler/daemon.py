@@ -606,8 +606,8 @@ class Daemon:
                 return None
             await self.discover_workers()
             report = await self.reconciler.sweep(on_changes=self._forget_ended)
-            # Still under the lock: whoever takes it next finds this sweep already reported
-            # (the replica test takes the lock and then counts sweep_done lines).
+            # Reported while still under the lock: whoever takes the lock next (a replica,
+            # an operator's one-shot sweep) finds this sweep's log line and metrics out.
             self.set_up("postgres", True)
             self.set_up("redis", True)
             m = self.metrics

@@ -292,6 +292,8 @@ class Reconciler:
         quiet = len(applied) > LOG_EACH_MAX and not log.is_enabled_for(logging.DEBUG)
         summary = Counter(map(_KIND, applied))
         if self.metrics is not None:
+            for (f, t, r), n in summary.items():
+                self.metrics.transitions.labels(f, t, r).inc(n)
             lag = self.metrics.sync_lag
             for ch in applied:
                 # set_completed_at of a synced change is RQ's ended_at
@@ -302,9 +304,6 @@ class Reconciler:
                 each("job_transition", job_id=str(ch.job_id), from_status=ch.from_status,
                      to_status=ch.to_status, reason=ch.reason, rq_status=ch.rq_status,
                      error=ch.error or None)
-        if self.metrics is not None:
-            for (f, t, r), n in summary.items():
-                self.metrics.transitions.labels(f, t, r).inc(n)
         if len(applied) > LOG_EACH_MAX:
             log.info("job_transitions", count=len(applied),
                      by_kind={f"{f}->{t} ({r})": n for (f, t, r), n in summary.items()},
