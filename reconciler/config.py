@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = "/etc/rq-reconciler/config.toml"
 ENV_CONFIG = "RQ_RECONCILER_CONFIG"
@@ -58,16 +58,70 @@ def _check_ident(key: str, value: str, *, qualified: bool = False) -> str:
     return value
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# A query parameter whose name ends in "password" (password, sslpassword, ssl_password):
+# the value runs to the next parameter or the fragment.
+_QUERY_SECRET = re.compile(r"([?&;][^=&;#]*password=)[^&;#]*", re.IGNORECASE)
+# libpq key/value DSN: `password=secret`, `password = 'a b\\'c'`. A quoted value runs to
+# its closing quote (backslash escapes a character), an unquoted one to whitespace (a
+# backslash escapes there too); an unterminated quote hides the rest of the string.
+_KV_SECRET = re.compile(
+    r"((?:^|(?<=\s))\w*password\s*=\s*)(?:'(?:\\.|[^'\\])*(?:'|\\?$)|(?:\\.|[^\s\\])*\\?)",
+    re.IGNORECASE | re.DOTALL,
+)
+_MASK = "***"
+
+
+def _authority_end(s: str) -> int:
+    return min((i for i in (s.find(c) for c in "/?#") if i != -1), default=len(s))
+
+
+def _raw_password_end(rest: str, end: int) -> int:
+    """Where a password that was not percent-encoded ends, or -1.
+
+    `rest` is a URL after its `scheme://`, and `end` where its authority ends by the RFC.
+    An `@` past that end closes the userinfo unless it sits in a query value
+    (`?user=me@corp` has an `=` before it in its parameter): a raw `/` (base64), `?` or
+    `#` in the password moved it there."""
+    query = rest.find("?", end)
+    fragment = rest.find("#", end)
+    found = -1
+    for i in range(end, len(rest)):
+        if rest[i] != "@":
+            continue
+        in_query = query != -1 and i > query and (fragment == -1 or i < fragment)
+        if in_query:
+            seg = max(rest.rfind(c, 0, i) for c in "?&;")
+            if "=" in rest[seg:i]:
+                continue
+        found = i
+    return found
+
+
 def redact(url: str) -> str:
-    """Hide the password in a URL or libpq DSN, for logs and `check` output."""
-    if "://" in url:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)
-        userinfo = netloc[0].split(":", 1)[0]
-        return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[1]}"))
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", url)
+    """Hide every password in a URL or libpq DSN, for logs and `check` output.
+
+    URLs: the userinfo password (`redis://user:pw@host`) and every `password=` query
+    parameter (`unix:///run/redis.sock?password=pw`, the only place a unix-socket Redis
+    can take one; also `sslpassword=`). A password that should have been percent-encoded
+    and was not (a raw `/`, `?` or `#` in it) is still hidden. libpq key/value DSNs:
+    `password=` values, quoted or not. When in doubt it hides too much, never too little.
+    """
+    m = _SCHEME.match(url)
+    if m is None:
+        return _KV_SECRET.sub(lambda k: k.group(1) + _MASK, url)
+    head, rest = url[:m.end()], url[m.end():]
+    end = _authority_end(rest)
+    at = max(rest.rfind("@", 0, end), _raw_password_end(rest, end))
+    if at == -1:
+        shown, tail = rest[:end], rest[end:]
+    else:
+        userinfo, after = rest[:at], rest[at:]
+        host_end = _authority_end(after)
+        user, colon, _password = userinfo.partition(":")
+        shown = (f"{user}:{_MASK}" if colon else userinfo) + after[:host_end]
+        tail = after[host_end:]
+    return head + shown + _QUERY_SECRET.sub(lambda q: q.group(1) + _MASK, tail)
 
 
 @dataclass(frozen=True)
