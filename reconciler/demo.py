@@ -8,7 +8,6 @@ touches a server it did not start, and it cleans everything up unless --keep.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import sys
@@ -16,13 +15,10 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import asyncpg
-
-from reconciler.config import from_mapping
-from reconciler.localstack import (
+from reconciler.devstack import (
     DaemonProc,
+    Pg,
     PostgresServer,
     RedisServer,
     Worker,
@@ -30,12 +26,17 @@ from reconciler.localstack import (
     create_jobs_table,
     enqueue,
     free_port,
+    migrate,
     pid_alive,
+    redis_client,
+    row,
     rq_status,
+    run_cli,
     start_worker,
-    wait_for,
+    wait_status,
+    wait_until,
 )
-from reconciler.store import migrate
+from reconciler.rq_state import parse_time
 
 T0 = time.monotonic()
 
@@ -48,37 +49,11 @@ def heading(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-class Db:
-    """A tiny synchronous facade over one asyncpg connection for the script."""
-
-    def __init__(self, dsn: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(dsn))
-
-    def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return list(self.loop.run_until_complete(self.conn.fetch(sql, *args)))
-
-    def val(self, sql: str, *args: Any) -> Any:
-        return self.loop.run_until_complete(self.conn.fetchval(sql, *args))
-
-    def close(self) -> None:
-        self.loop.run_until_complete(self.conn.close())
-        self.loop.close()
-
-    def row(self, job_id: int) -> asyncpg.Record:
-        rows = self.fetch("SELECT * FROM training_jobs WHERE id = $1", job_id)
-        return rows[0]
-
-    def wait_row(self, job_id: int, status: str, timeout: float = 20) -> asyncpg.Record:
-        wait_for(lambda: self.row(job_id)["status"] == status, timeout,
-                 what=f"job {job_id} -> {status}")
-        return self.row(job_id)
-
-    def transition_at(self, job_id: int, to_status: str) -> datetime:
-        at = self.val("SELECT at FROM rq_reconciler_events WHERE job_id = $1 AND to_status = $2 "
-                      "ORDER BY id LIMIT 1", str(job_id), to_status)
-        assert isinstance(at, datetime)
-        return at
+def _transition_at(db: Pg, job_id: int, to_status: str) -> datetime:
+    at = db.val("SELECT at FROM rq_reconciler_events WHERE job_id = $1 AND to_status = $2 "
+                "ORDER BY id LIMIT 1", str(job_id), to_status)
+    assert isinstance(at, datetime)
+    return at
 
 
 def _ms(seconds: float) -> str:
@@ -96,7 +71,7 @@ def run_demo(*, keep: bool = False) -> int:
     redis_srv = pg = None
     daemon: DaemonProc | None = None
     workers: list[Worker] = []
-    db: Db | None = None
+    db: Pg | None = None
     try:
         heading("1. Throwaway Redis + PostgreSQL, a seed-shaped training_jobs table")
         redis_srv = RedisServer().start()
@@ -116,9 +91,9 @@ def run_demo(*, keep: bool = False) -> int:
             '[log]\nformat = "json"\n'
             '[instance]\nname = "demo"\n'
         )
-        asyncio.run(migrate(from_mapping({"postgres": {"dsn": dsn}}, environ={})))
+        migrate(cfg_path)
         say("rq-reconciler migrate: cancel-request table, NOTIFY trigger, audit table created")
-        db = Db(dsn)
+        db = Pg(dsn).connect()
 
         heading("2. Two real rq workers and the daemon")
         for name in ("gpu-1", "gpu-2"):
@@ -139,11 +114,11 @@ def run_demo(*, keep: bool = False) -> int:
         bad_rq = enqueue(redis_srv.url, "reconciler.demo_jobs.train_broken_model")
         bad_id = db.val("INSERT INTO training_jobs (name, rq_job_id) VALUES ('broken', $1) "
                         "RETURNING id", bad_rq)
-        r = db.wait_row(bad_id, "failed")
+        r = wait_status(db, bad_id, "failed", timeout=20)
         lag = _rq_lag(db, redis_srv.url, bad_rq, bad_id, "failed")
         say(f"job {bad_id} failed in RQ -> row failed after {_ms(lag)}: {r['error_message']!r}")
         latencies.append(("RQ failed -> row failed", _ms(lag)))
-        r = db.wait_row(ok_id, "completed")
+        r = wait_status(db, ok_id, "completed", timeout=20)
         lag = _rq_lag(db, redis_srv.url, ok_rq, ok_id, "completed")
         say(f"job {ok_id} finished in RQ -> row completed after {_ms(lag)}: {r['error_message']!r}")
         latencies.append(("RQ finished -> row completed", _ms(lag)))
@@ -154,15 +129,15 @@ def run_demo(*, keep: bool = False) -> int:
         train_rq = enqueue(redis_srv.url, "reconciler.demo_jobs.train", 600, str(marker))
         train_id = db.val("INSERT INTO training_jobs (name, rq_job_id) VALUES ('train', $1) "
                           "RETURNING id", train_rq)
-        db.wait_row(train_id, "running")
+        wait_status(db, train_id, "running", timeout=20)
         busy = _worker_of(workers, train_rq)
         say(f"job {train_id} is running on {busy.name} (horse pid {busy.wait_horse()})")
         say(f"INSERT INTO rq_reconciler_cancel_requests (job_id, requested_by, reason) "
             f"VALUES ({train_id}, 'web:alice', 'clicked Cancel')")
         rid = db.val("INSERT INTO rq_reconciler_cancel_requests (job_id, requested_by, reason) "
                      "VALUES ($1, 'web:alice', 'clicked Cancel') RETURNING id", train_id)
-        wait_for(lambda: db.val("SELECT state FROM rq_reconciler_cancel_requests WHERE id = $1",
-                                rid) == "done", 30, what="cancel outcome")
+        wait_until(lambda: db.val("SELECT state FROM rq_reconciler_cancel_requests WHERE id = $1",
+                                  rid) == "done", 30, "cancel outcome")
         req = db.fetch("SELECT outcome, detail, done_at - requested_at AS took "
                        "FROM rq_reconciler_cancel_requests WHERE id = $1", rid)[0]
         took = req["took"].total_seconds()
@@ -170,12 +145,12 @@ def run_demo(*, keep: bool = False) -> int:
         latencies.append(("cancel: request inserted -> outcome written", _ms(took)))
         saw = marker.read_text().splitlines()[-1].rsplit(" ", 2)[0]
         say(f"the job's own SIGTERM handler ran: {saw!r}")
-        r = db.row(train_id)
+        r = row(db, train_id)
         say(f"row {train_id}: status={r['status']!r} error_message={r['error_message']!r}; "
             f"RQ says {rq_status(redis_srv.url, train_rq)!r}")
         t = time.monotonic()
         next_rq = enqueue(redis_srv.url, "reconciler.demo_jobs.prepare_dataset", 1)
-        wait_for(lambda: rq_status(redis_srv.url, next_rq) == "finished", 20, what="next job")
+        wait_until(lambda: rq_status(redis_srv.url, next_rq) == "finished", 20, "next job")
         took = time.monotonic() - t
         say(f"the workers took the next job at once: a 0.3 s job, enqueued -> finished in "
             f"{_ms(took)}")
@@ -185,17 +160,17 @@ def run_demo(*, keep: bool = False) -> int:
         long_rq = enqueue(redis_srv.url, "reconciler.demo_jobs.train", 600, str(marker))
         long_id = db.val("INSERT INTO training_jobs (name, rq_job_id) VALUES ('train-2', $1) "
                          "RETURNING id", long_rq)
-        db.wait_row(long_id, "running")
+        wait_status(db, long_id, "running", timeout=20)
         victim = _worker_of(workers, long_rq)
         horse = victim.wait_horse()
         t = time.monotonic()
         victim.kill(signal.SIGKILL)
         say(f"kill -9 {victim.pid} ({victim.name}); its horse {horse} runs on, orphaned")
-        r = db.wait_row(long_id, "failed", timeout=30)
+        r = wait_status(db, long_id, "failed", timeout=30)
         took = time.monotonic() - t
         say(f"row {long_id} failed after {_ms(took)}: {r['error_message']!r}")
         latencies.append(("worker SIGKILL -> row failed (orphaned)", _ms(took)))
-        wait_for(lambda: not pid_alive(horse), 30, what="orphaned horse stopped")
+        wait_until(lambda: not pid_alive(horse), 30, "orphaned horse stopped")
         say(f"the orphaned horse {horse} was stopped after "
             f"{_ms(time.monotonic() - t)} (SIGTERM, then SIGKILL if it had ignored it)")
 
@@ -204,10 +179,10 @@ def run_demo(*, keep: bool = False) -> int:
                          "('lost', 'running', now() - interval '2 minutes') RETURNING id")
         say(f"row {lost_id}: running for 2 minutes, rq_job_id NULL; running `rq-reconciler sweep`")
         t = time.monotonic()
-        p = _cli(cfg_path, "sweep")
+        p = run_cli(cfg_path, "sweep").stdout
         for line in p.strip().splitlines():
             print(f"           | {line}")
-        r = db.row(lost_id)
+        r = row(db, lost_id)
         say(f"row {lost_id}: status={r['status']!r} error_message={r['error_message']!r}")
         latencies.append(("one sweep (CLI, incl. start-up)", _ms(time.monotonic() - t)))
 
@@ -253,33 +228,17 @@ def run_demo(*, keep: bool = False) -> int:
 
 
 def _worker_of(workers: list[Worker], rq_id: str) -> Worker:
-    found: list[Worker] = []
-
-    def which() -> bool:
-        found[:] = [w for w in workers if w.is_alive() and w.current_job_id() == rq_id]
-        return bool(found)
-
-    wait_for(which, 20, what=f"a worker running {rq_id}")
-    return found[0]
+    running = wait_until(
+        lambda: [w for w in workers if w.is_alive() and w.current_job_id() == rq_id], 20,
+        f"a worker running {rq_id}")
+    return running[0]
 
 
-def _rq_lag(db: Db, redis_url: str, rq_id: str, job_id: int, to_status: str) -> float:
+def _rq_lag(db: Pg, redis_url: str, rq_id: str, job_id: int, to_status: str) -> float:
     """RQ's ended_at (the worker's clock) -> the row's update (Postgres's clock): same host."""
-    import redis as redis_sync
-
-    from reconciler.rq_state import parse_time
-
-    with redis_sync.Redis.from_url(redis_url) as r:
+    with redis_client(redis_url) as r:
         ended = parse_time(r.hget(f"rq:job:{rq_id}", "ended_at"))
-    at = db.transition_at(job_id, to_status)
+    at = _transition_at(db, job_id, to_status)
     return max(0.0, (at - ended).total_seconds()) if ended else 0.0
-
-
-def _cli(cfg: Path, *args: str) -> str:
-    import subprocess
-
-    p = subprocess.run([sys.executable, "-m", "reconciler", args[0], "--config", str(cfg), *args[1:]],
-                       capture_output=True, text=True, timeout=120)
-    return p.stdout
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: real redis-server / PostgreSQL / rq workers (see tests/harness.py)."""
+"""Shared fixtures: real redis-server / PostgreSQL / rq workers (see reconciler.devstack)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import harness
-from tests.harness import PostgresServer, RedisServer, WorkerPool
+from reconciler import devstack
+from reconciler.devstack import PostgresServer, RedisServer, WorkerPool
 
 _db_counter = itertools.count(1)
 
@@ -19,11 +19,11 @@ _db_counter = itertools.count(1)
 def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
     """At session end: stop everything the harness started and kill any straggler."""
     yield
-    harness.cleanup_all()
-    leaked = harness.stragglers()
+    devstack.cleanup_all()
+    leaked = devstack.stragglers()
     if leaked:
         desc = ", ".join(f"{p.pid}" for p in leaked)
-        harness.kill_stragglers()
+        devstack.kill_stragglers()
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"rq-harness: killed leftover processes: {desc}", red=True)
@@ -63,7 +63,7 @@ def pg_dsn(pg_server: PostgresServer) -> Iterator[str]:
         pg_server.start()
     name = f"t_{next(_db_counter)}_{uuid.uuid4().hex[:8]}"
     dsn = pg_server.create_database(name)
-    harness.create_jobs_table(dsn)
+    devstack.create_jobs_table(dsn)
     yield dsn
     if pg_server.is_running():
         pg_server.drop_database(name)
@@ -90,7 +90,7 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
     """Factory for real ``rq worker`` processes on ``redis_url``; all stopped at teardown.
 
     ``workers()`` / ``workers.start(name=None, queues=("default",), extra_env=None,
-    wait=True)`` returns a registered ``harness.Worker``.  Logs go to ``tmp_path``.
+    wait=True)`` returns a registered ``devstack.Worker``.  Logs go to ``tmp_path``.
     """
     pool = WorkerPool(redis_url, log_dir=tmp_path)
     yield pool

@@ -1,23 +1,20 @@
-"""Shared helpers for the fault tests: a persistent Postgres connection, the invariants
-every fault test checks at the end, and readers for the daemons' JSON logs."""
+"""Shared helpers for the fault tests: the invariants every fault test checks at the end,
+and readers for the daemons' JSON logs."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
-import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import redis
 
-from tests.support import DaemonProc, run_cli
+from reconciler.devstack import DaemonProc, Pg
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -29,65 +26,6 @@ ROW_MATCHES_RQ: dict[str, set[str | None]] = {
     # job hash is gone (a cancel of a job that was never enqueued or already deleted).
     "cancelled": {"canceled", "stopped", "failed", None},
 }
-
-
-class Pg:
-    """One asyncpg connection on a private event loop, usable from sync test code.
-
-    Reconnects (with retries) when the server went away: the chaos test restarts it.
-    """
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._runner = asyncio.Runner()
-        self._conn: asyncpg.Connection | None = None
-
-    def _connect(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = self._runner.run(asyncpg.connect(self.dsn, timeout=5))
-        return self._conn
-
-    def fetch(self, sql: str, *args: Any, retry_for: float = 0.0) -> list[asyncpg.Record]:
-        deadline = time.monotonic() + retry_for
-        while True:
-            try:
-                conn = self._connect()
-                return list(self._runner.run(conn.fetch(sql, *args)))
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.AdminShutdownError,
-                    TimeoutError, ConnectionError):
-                self._drop()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def val(self, sql: str, *args: Any, retry_for: float = 0.0) -> Any:
-        rows = self.fetch(sql, *args, retry_for=retry_for)
-        return rows[0][0] if rows else None
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.terminate()
-            self._conn = None
-
-    def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            with contextlib.suppress(Exception):
-                self._runner.run(self._conn.close(timeout=5))
-        self._drop()
-        self._runner.close()
-
-    def __enter__(self) -> Pg:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def migrate(cfg: Path) -> None:
-    p = run_cli(cfg, "migrate")
-    assert p.returncode == 0, p.stderr
 
 
 def start_all(daemons: Sequence[DaemonProc], timeout: float = 60) -> None:
@@ -121,14 +59,6 @@ def rq_statuses(redis_url: str, rq_ids: Iterable[str]) -> dict[str, str | None]:
             p.hget(f"rq:job:{i}", "status")
         raw = p.execute()
     return {i: (v.decode() if v is not None else None) for i, v in zip(ids, raw, strict=True)}
-
-
-def wait_until(pred: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- the invariants ----------------------------------------------------------------------------

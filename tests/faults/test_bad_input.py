@@ -19,23 +19,22 @@ import pytest
 import redis
 from rq import Queue
 
-from tests.faults.common import (
+from reconciler.devstack import (
+    DaemonProc,
     Pg,
-    error_lines,
-    insert_requests,
-    log_events,
-    migrate,
-    wait_until,
-)
-from tests.harness import (
     PostgresServer,
     RedisServer,
     WorkerPool,
     create_jobs_table,
     enqueue,
     free_port,
+    metric_value,
+    migrate,
+    run_cli,
+    wait_until,
+    write_config,
 )
-from tests.support import DaemonProc, metric_value, run_cli, write_config
+from tests.faults.common import error_lines, insert_requests, log_events
 
 
 def _events(d: DaemonProc, name: str) -> list[dict[str, Any]]:
@@ -98,7 +97,7 @@ def test_garbage_in_rq_hashes_under_a_running_daemon(tmp_path: Path, redis_url: 
         rids = insert_requests(pg, [ids["weird-status"], ids["binary"], ids["queued-garbage"],
                                     ids["started-garbage"]], reason="garbage")
         wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_cancel_requests "
-                                  "WHERE state = 'done'") == len(rids), 30, "outcomes")
+                                  "WHERE state = 'done'") == len(rids), 30, "outcomes", interval=0.1)
         # it keeps working (no pass is poisoned by the keys it cannot read): the daemon is up,
         # a job with a real status syncs, and so does a sweep
         r.hset("rq:job:weird-status", "status", "finished")
@@ -108,9 +107,11 @@ def test_garbage_in_rq_hashes_under_a_running_daemon(tmp_path: Path, redis_url: 
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)  # a sweep now
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1",
-                                  finished_later) == "completed", 15, "the sweep to sync 'later'")
+                                  finished_later) == "completed", 15, "the sweep to sync 'later'",
+                   interval=0.1)
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1",
-                                  ids["weird-status"]) != "running", 15, "weird-status synced")
+                                  ids["weird-status"]) != "running", 15, "weird-status synced",
+                   interval=0.1)
         assert d.proc is not None and d.proc.poll() is None
         got = {k: pg.val("SELECT status FROM training_jobs WHERE id = $1", v) for k, v in ids.items()}
         outcomes = {r["job_id"]: (r["outcome"], json.loads(r["detail"])) for r in pg.fetch(
@@ -158,11 +159,11 @@ def test_a_one_megabyte_reason(tmp_path: Path, redis_url: str, pg_dsn: str,
         ids = [int(pg.val("INSERT INTO training_jobs (rq_job_id, status) VALUES ($1, 'queued') "
                           "RETURNING id", x)) for x in (parked, running)]
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1", ids[1])
-                   == "running", 20, "running")
+                   == "running", 20, "running", interval=0.1)
         rids = [int(pg.val("INSERT INTO rq_reconciler_cancel_requests (job_id, requested_by, "
                            "reason) VALUES ($1, $2, $3) RETURNING id", i, who, big)) for i in ids]
         wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_cancel_requests "
-                                  "WHERE state = 'done'") == 2, 30, "outcomes")
+                                  "WHERE state = 'done'") == 2, 30, "outcomes", interval=0.1)
         rows = pg.fetch("SELECT r.outcome, t.status, t.error_message, r.detail FROM "
                         "rq_reconciler_cancel_requests r JOIN training_jobs t ON t.id = r.job_id "
                         "WHERE r.id = ANY($1::bigint[])", rids)
@@ -221,7 +222,7 @@ def test_odd_job_ids(id_type: str, tmp_path: Path, redis_url: str, pg_dsn: str,
         assert p.returncode == 0, p.stdout + p.stderr
         assert json.loads(p.stdout)["outcome"] == "cancelled"
         wait_until(lambda: pg.val(f"SELECT count(*) FROM {table} WHERE status = ANY($1)",
-                                  ["queued", "running"]) == 0, 30, "every row terminal")
+                                  ["queued", "running"]) == 0, 30, "every row terminal", interval=0.1)
         status = {str(r["id"]): r["status"] for r in pg.fetch(f"SELECT id, status FROM {table}")}
         audit = {r["job_id"] for r in pg.fetch("SELECT job_id FROM rq_reconciler_events")}
         outcomes = {str(r["job_id"]): r["outcome"] for r in pg.fetch(
@@ -305,7 +306,7 @@ def test_backends_down_at_start(tmp_path: Path, own_redis: RedisServer, own_pg: 
     d = DaemonProc(cfg, tmp_path / "d.log")
     daemons.append(d)
     d.start(wait_ready=False)
-    wait_until(lambda: _scrape_or_none(d) is not None, 15, "/metrics while backends are down")
+    wait_until(lambda: _scrape_or_none(d) is not None, 15, "/metrics while backends are down", interval=0.1)
     text = d.scrape()
     assert metric_value(text, "rq_reconciler_backend_up", backend="redis") == 0
     assert metric_value(text, "rq_reconciler_backend_up", backend="postgres") == 0
@@ -320,7 +321,7 @@ def test_backends_down_at_start(tmp_path: Path, own_redis: RedisServer, own_pg: 
 
     own_pg.start()
     wait_until(lambda: metric_value(d.scrape(), "rq_reconciler_backend_up", backend="postgres")
-               == 1, 30, "postgres up")
+               == 1, 30, "postgres up", interval=0.1)
     assert metric_value(d.scrape(), "rq_reconciler_backend_up", backend="redis") == 0
     assert not any("READY=1" in m for m in d.messages)
     # a cancel inserted while Redis is still down is carried out once it is up
@@ -333,7 +334,7 @@ def test_backends_down_at_start(tmp_path: Path, own_redis: RedisServer, own_pg: 
     assert _healthz(d) == 200
     with Pg(dsn) as pg:
         wait_until(lambda: pg.val("SELECT state FROM rq_reconciler_cancel_requests WHERE id = $1",
-                                  rid) == "done", 20, "the request")
+                                  rid) == "done", 20, "the request", interval=0.1)
         assert pg.val("SELECT status FROM training_jobs WHERE id = $1", job) == "cancelled"
     assert d.stop() == 0
     assert error_lines([d.log_path]) == []
@@ -346,7 +347,7 @@ def test_sigterm_while_waiting_for_backends_exits_0(tmp_path: Path, daemons: lis
     d = DaemonProc(cfg, tmp_path / "d.log")
     daemons.append(d)
     d.start(wait_ready=False)
-    wait_until(lambda: len(_events(d, "connect_retry")) >= 2, 15, "retrying")
+    wait_until(lambda: len(_events(d, "connect_retry")) >= 2, 15, "retrying", interval=0.1)
     assert d.proc is not None
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
@@ -390,7 +391,7 @@ def test_config_forbidden_falls_back_to_sweeps(tmp_path: Path, managed_redis: Re
                              "RETURNING id", rq_id))
             t0 = time.monotonic()
             wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1", job)
-                       == "completed", 10, "synced by a fallback sweep")
+                       == "completed", 10, "synced by a fallback sweep", interval=0.1)
             lag = time.monotonic() - t0
             time.sleep(3)
             # a Redis restart: reconnects, still reported only once
@@ -401,7 +402,7 @@ def test_config_forbidden_falls_back_to_sweeps(tmp_path: Path, managed_redis: Re
             job2 = int(pg.val("INSERT INTO training_jobs (rq_job_id, status) VALUES ($1, 'queued') "
                               "RETURNING id", rq_id))
             wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1", job2)
-                       == "completed", 15, "synced after the restart")
+                       == "completed", 15, "synced after the restart", interval=0.1)
         forbidden = _events(d, "keyspace_config_forbidden")
         assert len(forbidden) == 1, forbidden
         assert forbidden[0]["fallback_interval"] == 1.0

@@ -13,8 +13,17 @@ from pathlib import Path
 import redis
 from rq import Queue
 
-from tests.faults.common import Pg, log_events, migrate, wait_until
-from tests.support import DaemonProc, metric_value, run_cli, sweep_json, write_config
+from reconciler.devstack import (
+    DaemonProc,
+    Pg,
+    metric_value,
+    migrate,
+    run_cli,
+    wait_until,
+    write_config,
+)
+from tests.faults.common import log_events
+from tests.support import sweep_json
 
 BREAKER = "rq_reconciler_orphan_breaker_open"
 
@@ -57,7 +66,7 @@ def test_flushdb_under_a_running_daemon_fails_nothing(tmp_path: Path, redis_url:
                 r.flushdb()
             assert d.proc is not None
             d.proc.send_signal(signal.SIGHUP)  # a sweep now (it would come within 5 min)
-            wait_until(lambda: metric_value(d.scrape(), BREAKER) == 1, 20, "breaker open")
+            wait_until(lambda: metric_value(d.scrape(), BREAKER) == 1, 20, "breaker open", interval=0.1)
             text = d.scrape()
             assert metric_value(text, "rq_reconciler_sweeps_total", result="breaker") >= 1
             assert statuses(pg, ids) == {"running"}
@@ -130,5 +139,5 @@ def _sweep_until_lock(cfg: Path, *extra: str) -> dict[str, object]:
         out["_stderr"] = p.stderr
         return True
 
-    wait_until(attempt, 30, "the sweep lock")
+    wait_until(attempt, 30, "the sweep lock", interval=0.1)
     return out

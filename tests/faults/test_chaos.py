@@ -27,21 +27,28 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue
 
+from reconciler.devstack import (
+    DaemonProc,
+    Pg,
+    PostgresServer,
+    RedisServer,
+    WorkerPool,
+    create_jobs_table,
+    migrate,
+    pid_alive,
+    write_config,
+)
+from reconciler.devstack import wait_until as wait_until_
 from tests.faults.common import (
     ACTIVE,
-    Pg,
     audit_problems,
     error_lines,
     log_events,
-    migrate,
     request_problems,
     row_rq_mismatches,
     rq_statuses,
     terminal_transitions,
 )
-from tests.faults.common import wait_until as wait_until_
-from tests.harness import PostgresServer, RedisServer, WorkerPool, create_jobs_table, pid_alive
-from tests.support import DaemonProc, write_config
 
 # Error-level events a daemon may log while backends die under it.
 CHAOS_ERRORS_OK: set[str] = set()
@@ -426,14 +433,14 @@ def test_redis_restart_does_not_orphan_running_jobs(tmp_path: Path, durable_redi
                     Queue("default", connection=conn).enqueue(
                         "tests.jobs.trap_sigterm", 60, str(m), job_id=rq_id)
             wait_until_(lambda: pg.val("SELECT count(*) FROM training_jobs WHERE status = "
-                                       "'running'") == 2, 20, "both running")
+                                       "'running'") == 2, 20, "both running", interval=0.1)
             horses = [w.wait_horse() for w in ws]
             sweeps_before = sum(1 for e in log_events([d.log_path]) if e.get("event") == "sweep_done")
             durable_redis.restart()
             # the daemon notices, reconnects, re-enables keyspace events and sweeps
             wait_until_(lambda: sum(1 for e in log_events([d.log_path])
                                     if e.get("event") == "sweep_done") > sweeps_before, 20,
-                        "the sweep after the reconnect")
+                        "the sweep after the reconnect", interval=0.1)
             time.sleep(3)  # and whatever it decided has been carried out
             assert [r["status"] for r in pg.fetch("SELECT status FROM training_jobs")] == \
                 ["running", "running"], pg.fetch("SELECT error_message FROM training_jobs")

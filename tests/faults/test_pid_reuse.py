@@ -25,11 +25,21 @@ import psutil
 import pytest
 import redis
 
+from reconciler.devstack import (
+    DaemonProc,
+    Pg,
+    WorkerPool,
+    enqueue,
+    harness_env,
+    metric_value,
+    migrate,
+    pid_alive,
+    wait_until,
+    write_config,
+)
 from reconciler.processes import Processes, ProcIdentity, child_processes, identity_alive
 from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
-from tests.faults.common import Pg, insert_requests, migrate, wait_until
-from tests.harness import WorkerPool, enqueue, harness_env, pid_alive, wait_for
-from tests.support import DaemonProc, metric_value, write_config
+from tests.faults.common import insert_requests
 
 IMPOSTOR = r"""
 import os, signal, sys, time
@@ -58,8 +68,8 @@ class Impostor:
         self.marker.touch()
         self.proc = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(self.marker),
                                       str(children)], env=harness_env())
-        wait_for(lambda: self.marker.read_text().count("\n") >= 1 + children, 10,
-                 what="impostor up")
+        wait_until(lambda: self.marker.read_text().count("\n") >= 1 + children, 10,
+                   what="impostor up")
         self.pid = self.proc.pid
         self.create_time = psutil.Process(self.pid).create_time()
         self.children = [int(ln.split()[1]) for ln in self.marker.read_text().splitlines()
@@ -186,9 +196,9 @@ def test_a_horse_must_be_a_fork_of_the_worker(tmp_path: Path, impostors: list[Im
         ["sh", "-c", f'setsid "{sys.executable}" -c \'{child_src}\' "{marker}" 0 & exec sleep 600'],
         env=harness_env())
     try:
-        wait_for(lambda: "PARENT" in marker.read_text(), 10, what="exec'd child up")
+        wait_until(lambda: "PARENT" in marker.read_text(), 10, what="exec'd child up")
         kid = int(marker.read_text().split()[1])
-        wait_for(lambda: psutil.Process(parent.pid).name() == "sleep", 10, what="exec sleep")
+        wait_until(lambda: psutil.Process(parent.pid).name() == "sleep", 10, what="exec sleep")
         p_ct = psutil.Process(parent.pid).create_time()
         k_ct = psutil.Process(kid).create_time()
         procs = Processes()
@@ -211,7 +221,7 @@ def test_the_real_horse_is_found(tmp_path: Path, redis_url: str, workers: Worker
     rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
     horse = w.wait_horse()
     with redis.Redis.from_url(redis_url) as r:
-        wait_for(lambda: r.hget(w.key, "current_job") == rq_id.encode(), 10, what="current_job")
+        wait_until(lambda: r.hget(w.key, "current_job") == rq_id.encode(), 10, what="current_job")
         vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death", "current_job"])
         started = r.hget(f"rq:job:{rq_id}", "started_at")
     rec = worker_from_hash(w.name, vals, 1)
@@ -241,9 +251,9 @@ def test_daemon_never_signals_a_pid_it_could_not_prove(tmp_path: Path, redis_url
             pg.fetch("INSERT INTO training_jobs (rq_job_id, status, started_at) "
                      "VALUES ($1, 'running', now())", rq_id)
             enqueue(redis_url, "tests.jobs.trap_sigterm", 60, str(markers[rq_id]), job_id=rq_id)
-        wait_for(lambda: all(w.current_job_id() for w in pool)
-                 and all("STARTED" in m.read_text() for m in markers.values()), 20,
-                 what="a job on every worker")
+        wait_until(lambda: all(w.current_job_id() for w in pool)
+                   and all("STARTED" in m.read_text() for m in markers.values()), 20,
+                   what="a job on every worker")
         honest, lying_young, lying_old = pool
         job_of = {w.name: w.current_job_id() for w in pool}
         # Now the records lie. `young`'s pid was born after the worker registered (a
@@ -265,7 +275,7 @@ def test_daemon_never_signals_a_pid_it_could_not_prove(tmp_path: Path, redis_url
         try:
             d.start()
             wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_cancel_requests "
-                                      "WHERE state = 'done'") == len(rids), 40, "outcomes")
+                                      "WHERE state = 'done'") == len(rids), 40, "outcomes", interval=0.1)
             time.sleep(1.5)  # past grace: any late signal would have been sent by now
             for imp in (young, old):
                 assert imp.all_alive(), imp.marker.read_text()
@@ -303,12 +313,12 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
     w = workers()
     a = enqueue(redis_url, "tests.jobs.sleep", 0.5)
     with redis.Redis.from_url(redis_url) as r:
-        wait_for(lambda: r.hget(w.key, "current_job") == a.encode(), 10, what="A running")
+        wait_until(lambda: r.hget(w.key, "current_job") == a.encode(), 10, what="A running")
         stale_vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death",
                                      "current_job"])
         a_started = parse_time(r.hget(f"rq:job:{a}", "started_at"))
         b = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
-        wait_for(lambda: r.hget(w.key, "current_job") == b.encode(), 10, what="B running")
+        wait_until(lambda: r.hget(w.key, "current_job") == b.encode(), 10, what="B running")
     b_horse = w.wait_horse()
     stale = worker_from_hash(w.name, stale_vals, 1)
     procs = Processes()
@@ -345,7 +355,7 @@ def test_child_processes_lists_exactly_the_live_direct_children() -> None:
                                "time.sleep(30)"])
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        wait_for(lambda: len(psutil.Process(parent.pid).children()) == 1, 10, what="grandchild")
+        wait_until(lambda: len(psutil.Process(parent.pid).children()) == 1, 10, what="grandchild")
         quick.wait(10)  # reaped: gone from the list
         mine = {p.pid for p in child_processes(me)} - before
         assert mine == {parent.pid} == {p.pid for p in me.children()} - before

@@ -18,26 +18,30 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from tests.faults.common import (
+from reconciler.devstack import (
+    DaemonProc,
     Pg,
+    WorkerPool,
+    metric_value,
+    migrate,
+    wait_until,
+    write_config,
+)
+from tests.faults.common import (
     audit_problems,
     cancel_done_counts,
     error_lines,
     insert_requests,
     insert_rows,
     log_events,
-    migrate,
     overlapping_sweeps,
     request_problems,
     row_rq_mismatches,
     rq_statuses,
     start_all,
     terminal_transitions,
-    wait_until,
 )
 from tests.faults.slow_worker import DELAY_ENV
-from tests.harness import WorkerPool, wait_for
-from tests.support import DaemonProc, metric_value, write_config
 
 PARKED = "parked"  # a queue no worker listens on: its jobs stay queued until cancelled
 
@@ -74,8 +78,8 @@ def run_storm(tmp_path: Path, redis_url: str, pg: Pg, workers: WorkerPool, *,
             m = markers / f"hog-{uuid.uuid4().hex[:6]}"
             m.touch()
             hog_markers[enqueue("hog", default, "tests.jobs.trap_sigterm", 120, str(m))] = m
-        wait_for(lambda: all("STARTED" in m.read_text() for m in hog_markers.values()), 30,
-                 what="hog jobs running")
+        wait_until(lambda: all("STARTED" in m.read_text() for m in hog_markers.values()), 30,
+                   what="hog jobs running")
         n_rest = n_cancel - len(hog_markers)
         plan = (["complete"] * n_complete + ["parked"] * (n_rest // 2)
                 + ["racy"] * (n_rest - n_rest // 2))
@@ -106,10 +110,10 @@ def check_storm(tmp_path: Path, redis_url: str, pg: Pg, storm: Storm,
                 daemons: list[DaemonProc], *, timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_cancel_requests "
-                              "WHERE state <> 'done'") == 0, timeout, "every request done")
+                              "WHERE state <> 'done'") == 0, timeout, "every request done", interval=0.1)
     t_requests = time.monotonic() - t0
     wait_until(lambda: pg.val("SELECT count(*) FROM training_jobs WHERE status = ANY($1)",
-                              ["queued", "running"]) == 0, timeout, "every row terminal")
+                              ["queued", "running"]) == 0, timeout, "every row terminal", interval=0.1)
     t_rows = time.monotonic() - t0
 
     assert request_problems(pg) == []
@@ -169,7 +173,7 @@ def check_sweep_lock(pg: Pg, daemons: list[DaemonProc]) -> None:
             d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: all(
             sum(1 for e in d.log_events() if e.get("event") == "sweep_skipped") > before[d.name]
-            for d in daemons), 20, "every replica to skip its sweep")
+            for d in daemons), 20, "every replica to skip its sweep", interval=0.1)
         assert {d.name: sum(1 for e in d.log_events() if e.get("event") == "sweep_done")
                 for d in daemons} == done_before
     finally:
@@ -263,15 +267,16 @@ def test_cancel_racing_a_dequeue_does_not_lie(tmp_path: Path, redis_url: str, pg
                 job_id = insert_rows(pg, [rq_id])[0]
                 q.enqueue(func, *args, job_id=rq_id)
                 # the worker holds it (BLMOVE), its horse has not started it yet
-                wait_for(lambda rq_id=rq_id: conn.lpos("rq:queue:default:intermediate", rq_id)
-                         is not None, 10, what="job dequeued")
+                wait_until(lambda rq_id=rq_id: conn.lpos("rq:queue:default:intermediate", rq_id)
+                           is not None, 10, what="job dequeued")
                 assert rq_statuses(redis_url, [rq_id])[rq_id] == "queued"
                 rid = insert_requests(pg, [job_id], reason="race")[0]
                 wait_until(lambda rid=rid: pg.val("SELECT state FROM rq_reconciler_cancel_requests "
-                                                  "WHERE id = $1", rid) == "done", 30, "outcome")
+                                                  "WHERE id = $1", rid) == "done", 30, "outcome",
+                           interval=0.1)
                 wait_until(lambda job_id=job_id: pg.val(
                     "SELECT status FROM training_jobs WHERE id = $1", job_id) not in
-                    ("queued", "running"), 30, "row terminal")
+                    ("queued", "running"), 30, "row terminal", interval=0.1)
                 results[func] = pg.fetch(
                     "SELECT r.outcome, r.detail, t.status FROM rq_reconciler_cancel_requests r "
                     "JOIN training_jobs t ON t.id = r.job_id WHERE r.id = $1", rid)[0]
@@ -325,22 +330,22 @@ def test_rq_cancel_of_a_running_job_is_not_believed(tmp_path: Path, redis_url: s
                 ids[name] = (insert_rows(pg, [rq_id])[0], rq_id)
                 q.enqueue(func, *args, job_id=rq_id)
             wait_until(lambda: pg.val("SELECT count(*) FROM training_jobs WHERE status = "
-                                      "'running'") == 2, 20, "both running")
+                                      "'running'") == 2, 20, "both running", interval=0.1)
             for _, rq_id in ids.values():
                 Job.fetch(rq_id, connection=conn).cancel()  # what an app might do
             assert set(rq_statuses(redis_url, [r for _, r in ids.values()]).values()) == {"canceled"}
         # the one the app only canceled in RQ runs to its end, and the row says so
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1",
-                                  ids["finishes"][0]) == "completed", 15, "finished row")
+                                  ids["finishes"][0]) == "completed", 15, "finished row", interval=0.1)
         # the other one gets a real cancel request: its horse is stopped, gracefully
         rid = insert_requests(pg, [ids["stopped"][0]], reason="really")[0]
         wait_until(lambda: pg.val("SELECT state FROM rq_reconciler_cancel_requests WHERE id = $1",
-                                  rid) == "done", 30, "outcome")
+                                  rid) == "done", 30, "outcome", interval=0.1)
         out = pg.fetch("SELECT outcome, detail FROM rq_reconciler_cancel_requests")[0]
         assert out["outcome"] == "cancelled" and '"SIGTERM"' in out["detail"]
         assert "SIGTERM" in marker.read_text()
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1",
-                                  ids["stopped"][0]) == "cancelled", 10, "cancelled row")
+                                  ids["stopped"][0]) == "cancelled", 10, "cancelled row", interval=0.1)
         assert row_rq_mismatches(pg, redis_url) == []
         assert audit_problems(pg) == []
         assert [d.stop() for d in daemons] == [0, 0]

@@ -17,25 +17,31 @@ from rq.command import send_stop_job_command
 
 from reconciler.cancel import CancelProcessor
 from reconciler.config import load
+from reconciler.devstack import (
+    DaemonProc,
+    WorkerPool,
+    create_jobs_table,
+    enqueue,
+    insert_job,
+    metric_value,
+    migrate,
+    pid_alive,
+    request_cancel,
+    row,
+    rq_status,
+    run_cli,
+    transitions,
+    wait_request,
+    wait_status,
+    wait_until,
+    write_config,
+)
 from reconciler.metrics import Metrics
 from reconciler.model import RqStatus
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
 from reconciler.store import Store
-from tests.harness import enqueue, pid_alive, rq_status, wait_for
-from tests.support import (
-    DaemonProc,
-    insert_job,
-    metric_value,
-    request_cancel,
-    row,
-    run_cli,
-    transitions,
-    wait_request,
-    wait_status,
-    write_config,
-)
 
 EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
                "min_age_seconds": 0.0}
@@ -60,8 +66,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
 def setup(tmp_path: Path, redis_url: str, pg_dsn: str, **sections: dict[str, Any]) -> Path:
     sections.setdefault("sweep", EVENTS_ONLY)
     cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn, **sections)
-    p = run_cli(cfg, "migrate")
-    assert p.returncode == 0, p.stderr
+    migrate(cfg)
     return cfg
 
 
@@ -128,7 +133,7 @@ def test_cancel_running_job_gets_sigterm_first_and_worker_is_ready(
     assert [t["to_status"] for t in transitions(pg_dsn, jid)] == ["running", "cancelled"]
     # the worker takes the next job at once
     nxt = enqueue(redis_url, "tests.jobs.succeed", 2)
-    wait_for(lambda: rq_status(redis_url, nxt) == "finished", 5, what="next job ran")
+    wait_until(lambda: rq_status(redis_url, nxt) == "finished", 5, what="next job ran")
 
 
 def test_cancel_escalates_to_stop_job_then_sigkill(tmp_path: Path, redis_url: str, pg_dsn: str,
@@ -139,7 +144,7 @@ def test_cancel_escalates_to_stop_job_then_sigkill(tmp_path: Path, redis_url: st
     w = workers()
     rq_id = enqueue(redis_url, "tests.jobs.ignore_sigterm", 120, str(tmp_marker))
     jid = insert_job(pg_dsn, rq_id)
-    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    wait_until(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
     horse = w.wait_horse()
     req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
     assert req["outcome"] == "cancelled", req
@@ -163,7 +168,7 @@ def test_cancel_queued_job_never_runs(tmp_path: Path, redis_url: str, pg_dsn: st
     assert rq_status(redis_url, rq_id) == "canceled"
     workers()  # a worker arrives later: the job must not run
     marker = enqueue(redis_url, "tests.jobs.succeed")
-    wait_for(lambda: rq_status(redis_url, marker) == "finished", 20, what="worker alive")
+    wait_until(lambda: rq_status(redis_url, marker) == "finished", 20, what="worker alive")
     assert "STARTED" not in tmp_marker.read_text()
     assert row(pg_dsn, jid)["status"] == "cancelled"
 
@@ -195,7 +200,7 @@ def test_cancel_cli_waits_and_fk_refuses_unknown_job(tmp_path: Path, redis_url: 
     workers()
     rq_id = enqueue(redis_url, "tests.jobs.sleep", 60)
     jid = insert_job(pg_dsn, rq_id)
-    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    wait_until(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
     p = run_cli(cfg, "cancel", str(jid), "--reason", "from the CLI", "--wait", "20")
     assert p.returncode == 0, p.stdout + p.stderr
     assert f'"message": "Job {jid} cancelled successfully"' in p.stdout
@@ -220,9 +225,9 @@ def test_cancel_while_daemon_down_then_sigkill_mid_cancel(
     # 2. SIGKILL the daemon while it waits out the grace period of a SIGTERM-ignoring job
     rq_id = enqueue(redis_url, "tests.jobs.ignore_sigterm", 120, str(tmp_marker))
     jid2 = insert_job(pg_dsn, rq_id)
-    wait_for(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
+    wait_until(lambda: rq_status(redis_url, rq_id) == "started", 20, what="started")
     rid2 = request_cancel(pg_dsn, jid2)
-    wait_for(lambda: "SIGTERM-IGNORED" in tmp_marker.read_text(), 10, what="SIGTERM sent")
+    wait_until(lambda: "SIGTERM-IGNORED" in tmp_marker.read_text(), 10, what="SIGTERM sent")
     d.kill()
     d2 = daemon_factory(cfg, name="again")
     req = wait_request(pg_dsn, rid2, timeout=60)
@@ -247,7 +252,7 @@ def test_local_worker_sigkilled_mid_job_is_orphaned_and_horse_stopped(
     took = time.monotonic() - t0
     assert r["error_message"].startswith(f"Orphaned: worker {w.name} is gone")
     assert took < 5
-    wait_for(lambda: not pid_alive(horse), 10, what="orphaned horse stopped")
+    wait_until(lambda: not pid_alive(horse), 10, what="orphaned horse stopped")
     text = d.scrape()
     assert metric_value(text, "rq_reconciler_events_total", source="local_worker") >= 1
     assert metric_value(text, "rq_reconciler_transitions_total", reason="orphaned") == 1
@@ -257,8 +262,6 @@ def test_redis_restart_events_resume(tmp_path: Path, own_redis: Any, pg_dsn: str
                                      daemon_factory: Any) -> None:
     cfg = setup(tmp_path, own_redis.url, pg_dsn)
     d = daemon_factory(cfg)
-    from tests.harness import WorkerPool
-
     pool = WorkerPool(own_redis.url, log_dir=tmp_path)
     try:
         pool.start()
@@ -268,8 +271,8 @@ def test_redis_restart_events_resume(tmp_path: Path, own_redis: Any, pg_dsn: str
         pool.stop_all()
         own_redis.restart()  # runtime CONFIG (notify-keyspace-events) is gone
         with own_redis.client() as rc:
-            wait_for(lambda: "K" in rc.config_get("notify-keyspace-events")
-                     ["notify-keyspace-events"], 20, what="keyspace flags restored")
+            wait_until(lambda: "K" in rc.config_get("notify-keyspace-events")
+                       ["notify-keyspace-events"], 20, what="keyspace flags restored")
         pool.start()
         b = enqueue(own_redis.url, "tests.jobs.sleep", 0.2)
         jb = insert_job(pg_dsn, b, status="queued", started_ago=None)
@@ -282,8 +285,6 @@ def test_redis_restart_events_resume(tmp_path: Path, own_redis: Any, pg_dsn: str
 
 def test_postgres_restart_listen_resumes(tmp_path: Path, redis_url: str, own_pg: Any,
                                          daemon_factory: Any) -> None:
-    from tests.harness import create_jobs_table
-
     dsn = own_pg.create_database("app")
     create_jobs_table(dsn)
     cfg = setup(tmp_path, redis_url, dsn)
@@ -293,8 +294,8 @@ def test_postgres_restart_listen_resumes(tmp_path: Path, redis_url: str, own_pg:
     jid = insert_job(dsn, q_id, status="queued", started_ago=None)
     rid = request_cancel(dsn, jid)
     assert wait_request(dsn, rid, timeout=60)["outcome"] == "cancelled"
-    wait_for(lambda: metric_value(d.scrape(), "rq_reconciler_backend_up", backend="postgres") == 1,
-             20, what="postgres up again")
+    wait_until(lambda: metric_value(d.scrape(), "rq_reconciler_backend_up", backend="postgres") == 1,
+               20, what="postgres up again")
     assert any(e["event"] == "listen_lost" for e in d.log_events())
 
 
@@ -337,12 +338,12 @@ def test_systemd_protocol_and_sighup_reload(tmp_path: Path, redis_url: str, pg_d
     text = text.replace("interval_seconds = 300.0", "interval_seconds = 1.0")
     cfg.write_text(text)
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: any(e["event"] == "reloaded" for e in d.log_events()), 10, what="reload")
+    wait_until(lambda: any(e["event"] == "reloaded" for e in d.log_events()), 10, what="reload")
     reloaded = next(e for e in d.log_events() if e["event"] == "reloaded")
     assert reloaded["log_level"] == "debug" and reloaded["sweep_interval"] == 1.0
     # the new interval is in force: sweeps now come every second
-    wait_for(lambda: metric_value(d.scrape(), "rq_reconciler_sweeps_total", result="ok") >= 4,
-             10, what="sweeps at the reloaded interval")
+    wait_until(lambda: metric_value(d.scrape(), "rq_reconciler_sweeps_total", result="ok") >= 4,
+               10, what="sweeps at the reloaded interval")
     assert d.stop() == 0
     d.wait_message("STOPPING=1", timeout=5)
 

@@ -13,16 +13,16 @@ import redis
 from rq.command import send_stop_job_command
 from rq.job import Job
 
-from tests import harness
-from tests.harness import (
+from reconciler.devstack import (
     PostgresServer,
     RedisServer,
     WorkerPool,
+    create_jobs_table,
     enqueue,
+    pg_fetch,
     pid_alive,
     rq_status,
-    run_sql,
-    wait_for,
+    wait_until,
 )
 
 
@@ -34,14 +34,14 @@ def _latest_exc(redis_url: str, job_id: str) -> str:
 
 def _wait_status(redis_url: str, job_id: str, status: str, timeout: float = 20) -> None:
     try:
-        wait_for(lambda: rq_status(redis_url, job_id) == status, timeout=timeout)
+        wait_until(lambda: rq_status(redis_url, job_id) == status, timeout=timeout)
     except AssertionError:
         now = rq_status(redis_url, job_id)
         raise AssertionError(f"job {job_id} never reached {status!r} (is {now!r})") from None
 
 
 def _started_pid(marker: Path) -> int:
-    wait_for(lambda: "STARTED" in marker.read_text(), what=f"STARTED in {marker}")
+    wait_until(lambda: "STARTED" in marker.read_text(), what=f"STARTED in {marker}")
     line = next(ln for ln in marker.read_text().splitlines() if ln.startswith("STARTED"))
     return int(line.split()[1])
 
@@ -81,9 +81,9 @@ def test_sigterm_to_horse_group_fails_job(
 
     os.killpg(horse, signal.SIGTERM)
 
-    wait_for(lambda: "SIGTERM" in tmp_marker.read_text(), what="SIGTERM written to marker")
+    wait_until(lambda: "SIGTERM" in tmp_marker.read_text(), what="SIGTERM written to marker")
     _wait_status(redis_url, job_id, "failed")
-    wait_for(lambda: not pid_alive(horse), what="horse gone")
+    wait_until(lambda: not pid_alive(horse), what="horse gone")
     exc = _latest_exc(redis_url, job_id)
     if how == "raise":
         assert "SystemExit: 143" in exc
@@ -91,7 +91,7 @@ def test_sigterm_to_horse_group_fails_job(
         assert "Work-horse terminated unexpectedly" in exc
     # The worker survives its horse and goes back to idle.
     assert w.is_alive()
-    wait_for(lambda: w.current_job_id() is None, what="worker idle")
+    wait_until(lambda: w.current_job_id() is None, what="worker idle")
     assert w.horse_pids() == []
 
 
@@ -113,7 +113,7 @@ def test_ignore_sigterm_needs_sigkill(
     horse = _started_pid(tmp_marker)
     assert w.wait_horse() == horse
     os.killpg(horse, signal.SIGTERM)
-    wait_for(lambda: "SIGTERM-IGNORED" in tmp_marker.read_text(), what="SIGTERM ignored")
+    wait_until(lambda: "SIGTERM-IGNORED" in tmp_marker.read_text(), what="SIGTERM ignored")
     time.sleep(0.3)
     assert pid_alive(horse)
     assert rq_status(redis_url, job_id) == "started"
@@ -133,7 +133,7 @@ def test_stop_job_command_gives_stopped(redis_url: str, workers: WorkerPool) -> 
     _wait_status(redis_url, job_id, "stopped", timeout=10)
     elapsed = time.monotonic() - t0
     assert elapsed < 5, f"stop-job took {elapsed:.2f}s"
-    wait_for(lambda: not pid_alive(horse), what="horse gone")
+    wait_until(lambda: not pid_alive(horse), what="horse gone")
     with redis.Redis.from_url(redis_url) as conn:
         job = Job.fetch(job_id, connection=conn)
         assert job_id in job.failed_job_registry
@@ -190,42 +190,44 @@ def test_redis_restart_keeps_port(own_redis: RedisServer) -> None:
 @pytest.mark.parametrize("postmaster_only", [False, True])
 def test_postgres_kill_then_start(own_pg: PostgresServer, postmaster_only: bool) -> None:
     dsn = own_pg.create_database("before_kill")
-    harness.create_jobs_table(dsn)
-    run_sql(dsn, "INSERT INTO training_jobs (name, rq_job_id) VALUES ('a', 'j1')")
+    create_jobs_table(dsn)
+    pg_fetch(dsn, "INSERT INTO training_jobs (name, rq_job_id) VALUES ('a', 'j1')")
     postmaster = own_pg.pid
     assert postmaster is not None
     own_pg.kill(postmaster_only=postmaster_only)
     assert not own_pg.is_running()
     assert not pid_alive(postmaster)
-    with pytest.raises(RuntimeError):
-        run_sql(dsn, "SELECT 1")
+    with pytest.raises(OSError):
+        pg_fetch(dsn, "SELECT 1")
     own_pg.start()
     # Committed data survives the crash (crash recovery ran).
-    assert run_sql(dsn, "SELECT name, rq_job_id, status FROM training_jobs") == "a|j1|queued"
+    assert [tuple(r) for r in pg_fetch(dsn, "SELECT name, rq_job_id, status FROM training_jobs")] \
+        == [("a", "j1", "queued")]
     dsn2 = own_pg.create_database("after_kill")
-    harness.create_jobs_table(dsn2)
-    assert run_sql(dsn2, "SELECT count(*) FROM training_jobs") == "0"
+    create_jobs_table(dsn2)
+    assert pg_fetch(dsn2, "SELECT count(*) FROM training_jobs")[0][0] == 0
     port = own_pg.port
     own_pg.restart()
     assert own_pg.port == port
     own_pg.drop_database("after_kill")
-    assert run_sql(own_pg.dsn(), "SELECT 1 FROM pg_database WHERE datname='after_kill'") == ""
+    assert pg_fetch(own_pg.dsn(), "SELECT 1 FROM pg_database WHERE datname='after_kill'") == []
 
 
 def test_pg_dsn_fixture(pg_dsn: str, pg_server: PostgresServer) -> None:
     assert pg_dsn.startswith(f"postgresql://postgres@127.0.0.1:{pg_server.port}/t_")
-    assert run_sql(pg_dsn, "SELECT count(*) FROM training_jobs") == "0"
-    cols = run_sql(
+    assert pg_fetch(pg_dsn, "SELECT count(*) FROM training_jobs")[0][0] == 0
+    cols = [r[0] for r in pg_fetch(
         pg_dsn,
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_name='training_jobs' ORDER BY ordinal_position",
-    ).splitlines()
+    )]
     assert cols == [
         "id", "name", "rq_job_id", "status", "error_message",
         "created_at", "started_at", "completed_at",
     ]  # fmt: skip
-    settings = run_sql(pg_dsn, "SHOW fsync; SHOW max_connections; SHOW listen_addresses")
-    assert settings.splitlines() == ["off", "200", "127.0.0.1"]
+    settings = pg_fetch(pg_dsn, "SELECT current_setting('fsync'), current_setting('max_connections'), "
+                                "current_setting('listen_addresses')")
+    assert tuple(settings[0]) == ("off", "200", "127.0.0.1")
 
 
 def test_redis_url_fixture_is_clean(redis_url: str) -> None:

@@ -16,29 +16,31 @@ from rq.command import send_stop_job_command
 from rq.job import Job
 
 from reconciler.config import load
+from reconciler.devstack import (
+    enqueue,
+    insert_job,
+    migrate,
+    pg_fetch,
+    row,
+    rq_status,
+    run_cli,
+    statuses,
+    transitions,
+    wait_until,
+    write_config,
+)
 from reconciler.errors import BackendUnavailable, RedisUnavailable
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
 from reconciler.store import RowChange, Store
-from tests.harness import enqueue, rq_status, wait_for
-from tests.support import (
-    insert_job,
-    q,
-    row,
-    run_cli,
-    statuses,
-    sweep_json,
-    transitions,
-    write_config,
-)
+from tests.support import sweep_json
 
 
 def migrated(tmp_path: Path, redis_url: str, pg_dsn: str, **sections: dict[str, Any]) -> Path:
     cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn, **sections)
-    p = run_cli(cfg, "migrate")
-    assert p.returncode == 0, p.stderr
+    migrate(cfg)
     return cfg
 
 
@@ -51,13 +53,13 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
     try:
         finished = enqueue(redis_url, "tests.jobs.succeed", 21)
         failed = enqueue(redis_url, "tests.jobs.fail", "disk on fire")
-        wait_for(lambda: rq_status(redis_url, finished) == "finished", 20, what="finished")
-        wait_for(lambda: rq_status(redis_url, failed) == "failed", 20, what="failed")
+        wait_until(lambda: rq_status(redis_url, finished) == "finished", 20, what="finished")
+        wait_until(lambda: rq_status(redis_url, failed) == "failed", 20, what="failed")
 
         stopped = enqueue(redis_url, "tests.jobs.sleep", 60)
-        wait_for(lambda: rq_status(redis_url, stopped) == "started", 20, what="started")
+        wait_until(lambda: rq_status(redis_url, stopped) == "started", 20, what="started")
         send_stop_job_command(r, stopped)
-        wait_for(lambda: rq_status(redis_url, stopped) == "stopped", 20, what="stopped")
+        wait_until(lambda: rq_status(redis_url, stopped) == "stopped", 20, what="stopped")
 
         # a queued job RQ cancels itself (no worker listens on this queue)
         canceled = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
@@ -67,14 +69,14 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
 
         # a worker SIGKILLed mid-job: its horse lives on, its hash lives on
         orphan = enqueue(redis_url, "tests.jobs.touch_and_sleep", 60, str(tmp_marker))
-        wait_for(lambda: rq_status(redis_url, orphan) == "started", 20, what="orphan started")
+        wait_until(lambda: rq_status(redis_url, orphan) == "started", 20, what="orphan started")
         victim = w1 if w1.current_job_id() == orphan else w2
         survivor = w2 if victim is w1 else w1
         horse_pids = victim.horse_pids()
         victim.kill(signal.SIGKILL)
 
         running_ok = enqueue(redis_url, "tests.jobs.sleep", 30)
-        wait_for(lambda: rq_status(redis_url, running_ok) == "started", 20, what="running")
+        wait_until(lambda: rq_status(redis_url, running_ok) == "started", 20, what="running")
         assert survivor.current_job_id() == running_ok
 
         ids = {
@@ -133,7 +135,7 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
         again = sweep_json(cfg)
         assert again["changed"] == 0
         # the young rows become old enough from the daemon's first sighting (persisted)
-        seen = q(pg_dsn, "SELECT job_id FROM rq_reconciler_first_seen")
+        seen = pg_fetch(pg_dsn, "SELECT job_id FROM rq_reconciler_first_seen")
         assert str(ids["young_no_id"]) in {r["job_id"] for r in seen}
     finally:
         r.close()
@@ -221,7 +223,7 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
     assert set(got.values()) <= {"completed", "running"}
     assert 5 <= len(completed) < 60
     assert sorted(handed) == completed
-    audited = q(pg_dsn, "SELECT job_id FROM rq_reconciler_events")
+    audited = pg_fetch(pg_dsn, "SELECT job_id FROM rq_reconciler_events")
     assert sorted(str(r["job_id"]) for r in audited) == completed
 
 
@@ -233,7 +235,7 @@ def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
     cfg = load(str(migrated(tmp_path, redis_url, pg_dsn)))
 
     def advisory_locks() -> int:
-        return int(q(pg_dsn, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'")[0]["n"])
+        return int(pg_fetch(pg_dsn, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'")[0]["n"])
 
     async def scenarios() -> list[int]:
         store = Store(cfg)
@@ -266,7 +268,7 @@ def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
         return seen
 
     assert asyncio.run(scenarios()) == [0, 0, 1, 1]
-    wait_for(lambda: advisory_locks() == 0, 5, what="no advisory lock left")
+    wait_until(lambda: advisory_locks() == 0, 5, what="no advisory lock left")
 
 
 async def _locks(store: Store) -> int:
@@ -341,7 +343,7 @@ def test_check_reports_each_line(tmp_path: Path, redis_url: str, pg_dsn: str) ->
     for what in ("config", "redis", "postgres", "jobs table", "rq id index", "schema",
                  "keyspace events"):
         assert any(what in ln for ln in p.stdout.splitlines()), what
-    q(pg_dsn, "DROP INDEX training_jobs_rq_job_id_idx")
+    pg_fetch(pg_dsn, "DROP INDEX training_jobs_rq_job_id_idx")
     p = run_cli(cfg, "check")
     assert p.returncode == 0
     assert any(ln.startswith("WARN rq id index") and "CREATE INDEX" in ln
