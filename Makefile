@@ -27,8 +27,8 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python bench/sweep_vs_naive.py
-	$(BIN)/python bench/sweep_memory.py
+	$(BIN)/python -m bench.sweep_vs_naive
+	$(BIN)/python -m bench.sweep_memory
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ running in its horse a cancel request is INSERTed. Latency = done_at - requested
 the request row (both Postgres's clock). Then, beside it, RQ's own stop-job
 (rq.command.send_stop_job_command) -> job status `stopped`, polling the status every
 2 ms, for 24 more jobs (no rows: the daemon ignores them).
-Usage: python bench/cancel_latency.py
+Usage (from the repo root): python -m bench.cancel_latency
 """
 
 from __future__ import annotations
@@ -16,19 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rq.command import send_stop_job_command
+from rq.job import Job
 
-from rq.command import send_stop_job_command  # noqa: E402
-from rq.job import Job  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     banner,
     bench_env,
     bucket_summary,
     env_info,
     footer,
-    histogram,
     histogram_quantile,
     make_workdir,
     ms,
@@ -36,8 +32,17 @@ from bench.common import (  # noqa: E402
     print_table,
     verdict,
 )
-from tests.harness import WorkerPool, cleanup_all, enqueue, wait_for  # noqa: E402
-from tests.support import DaemonProc, insert_job, request_cancel, wait_request  # noqa: E402
+from reconciler.devstack import (
+    DaemonProc,
+    WorkerPool,
+    cleanup_all,
+    enqueue,
+    histogram,
+    insert_job,
+    request_cancel,
+    wait_request,
+    wait_until,
+)
 
 N_CANCELS = 24
 N_STOPS = 24
@@ -46,8 +51,8 @@ GOAL_P99_MS = 300.0
 
 
 def _wait_started(marker: Path, timeout: float = 20) -> None:
-    wait_for(lambda: marker.exists() and "STARTED" in marker.read_text(), timeout=timeout,
-             interval=0.005, what=f"job code running ({marker.name})")
+    wait_until(lambda: marker.exists() and "STARTED" in marker.read_text(), timeout=timeout,
+               interval=0.005, what=f"job code running ({marker.name})")
 
 
 def main() -> int:
@@ -71,8 +76,8 @@ def main() -> int:
                 marker = work / "markers" / f"cancel-{i}.txt"
                 rq_id = f"cancel-{i:03d}"
                 # RQ job first, then its row: a row that says it has run for an hour with no
-                # RQ job behind it is an orphan, and the sweep after each cancel (rightly)
-                # failed one that way now and then, leaving its horse to run.
+                # RQ job behind it is an orphan, which a sweep (rightly) fails, leaving its
+                # horse to run.
                 enqueue(env.redis_url, "tests.jobs.trap_sigterm", 300, str(marker), job_id=rq_id,
                         job_timeout=600)
                 job_row = insert_job(env.dsn, rq_id, status="running", started_ago=3600)
@@ -107,8 +112,8 @@ def main() -> int:
                         time.sleep(0.002)
                     stop_lat.append(time.perf_counter() - t)
                     # let the worker reap and go idle before the next one
-                    wait_for(lambda: all(w.current_job_id() is None for w in pool.workers),
-                             timeout=20, interval=0.005, what="workers idle")
+                    wait_until(lambda: all(w.current_job_id() is None for w in pool.workers),
+                               timeout=20, interval=0.005, what="workers idle")
         finally:
             daemon.stop()
             daemon.close()
@@ -131,12 +136,12 @@ def main() -> int:
         ],
     )
     print(f"\noutcomes: {outcomes}; horse_signals: {signals}")
-    buckets, count, total = histogram(metrics_text, "rq_reconciler_cancel_duration_seconds")
-    if count:
-        print(f"daemon's rq_reconciler_cancel_duration_seconds: count {int(count)}, "
-              f"mean {ms(total / count):.1f} ms, histogram_quantile p50 "
-              f"{ms(histogram_quantile(0.5, buckets)):.1f} ms, p99 "
-              f"{ms(histogram_quantile(0.99, buckets)):.1f} ms; buckets {bucket_summary(buckets)}")
+    h = histogram(metrics_text, "rq_reconciler_cancel_duration_seconds")
+    if h.count:
+        print(f"daemon's rq_reconciler_cancel_duration_seconds: count {int(h.count)}, "
+              f"mean {ms(h.sum / h.count):.1f} ms, histogram_quantile p50 "
+              f"{ms(histogram_quantile(0.5, h.buckets)):.1f} ms, p99 "
+              f"{ms(histogram_quantile(0.99, h.buckets)):.1f} ms; buckets {bucket_summary(h.buckets)}")
     footer()
     return 0
 

@@ -1,19 +1,17 @@
 """Shared helpers for the rq-reconciler benchmarks (bench/*.py).
 
 Each benchmark script starts its own throwaway redis-server and PostgreSQL through
-tests/harness.py, prints plain-text tables and exits 0: it reports numbers beside the
+reconciler.devstack, prints plain-text tables and exits 0: it reports numbers beside the
 goal ("PASS"/"MISS"), it does not assert them. Run the scripts from the repo root:
-``python bench/<name>.py``.
+``python -m bench.<name>``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import math
 import os
-import re
 import resource
 import shutil
 import sys
@@ -26,18 +24,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import psutil
 import redis
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # pragma: no cover - scripts insert it themselves
-    sys.path.insert(0, str(ROOT))
-
-from tests.harness import PostgresServer, RedisServer, create_jobs_table  # noqa: E402
-from tests.support import run_cli, write_config  # noqa: E402
+from reconciler.devstack import (
+    Pg,
+    PostgresServer,
+    RedisServer,
+    create_jobs_table,
+    migrate,
+    write_config,
+)
 
 SEED = 20240611
 
@@ -159,61 +158,12 @@ def bench_env(workdir: Path, dbname: str = "bench", **sections: dict[str, Any]) 
         yield env
 
 
-def migrate(config: Path) -> None:
-    p = run_cli(config, "migrate")
-    if p.returncode != 0:
-        raise RuntimeError(f"migrate failed: {p.stderr}")
-
-
-# -- postgres helpers ---------------------------------------------------------------------------
-
-
-def pg_run(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def go() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return list(await conn.fetch(sql, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
-class PgConn:
-    """One persistent asyncpg connection used synchronously (for tight polling loops)."""
-
-    def __init__(self, dsn: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._conn: asyncpg.Connection = self._loop.run_until_complete(asyncpg.connect(dsn))
-
-    def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        return list(self._loop.run_until_complete(self._conn.fetch(sql, *args)))
-
-    def fetchval(self, sql: str, *args: Any) -> Any:
-        return self._loop.run_until_complete(self._conn.fetchval(sql, *args))
-
-    def close(self) -> None:
-        self._loop.run_until_complete(self._conn.close())
-        self._loop.close()
-
-    def __enter__(self) -> PgConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def pg_copy_rows(dsn: str, rows: Sequence[tuple[Any, ...]], columns: Sequence[str],
                  table: str = "training_jobs") -> None:
-    async def go() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.copy_records_to_table(table, records=rows, columns=list(columns))
-            await conn.execute(f"ANALYZE {table}")
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
+    """COPY ``rows`` into ``table``, then ANALYZE it."""
+    with Pg(dsn) as pg:
+        pg.copy_records(table, rows, columns)
+        pg.execute(f"ANALYZE {table}")
 
 
 # -- RQ state through RQ's own API --------------------------------------------------------------
@@ -299,29 +249,7 @@ def mb(n_bytes: float) -> float:
     return n_bytes / (1024 * 1024)
 
 
-# -- prometheus text ----------------------------------------------------------------------------
-
-_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
-
-
-def histogram(text: str, name: str) -> tuple[list[tuple[float, float]], float, float]:
-    """(cumulative buckets [(le, count)], count, sum) of histogram `name` (no labels)."""
-    buckets: list[tuple[float, float]] = []
-    count = total = 0.0
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        if m.group("name") == f"{name}_bucket":
-            le = re.search(r'le="([^"]+)"', m.group("labels") or "")
-            if le:
-                buckets.append((float(le.group(1)), float(m.group("value"))))
-        elif m.group("name") == f"{name}_count":
-            count = float(m.group("value"))
-        elif m.group("name") == f"{name}_sum":
-            total = float(m.group("value"))
-    buckets.sort()
-    return buckets, count, total
+# -- prometheus histograms (read with reconciler.devstack.histogram) ---------------------------
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:

@@ -10,7 +10,7 @@ events alone.
 
 Table lag per job = rq_reconciler_events.at of its `completed` transition - ended_at.
 Daemon RSS is sampled every 100 ms: at the start of the storm, peak, at its end and after
-the backlog has drained. Usage: python bench/event_storm.py
+the backlog has drained. Usage (from the repo root): python -m bench.event_storm
 """
 
 from __future__ import annotations
@@ -18,17 +18,12 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import psutil
+from rq.job import Job
 
-import psutil  # noqa: E402
-from rq.job import Job  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     DriverWorker,
-    PgConn,
     ProcSampler,
     banner,
     bench_env,
@@ -41,12 +36,10 @@ from bench.common import (  # noqa: E402
     pace,
     percentile,
     pg_copy_rows,
-    pg_run,
     print_table,
     verdict,
 )
-from tests.harness import cleanup_all  # noqa: E402
-from tests.support import DaemonProc, metric_value  # noqa: E402
+from reconciler.devstack import DaemonProc, Pg, cleanup_all, metric_value, pg_fetch
 
 CHANGES_PER_S = 2000
 SECONDS = 30
@@ -114,14 +107,14 @@ def main() -> int:
                 storm_s = t_end - t_start
                 storm_cpu = (cpu_seconds(pid) - cpu0) / storm_s
                 host_cpu = psutil.cpu_percent(None)
-                with PgConn(env.dsn) as pg:
-                    done_at_end = int(pg.fetchval(
+                with Pg(env.dsn) as pg:
+                    done_at_end = int(pg.val(
                         "SELECT count(*) FROM training_jobs WHERE status = 'completed'"))
                     deadline = time.perf_counter() + DRAIN_TIMEOUT
                     done = done_at_end
                     while done < N_JOBS and time.perf_counter() < deadline:
                         time.sleep(0.1)
-                        done = int(pg.fetchval(
+                        done = int(pg.val(
                             "SELECT count(*) FROM training_jobs WHERE status = 'completed'"))
                 t_drained = time.perf_counter()
                 time.sleep(5.0)
@@ -132,11 +125,11 @@ def main() -> int:
                 driver.close()
                 daemon.stop()
                 daemon.close()
-        recs = pg_run(env.dsn, "SELECT t.rq_job_id, e.at FROM rq_reconciler_events e "
-                               "JOIN training_jobs t ON t.id::text = e.job_id "
-                               "WHERE e.to_status = 'completed'")
-        n_running = int(pg_run(env.dsn, "SELECT count(*) AS n FROM rq_reconciler_events "
-                                        "WHERE to_status = 'running'")[0]["n"])
+        recs = pg_fetch(env.dsn, "SELECT t.rq_job_id, e.at FROM rq_reconciler_events e "
+                                 "JOIN training_jobs t ON t.id::text = e.job_id "
+                                 "WHERE e.to_status = 'completed'")
+        n_running = int(pg_fetch(env.dsn, "SELECT count(*) AS n FROM rq_reconciler_events "
+                                          "WHERE to_status = 'running'")[0]["n"])
 
     lags = [(r["at"] - ended[str(r["rq_job_id"])]).total_seconds() for r in recs
             if str(r["rq_job_id"]) in ended]

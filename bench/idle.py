@@ -5,21 +5,17 @@ so it pets the watchdog every second), keyspace events on (auto), sweep every 30
 with 2 idle real `rq worker`s on the same Redis (they heartbeat, which the daemon hears)
 and 1,000 terminal rows in the table. After READY (and 2 s to settle) it is left alone
 for 60 s; RSS is sampled every second, CPU% = psutil cpu_times delta / wall.
-Usage: python bench/idle.py
+Usage (from the repo root): python -m bench.idle
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import psutil
 
-import psutil  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     banner,
     bench_env,
     cpu_seconds,
@@ -31,8 +27,7 @@ from bench.common import (  # noqa: E402
     print_table,
     verdict,
 )
-from tests.harness import WorkerPool, cleanup_all  # noqa: E402
-from tests.support import DaemonProc  # noqa: E402
+from reconciler.devstack import DaemonProc, WorkerPool, cleanup_all
 
 IDLE_SECONDS = 60.0
 GOAL_RSS_MB = 60.0

@@ -6,7 +6,7 @@ fast). 5 times: a fresh real `rq worker` runs a long job (tests.jobs.touch_and_s
 (its horse lives on, reparented, still holding the worker's pub/sub socket). Measured:
 SIGKILL -> row `failed` (row polled every 5 ms; also the audit row's `at`, PG clock),
 and SIGKILL -> the orphaned horse's pid gone (polled every 5 ms; a zombie counts as gone).
-Usage: python bench/local_kill.py
+Usage (from the repo root): python -m bench.local_kill
 """
 
 from __future__ import annotations
@@ -18,11 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
-    PgConn,
+from bench.common import (
     banner,
     bench_env,
     env_info,
@@ -30,12 +26,20 @@ from bench.common import (  # noqa: E402
     make_workdir,
     ms,
     percentile,
-    pg_run,
     print_table,
     verdict,
 )
-from tests.harness import WorkerPool, cleanup_all, enqueue, pid_alive, wait_for  # noqa: E402
-from tests.support import DaemonProc, insert_job  # noqa: E402
+from reconciler.devstack import (
+    DaemonProc,
+    Pg,
+    WorkerPool,
+    cleanup_all,
+    enqueue,
+    insert_job,
+    pg_fetch,
+    pid_alive,
+    wait_until,
+)
 
 REPEATS = 5
 GOAL_S = 2.0
@@ -65,10 +69,10 @@ def main() -> int:
                 job_row = insert_job(env.dsn, rq_id, status="running", started_ago=0)
                 enqueue(env.redis_url, "tests.jobs.touch_and_sleep", 300, str(marker),
                         job_id=rq_id, job_timeout=600)
-                wait_for(_started(marker), timeout=20, interval=0.005, what="job running")
+                wait_until(_started(marker), timeout=20, interval=0.005, what="job running")
                 horse_pid = int(marker.read_text().split()[1])
                 time.sleep(0.5)
-                pg = PgConn(env.dsn)
+                pg = Pg(env.dsn).connect()
                 kill_wall = time.time()
                 t0 = time.perf_counter()
                 w.kill(signal.SIGKILL)
@@ -77,7 +81,7 @@ def main() -> int:
                 status = ""
                 while time.perf_counter() - t0 < HORSE_DEADLINE_S:
                     if t_row is None:
-                        status = str(pg.fetchval("SELECT status FROM training_jobs WHERE id = $1",
+                        status = str(pg.val("SELECT status FROM training_jobs WHERE id = $1",
                                                  job_row))
                         if status == "failed":
                             t_row = time.perf_counter() - t0
@@ -87,10 +91,10 @@ def main() -> int:
                         break
                     time.sleep(0.005)
                 pg.close()
-                audit = pg_run(env.dsn, "SELECT at, reason, detail::text AS d FROM rq_reconciler_events "
-                                        "WHERE job_id = $1 AND to_status = 'failed'", str(job_row))
-                err = pg_run(env.dsn, "SELECT error_message FROM training_jobs WHERE id = $1",
-                             job_row)[0]["error_message"]
+                audit = pg_fetch(env.dsn, "SELECT at, reason, detail::text AS d FROM rq_reconciler_events "
+                                          "WHERE job_id = $1 AND to_status = 'failed'", str(job_row))
+                err = pg_fetch(env.dsn, "SELECT error_message FROM training_jobs WHERE id = $1",
+                               job_row)[0]["error_message"]
                 results.append({
                     "i": i, "rq_id": rq_id, "row_s": t_row, "horse_s": t_horse,
                     "audit_s": (audit[0]["at"].timestamp() - kill_wall) if audit else None,

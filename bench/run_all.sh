@@ -17,12 +17,12 @@ failed=()
 start=$(date +%s)
 for s in "${SCRIPTS[@]}"; do
     echo
-    echo "### $PYTHON bench/$s.py"
+    echo "### $PYTHON -m bench.$s"
     t0=$(date +%s)
-    if ! "$PYTHON" "bench/$s.py"; then
+    if ! "$PYTHON" -m "bench.$s"; then
         failed+=("$s")
     fi
-    echo "### bench/$s.py took $(( $(date +%s) - t0 )) s"
+    echo "### bench.$s took $(( $(date +%s) - t0 )) s"
 done
 echo
 echo "### all benchmarks took $(( $(date +%s) - start )) s"

@@ -5,7 +5,7 @@ same proportions as sweep_vs_naive (25% finished, 15% failed with an exception i
 results stream, 10% missing, 50% queued; seeded shuffle). One `python -m reconciler sweep`
 subprocess; its peak RSS is read exactly from the kernel when it is reaped
 (os.wait4 -> ru_maxrss of that one child), and cross-checked by polling psutil every 20 ms.
-Usage: python bench/sweep_memory.py
+Usage (from the repo root): python -m bench.sweep_memory
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     SEED,
     ProcSampler,
     banner,
@@ -32,11 +28,10 @@ from bench.common import (  # noqa: E402
     make_workdir,
     mb,
     pg_copy_rows,
-    pg_run,
     print_table,
     verdict,
 )
-from tests.harness import cleanup_all, harness_env  # noqa: E402
+from reconciler.devstack import REPO_ROOT, cleanup_all, harness_env, pg_fetch
 
 ROWS = 100_000
 SHARES = {"finished": 0.25, "failed": 0.15, "missing": 0.10, "queued": 0.50}
@@ -58,8 +53,8 @@ def main() -> int:
         with env.redis_client() as r:
             create_rq_jobs(r, specs)
         pg_copy_rows(env.dsn, [(rq_id, "running") for rq_id, _ in specs], ["rq_job_id", "status"])
-        pg_run(env.dsn, "UPDATE training_jobs SET started_at = now() - interval '1 hour'")
-        pg_run(env.dsn, "VACUUM ANALYZE training_jobs")
+        pg_fetch(env.dsn, "UPDATE training_jobs SET started_at = now() - interval '1 hour'")
+        pg_fetch(env.dsn, "VACUUM ANALYZE training_jobs")
         print(f"setup: {ROWS:,} rows + RQ hashes in {time.monotonic() - t0:.1f} s")
 
         out_path, err_path = work / "sweep.out", work / "sweep.err"
@@ -67,7 +62,7 @@ def main() -> int:
             t = time.perf_counter()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "reconciler", "sweep", "--config", str(env.config)],
-                stdout=out, stderr=err, cwd=ROOT, env=harness_env())
+                stdout=out, stderr=err, cwd=REPO_ROOT, env=harness_env())
             sampler = ProcSampler(proc.pid, 0.02).start()
             _pid, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - t
@@ -79,7 +74,7 @@ def main() -> int:
         checked = int(m.group(1)) if m else -1
         changed = int(m.group(2)) if m else -1
         internal = float(m.group(3)) if m else float("nan")
-        counts = {str(r["status"]): int(r["n"]) for r in pg_run(
+        counts = {str(r["status"]): int(r["n"]) for r in pg_fetch(
             env.dsn, "SELECT status, count(*) AS n FROM training_jobs GROUP BY status")}
         if rc != 0:
             print(f"sweep exited {rc}:\n{err_path.read_text(errors='replace')[-3000:]}")

@@ -18,7 +18,7 @@ copy pays.
 Each run gets a fresh copy of the table (CREATE DATABASE run TEMPLATE tmpl). Redis is
 only read by both sides (checked: DBSIZE and a digest of every status before/after).
 Both must end with the same (id, status) table, and the same error texts.
-Usage: python bench/sweep_vs_naive.py
+Usage (from the repo root): python -m bench.sweep_vs_naive
 """
 
 from __future__ import annotations
@@ -33,12 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import redis
 
-import redis  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     SEED,
     banner,
     bench_env,
@@ -48,11 +45,10 @@ from bench.common import (  # noqa: E402
     make_workdir,
     median,
     pg_copy_rows,
-    pg_run,
     print_table,
     verdict,
 )
-from tests.harness import cleanup_all, harness_env  # noqa: E402
+from reconciler.devstack import REPO_ROOT, cleanup_all, harness_env, pg_fetch
 
 N_FINISHED, N_FAILED, N_MISSING, N_QUEUED = 5_000, 3_000, 2_000, 10_000
 ROWS = N_FINISHED + N_FAILED + N_MISSING + N_QUEUED
@@ -65,7 +61,7 @@ GOAL_SPEEDUP = 10.0
 
 
 def _final_table(dsn: str) -> list[tuple[int, str, str]]:
-    rows = pg_run(dsn, "SELECT id, status, coalesce(error_message, '') AS e FROM training_jobs ORDER BY id")
+    rows = pg_fetch(dsn, "SELECT id, status, coalesce(error_message, '') AS e FROM training_jobs ORDER BY id")
     return [(int(r["id"]), str(r["status"]), str(r["e"])) for r in rows]
 
 
@@ -99,8 +95,8 @@ def _pg_xacts(admin_dsn: str, dbname: str) -> int:
     deadline = time.monotonic() + 5
     last = -1
     while time.monotonic() < deadline:
-        n = int(pg_run(admin_dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
-                       dbname)[0]["xact_commit"])
+        n = int(pg_fetch(admin_dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+                         dbname)[0]["xact_commit"])
         if n == last:
             return n
         last = n
@@ -132,25 +128,25 @@ def main() -> int:
             create_rq_jobs(r, specs)
             before = _redis_digest(r)
         pg_copy_rows(env.dsn, [(rq_id, "running") for rq_id, _ in specs], ["rq_job_id", "status"])
-        pg_run(env.dsn, "UPDATE training_jobs SET started_at = now() - interval '1 hour'")
-        pg_run(env.dsn, "VACUUM ANALYZE training_jobs")
+        pg_fetch(env.dsn, "UPDATE training_jobs SET started_at = now() - interval '1 hour'")
+        pg_fetch(env.dsn, "VACUUM ANALYZE training_jobs")
         print(f"setup: {ROWS:,} rows + RQ hashes in {time.monotonic() - t0:.1f} s "
               f"(redis keys {before[0]:,}, status digest {before[1]})")
 
         # What `pip install` does; a no-op where the bytecode is already there and fresh.
-        compileall.compile_dir(ROOT / "reconciler", quiet=1)
+        compileall.compile_dir(REPO_ROOT / "reconciler", quiet=1)
         runs: list[Run] = []
         for run in range(1, RUNS + 1):
             dsn = {}
             for side in ("naive", "sweep"):
                 name = f"run{run}_{side}"
-                pg_run(env.pg.dsn("postgres"), f'CREATE DATABASE "{name}" TEMPLATE "tmpl"')
+                pg_fetch(env.pg.dsn("postgres"), f'CREATE DATABASE "{name}" TEMPLATE "tmpl"')
                 dsn[side] = env.pg.dsn(name)
             # (a) naive, as a subprocess
             cmds0 = _redis_commands(env.redis_url)
             t = time.perf_counter()
             p = subprocess.run([sys.executable, str(NAIVE), dsn["naive"], env.redis_url],
-                               capture_output=True, text=True, check=False, cwd=ROOT,
+                               capture_output=True, text=True, check=False, cwd=REPO_ROOT,
                                env=harness_env())
             naive_s = time.perf_counter() - t
             naive_cmds = _redis_commands(env.redis_url) - cmds0 - 1
@@ -163,7 +159,7 @@ def main() -> int:
             cmds0 = _redis_commands(env.redis_url)
             t = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "reconciler", "sweep", "--config", str(cfg)],
-                               capture_output=True, text=True, check=False, cwd=ROOT,
+                               capture_output=True, text=True, check=False, cwd=REPO_ROOT,
                                env=harness_env())
             sweep_s = time.perf_counter() - t
             sweep_cmds = _redis_commands(env.redis_url) - cmds0 - 1
@@ -183,7 +179,7 @@ def main() -> int:
                 sweep_stderr_lines=p.stderr.count("\n"),
             ))
             for side in ("naive", "sweep"):
-                pg_run(env.pg.dsn("postgres"), f'DROP DATABASE "run{run}_{side}" WITH (FORCE)')
+                pg_fetch(env.pg.dsn("postgres"), f'DROP DATABASE "run{run}_{side}" WITH (FORCE)')
 
         with env.redis_client() as r:
             after = _redis_digest(r)

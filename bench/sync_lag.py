@@ -13,7 +13,7 @@ B. the daemon alone: 1,000 RQ jobs created with RQ's API; this process registers
    (prepare_for_execution, then _handle_success 20 ms later) at 50 jobs/s for 20 s.
 
 Also prints the daemon's own rq_reconciler_sync_lag_seconds histogram (per phase) and its
-CPU use. Usage: python bench/sync_lag.py
+CPU use. Usage (from the repo root): python -m bench.sync_lag
 """
 
 from __future__ import annotations
@@ -21,18 +21,14 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import psutil
+import redis
+from rq import Queue
+from rq.job import Job
 
-import psutil  # noqa: E402
-import redis  # noqa: E402
-from rq import Queue  # noqa: E402
-from rq.job import Job  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     DriverWorker,
     Env,
     banner,
@@ -41,19 +37,23 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     env_info,
     footer,
-    histogram,
     histogram_quantile,
     make_workdir,
     ms,
     pace,
     percentile,
     pg_copy_rows,
-    pg_run,
     print_table,
     verdict,
 )
-from tests.harness import WorkerPool, cleanup_all  # noqa: E402
-from tests.support import DaemonProc, metric_value  # noqa: E402
+from reconciler.devstack import (
+    DaemonProc,
+    WorkerPool,
+    cleanup_all,
+    histogram,
+    metric_value,
+    pg_fetch,
+)
 
 RATE = 50.0
 SECONDS = 20.0
@@ -74,9 +74,9 @@ def _ended_at(conn: redis.Redis, rq_ids: list[str]) -> dict[str, tuple[Any, Any,
 
 
 def _lags(env: Env, prefix: str, ended: dict[str, tuple[Any, Any, Any]]) -> tuple[list[float], int]:
-    recs = pg_run(env.dsn, "SELECT t.rq_job_id, e.at FROM rq_reconciler_events e "
-                           "JOIN training_jobs t ON t.id::text = e.job_id "
-                           "WHERE e.to_status = 'completed' AND t.rq_job_id LIKE $1", prefix + "%")
+    recs = pg_fetch(env.dsn, "SELECT t.rq_job_id, e.at FROM rq_reconciler_events e "
+                             "JOIN training_jobs t ON t.id::text = e.job_id "
+                             "WHERE e.to_status = 'completed' AND t.rq_job_id LIKE $1", prefix + "%")
     lags: list[float] = []
     for r in recs:
         end = ended.get(str(r["rq_job_id"]), (None, None, None))[2]
@@ -89,8 +89,8 @@ def _wait_completed(env: Env, prefix: str, n: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     done = 0
     while time.monotonic() < deadline:
-        done = int(pg_run(env.dsn, "SELECT count(*) AS n FROM training_jobs WHERE status = 'completed' "
-                                   "AND rq_job_id LIKE $1", prefix + "%")[0]["n"])
+        done = int(pg_fetch(env.dsn, "SELECT count(*) AS n FROM training_jobs WHERE status = 'completed' "
+                                     "AND rq_job_id LIKE $1", prefix + "%")[0]["n"])
         if done >= n:
             break
         time.sleep(0.2)
@@ -102,10 +102,9 @@ def _insert_rows(env: Env, rq_ids: list[str]) -> None:
 
 
 def _hist_delta(before: str, after: str) -> tuple[list[tuple[float, float]], float, float]:
-    b0, c0, s0 = histogram(before, LAG_METRIC)
-    b1, c1, s1 = histogram(after, LAG_METRIC)
-    prev = dict(b0)
-    return [(le, c - prev.get(le, 0.0)) for le, c in b1], c1 - c0, s1 - s0
+    h0, h1 = histogram(before, LAG_METRIC), histogram(after, LAG_METRIC)
+    prev = dict(h0.buckets)
+    return [(le, c - prev.get(le, 0.0)) for le, c in h1.buckets], h1.count - h0.count, h1.sum - h0.sum
 
 
 def _wakeups(before: str, after: str) -> float:
