@@ -8,7 +8,9 @@ terminal state, and it must never read "Redis could not be asked" as "job not fo
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -33,6 +35,9 @@ class RqStatus(enum.StrEnum):
     MISSING = "missing"
     # The hash exists but its status field is absent or a word RQ does not use.
     UNKNOWN = "unknown"
+    # The key exists but could not be read (a key of the wrong type, fields no RQ writes):
+    # for this one job it is as if Redis had failed. Never "not found"; the row stays.
+    UNREADABLE = "unreadable"
 
 
 WAITING = frozenset({RqStatus.CREATED, RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED})
@@ -115,12 +120,8 @@ class CancelIntent:
     def describe(self) -> str:
         # Both are free text from the app: a megabyte of reason belongs on the request
         # row (it is kept there), not in the error column or in every log line.
-        parts = [_clip(p, MAX_ERROR_LINE // 2) for p in (self.who, self.why) if p]
+        parts = [clip(p, MAX_ERROR_LINE // 2) for p in (self.who, self.why) if p]
         return " / ".join(parts) if parts else "cancel requested"
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class Decision(NamedTuple):
@@ -149,7 +150,7 @@ def last_line(text: str) -> str:
     """The last non-empty line of an exception text, trimmed to a sane length."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[-1] if lines else ""
-    return line if len(line) <= MAX_ERROR_LINE else line[: MAX_ERROR_LINE - 1] + "…"
+    return clip(line, MAX_ERROR_LINE)
 
 
 def decide(
@@ -169,6 +170,9 @@ def decide(
     the row instead. `old_enough` is the min_age test, done by the caller with its clock.
     """
     s = statuses
+    if rq_job is not None and rq_job.status is RqStatus.UNREADABLE:
+        # Redis could not tell us about this job: decide nothing, stop nothing.
+        return KEEP
     if row.status == s.cancelled:
         # A cancel is an intent that holds until RQ agrees: a horse that started anyway
         # (it dequeued the job a moment before RQ's cancel) is stopped again.
@@ -249,3 +253,103 @@ def _cancelled(s: Statuses, cancel: CancelIntent, what: str, *, rq_status: str =
         set_completed_at=True,
         detail=detail,
     )
+
+
+# -- texts bound to SQL, and what was refused ---------------------------------------------------
+# One bad value must cost its row only. PostgreSQL refuses NUL in text and jsonb (and its
+# JSON escape), and lone surrogates cannot even be encoded as UTF-8; varchar(n)
+# refuses n + 1 characters. So every text bound to SQL is cleaned and clipped first.
+
+REPLACEMENT = "\ufffd"
+# What an unbounded text column (text, varchar) is given at most: an error line is a few
+# hundred characters; anything near this is garbage, and it would be kept in every log too.
+TEXT_CAP = 64 * 1024
+# Each string inside an audit/outcome `detail` document.
+DETAIL_TEXT_CAP = 4096
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…" if limit > 0 else ""
+
+
+def storable(text: str) -> bool:
+    """True if PostgreSQL can store `text` as it is (no NUL, no lone surrogate)."""
+    if text.isascii():
+        return "\x00" not in text
+    return _UNSTORABLE.search(text) is None
+
+
+def clean_text(text: str) -> str:
+    """`text` with NUL and lone surrogates (undecodable bytes smuggled in by
+    surrogateescape, or a half pair) replaced by U+FFFD. The common case is a scan."""
+    return text if storable(text) else _UNSTORABLE.sub(REPLACEMENT, text)
+
+
+def sql_text(text: str, limit: int = TEXT_CAP) -> str:
+    """A text as a column holding at most `limit` characters can take it."""
+    if len(text) <= limit and (text.isascii() and "\x00" not in text):
+        return text  # the common case, one scan
+    return clip(clean_text(text), limit)
+
+
+def sql_json(value: Any, limit: int = DETAIL_TEXT_CAP, _depth: int = 0) -> Any:
+    """A JSON-able value with every string (keys too) made storable in jsonb and clipped.
+    Nesting deeper than a detail document ever has is cut."""
+    if isinstance(value, str):
+        return sql_text(value, limit)
+    if _depth > 8:
+        return None
+    if isinstance(value, Mapping):
+        return {sql_text(str(k), limit): sql_json(v, limit, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [sql_json(v, limit, _depth + 1) for v in value]
+    return value
+
+
+# kind ("row", "key", "job_hash"), the job id or key (printable), what was wrong with it.
+PoisonCallback = Callable[[str, str, str], None]
+POISON_MEMORY = 10_000
+
+
+class BoundedMemory:
+    """A key -> value memory of at most `size` entries, least recently used forgotten
+    first: what was refused (and why) is remembered, without letting garbage in the data
+    grow the daemon."""
+
+    __slots__ = ("_d", "size")
+
+    def __init__(self, size: int = POISON_MEMORY) -> None:
+        self.size = size
+        self._d: OrderedDict[Hashable, Hashable] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._d
+
+    def get(self, key: Hashable) -> Hashable | None:
+        value = self._d.get(key)
+        if value is not None:
+            self._d.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Hashable = True) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def discard(self, key: Hashable) -> None:
+        self._d.pop(key, None)
+
+    def first_time(self, key: Hashable, value: Hashable = True) -> bool:
+        """Remember `key` as `value`; True unless it was already remembered as that."""
+        if self.get(key) == value:
+            return False
+        self.put(key, value)
+        return True

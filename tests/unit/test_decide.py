@@ -78,6 +78,18 @@ def test_waiting_or_unknown_is_unchanged(rq: RqStatus, from_status: str) -> None
     assert d(row(from_status), job(rq)) == Decision()
 
 
+@pytest.mark.parametrize("from_status", ["queued", "running", "cancelled"])
+@pytest.mark.parametrize("cancel", [None, CANCEL])
+@pytest.mark.parametrize("w", [None, ALIVE, GONE])
+@pytest.mark.parametrize("old", [True, False])
+def test_unreadable_job_is_like_a_redis_error(from_status: str, cancel: CancelIntent | None,
+                                              w: WorkerState | None, old: bool) -> None:
+    """A key of the wrong type (or fields no RQ writes): the row stays as it is, whatever
+    else is known. Never "not found", never a cancel completed, no horse stopped on it."""
+    unreadable = RqJob("j", RqStatus.UNREADABLE, "unreadable: WRONGTYPE", worker_name="w1")
+    assert d(row(from_status), unreadable, w, cancel, old=old) == Decision()
+
+
 def test_started_with_live_worker_marks_queued_row_running() -> None:
     got = d(row("queued"), job(RqStatus.STARTED), ALIVE)
     assert (got.to_status, got.reason, got.set_started_at) == ("running", Reason.STARTED, True)
