@@ -107,6 +107,19 @@ class Metrics:
         for sig in ("SIGTERM", "SIGKILL"):
             self.process_signals.labels(signal=sig)
         self.orphan_breaker_open.set(0)
+        # SPEC "Nothing the data does stops the daemon": what was skipped, by kind: row (a
+        # change the database refused), key (a job or worker key name we cannot use),
+        # job_hash (a job key we cannot read, e.g. of the wrong type). Each counted once.
+        self.poison = Counter(
+            p + "poison", "Rows or keys skipped because they could not be read or written.",
+            ["kind"], registry=r,
+        )
+        for kind in ("row", "key", "job_hash"):
+            self.poison.labels(kind=kind)
+
+    def count_poison(self, kind: str, _name: str = "", _error: str = "") -> None:
+        """A PoisonCallback for Store(on_poison=...) and RqState(on_poison=...)."""
+        self.poison.labels(kind=kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

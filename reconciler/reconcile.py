@@ -278,10 +278,13 @@ class Reconciler:
             report.changes = changes
             report.changed = len(changes)
             return report, held
-        applied = await self.store.apply(changes)
+        result = await self.store.apply(changes)
+        applied = result.applied
         report.changes = applied
         report.changed = len(applied)
-        report.lost_races = len(changes) - len(applied)
+        # Rows held locked elsewhere (decided again by a later pass) and rows the database
+        # refused (poison, logged and counted by the store) did not lose a race.
+        report.lost_races = len(changes) - len(applied) - len(result.locked) - len(result.rejected)
         now = datetime.now(UTC)
         # One line per transition, unless a batch is large (a first sweep over a neglected
         # table): then those go to debug and one summary line to info. The audit table

@@ -1,10 +1,14 @@
 """Postgres (asyncpg): the jobs table, our audit/cancel tables, migrations.
 
 Every UPDATE of a job row is guarded by the status it was read with (compare-and-set),
-batched with unnest(), and writes its audit rows in the same statement. Identifiers come
-from the config through quote_ident(); values are always bind parameters. asyncpg errors
-are translated here: outages into PostgresUnavailable, schema problems into SchemaError.
-Nothing here holds a transaction open while the caller talks to Redis.
+batched, and writes its audit rows in the same statement; rows another transaction holds
+locked are skipped, not waited for. Identifiers come from the config through
+quote_ident(); values are always bind parameters, and every text bound to SQL is cleaned
+(NUL, lone surrogates) and clipped to what its column holds. A batch the database refuses
+for the sake of one row is split to find that row, which is skipped until it changes.
+asyncpg errors are translated here (see errors.py): outages into PostgresUnavailable,
+values one row carried into DataRejected, configurations that cannot work into
+SchemaError. Nothing here holds a transaction open while the caller talks to Redis.
 """
 
 from __future__ import annotations
@@ -25,8 +29,26 @@ import asyncpg
 import structlog
 
 from reconciler.config import Config, quote_ident
-from reconciler.errors import PostgresUnavailable, SchemaError
-from reconciler.model import NO_DETAIL, CancelIntent, JobRow
+from reconciler.errors import (
+    DataRejected,
+    InvalidJobId,
+    PostgresUnavailable,
+    SchemaError,
+    UnknownJob,
+)
+from reconciler.model import (
+    DETAIL_TEXT_CAP,
+    NO_DETAIL,
+    TEXT_CAP,
+    BoundedMemory,
+    CancelIntent,
+    JobRow,
+    PoisonCallback,
+    clean_text,
+    sql_json,
+    sql_text,
+    storable,
+)
 
 _OUTAGE = (
     OSError,
@@ -40,33 +62,55 @@ _OUTAGE = (
     asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
-_SCHEMA = (
-    asyncpg.exceptions.UndefinedTableError,
-    asyncpg.exceptions.UndefinedColumnError,
-    asyncpg.exceptions.UndefinedObjectError,
-    asyncpg.exceptions.DatatypeMismatchError,
-    asyncpg.exceptions.InvalidSchemaNameError,
-    asyncpg.exceptions.UndefinedFunctionError,
-)
+# Server errors by SQLSTATE class (its first two characters); see errors.py for why.
+# Not able to do our work right now: connection (08), rollback: deadlock/serialization
+# (40), resources: disk/memory/connections (53), operator: shutdown, statement_timeout
+# (57), system/I/O (58), snapshot too old (72), internal (XX).
+_OUTAGE_CLASSES = frozenset({"08", "40", "53", "57", "58", "72", "XX"})
+# read-only transaction (a standby, default_transaction_read_only), idle-in-transaction
+# timeout, lock_timeout, object in use.
+_OUTAGE_STATES = frozenset({"25006", "25P02", "25P03", "55P03", "55006"})
+# A value one row carried: triggered action (09), cardinality (21), data (22), integrity
+# (23), triggered data change (27), routine errors (2F, 38, 39), check option (44),
+# program limit such as a too-large value (54), a PL/pgSQL RAISE (P0).
+_DATA_CLASSES = frozenset({"09", "21", "22", "23", "27", "2F", "38", "39", "44", "54", "P0"})
+# Cannot work as configured: undefined table/column/function, datatype mismatch,
+# insufficient privilege (42), no such database (3D) or schema (3F), login refused (28).
+_SCHEMA_CLASSES = frozenset({"42", "3D", "3F", "28"})
 
 log = structlog.get_logger("reconciler.store")
 
 SCHEMA_VERSION = 1
 # Attempts of one guarded batch UPDATE that PostgreSQL failed to break a deadlock.
 APPLY_ATTEMPTS = 5
+# Set on every pool connection: one application transaction holding one row's lock, or a
+# statement gone astray, must not stall the daemon (both errors are outages: retried).
+LOCK_TIMEOUT_MS = 2000
+STATEMENT_TIMEOUT_MS = 30000
+# Free text read from the cancel-request table (who, why): the error column gets a few
+# hundred characters of it; a 300 MB reason is never read whole.
+REQUEST_TEXT_MAX = 1000
 MIGRATIONS = ("001_initial.sql",)
 
 
 def translate(exc: BaseException) -> Exception:
-    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
-        # A deadlock or serialization failure: nothing was written; try again later.
-        return PostgresUnavailable(f"{type(exc).__name__}: {exc}")
-    if isinstance(exc, _SCHEMA):
-        return SchemaError(str(exc))
+    """The package's exception for a driver error (errors.py says what each means)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        name = type(exc).__name__
+        state = str(getattr(exc, "sqlstate", "") or "")
+        cls = state[:2]
+        if state in _OUTAGE_STATES or cls in _OUTAGE_CLASSES:
+            return PostgresUnavailable(f"{name}: {exc}")
+        if isinstance(exc, asyncpg.exceptions.ForeignKeyViolationError):
+            return UnknownJob(f"{name}: {exc}", pg_error=name, sqlstate=state)
+        if cls in _DATA_CLASSES:
+            return DataRejected(f"{name}: {exc}", pg_error=name, sqlstate=state)
+        if cls in _SCHEMA_CLASSES:
+            return SchemaError(str(exc))
+        # A class this list does not know: retried and visible beats a daemon that stops.
+        return PostgresUnavailable(f"{name}: {exc}")
     if isinstance(exc, _OUTAGE):
         return PostgresUnavailable(str(exc) or type(exc).__name__)
-    if isinstance(exc, asyncpg.PostgresError):
-        return SchemaError(f"{type(exc).__name__}: {exc}")
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
@@ -122,6 +166,39 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _fingerprint(change: RowChange) -> int:
+    """Identifies one transition as decided: the same row decided the same way again
+    (nothing changed in RQ or in the row) has the same fingerprint."""
+    return hash(json.dumps(change, default=_json_default, check_circular=False))
+
+
+class ApplyResult(NamedTuple):
+    """What `Store.apply` did with a batch. A change in none of the lists lost its race:
+    the row was no longer in the status it was read with."""
+
+    # Took effect, as written (texts cleaned and clipped).
+    applied: list[RowChange]
+    # Not tried: another transaction held the row locked (or changed it a moment ago).
+    # Nothing is known about them; decide them again later.
+    locked: list[RowChange]
+    # Refused by the database for a value of their own (poison), now or earlier with the
+    # same change: skipped until the decision for the row changes.
+    rejected: list[RowChange]
+
+
+def _plain_json(value: Mapping[str, Any]) -> bool:
+    """True if no string in a (flat) detail mapping needs cleaning or clipping."""
+    for k, v in value.items():
+        if not (isinstance(k, str) and k.isascii() and "\x00" not in k):
+            return False
+        if isinstance(v, str):
+            if len(v) > DETAIL_TEXT_CAP or not v.isascii() or "\x00" in v:
+                return False
+        elif not (v is None or isinstance(v, (bool, int, float))):
+            return False  # nested: let sql_json walk it
+    return True
+
+
 class ActiveRow(NamedTuple):
     row: JobRow
     age_seconds: float
@@ -137,10 +214,18 @@ class CancelRequest:
 
 
 class Store:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, on_poison: PoisonCallback | None = None) -> None:
+        """`on_poison(kind, job_id, error)`: called once for each row change the database
+        refused ("row"); the daemon counts them. Nothing here imports prometheus_client."""
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
         self.id_type = "bigint"
+        # What the error column holds (characters): its varchar(n)/char(n) length, read at
+        # connect; an unbounded text column still gets no more than TEXT_CAP.
+        self.error_max = TEXT_CAP
+        self._on_poison = on_poison
+        # job id (text) -> fingerprint of the change the database refused for it.
+        self._poison = BoundedMemory()
         j = cfg.jobs
         self.t = quote_ident(j.table)
         self.c_id = quote_ident(j.id_column)
@@ -165,6 +250,10 @@ class Store:
                 command_timeout=60,
                 timeout=10,
                 reset=_keep_session,
+                server_settings={
+                    "lock_timeout": str(LOCK_TIMEOUT_MS),
+                    "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                },
             )
             await self._introspect()
 
@@ -194,11 +283,30 @@ class Store:
             )
         # format_type() output comes from the catalog, not from user input.
         self.id_type = str(row["t"])
+        self.error_max = await self._text_capacity(self.cfg.jobs.error_column)
         self._build_sql()
+
+    async def _text_capacity(self, column: str) -> int:
+        """How many characters a jobs-table column holds: n for varchar(n) / char(n) (also
+        behind a domain), else TEXT_CAP. What information_schema calls
+        character_maximum_length, without its privilege filter and name matching."""
+        rec = await self._p().fetchrow(
+            "SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END "
+            "  IN ('varchar'::regtype, 'bpchar'::regtype) AS chars, "
+            "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END AS typmod "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
+            self.t, column,
+        )
+        if rec is None or not rec["chars"] or rec["typmod"] is None or rec["typmod"] < 5:
+            return TEXT_CAP  # unbounded (or missing: verify_schema says so)
+        return min(int(rec["typmod"]) - 4, TEXT_CAP)  # typmod of (n) is n + 4
 
     async def verify_schema(self) -> None:
         """Our own tables and the mapped columns exist: a daemon that cannot work says so
-        once, at start-up, instead of failing every query."""
+        once, at start-up, instead of failing every query. It only reads: a read-only
+        server (a standby, default_transaction_read_only) passes, and its refused writes
+        are outages later, retried."""
         missing = [
             name for name, reg in [
                 (self.cfg.cancel.requests_table, self.req),
@@ -258,6 +366,11 @@ class Store:
         # table for every batch when the table is small enough to look cheap to scan (9 of
         # 19 ms for 500 rows in a 20,000-row table); with it, each batch costs index
         # lookups only, however the table grows.
+        # `lk` locks the rows to change first, skipping those another transaction holds:
+        # one app transaction sitting on one row must not stall a whole batch (nor the
+        # daemon) until lock_timeout; those rows come back as locked (false, id) and are
+        # decided again later. Rows still in their read status that `lk` did not get are
+        # the locked ones; the rest lost their race.
         self._sql["apply"] = f"""
 WITH u AS (
     SELECT (b->>0)::{self.id_type} AS id, b->>1 AS from_s, b->>2 AS to_s, b->>3 AS err,
@@ -265,18 +378,29 @@ WITH u AS (
            (b->>7)::timestamptz AS completed_ts, (b->>8)::bool AS mark_started,
            (b->>9)::bool AS mark_completed, b->10 AS detail
     FROM jsonb_array_elements($2::jsonb) AS b
+), lk AS (
+    SELECT t.{cid} AS id FROM {t} t JOIN u ON t.{cid} = u.id AND t.{cst} = u.from_s
+    WHERE t.{cid} = ANY($1::{self.id_type}[])
+    FOR UPDATE OF t SKIP LOCKED
 ), upd AS (
     UPDATE {t} t SET {', '.join(sets)}
-    FROM u WHERE t.{cid} = ANY($1::{self.id_type}[]) AND t.{cid} = u.id AND t.{cst} = u.from_s
+    FROM u JOIN lk ON lk.id = u.id
+    WHERE t.{cid} = ANY($1::{self.id_type}[]) AND t.{cid} = u.id AND t.{cst} = u.from_s
     RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
 ), gone AS (
     DELETE FROM {self.first_seen} f USING upd
     WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($4::text[])
+), ev AS (
+    INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
+    SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''),
+           upd.detail, $3
+    FROM upd
+    RETURNING job_id
 )
-INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
-SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''), upd.detail, $3
-FROM upd
-RETURNING job_id
+SELECT true AS applied, job_id FROM ev
+UNION ALL
+SELECT false, u.id::text FROM u JOIN {t} t ON t.{cid} = u.id AND t.{cst} = u.from_s
+WHERE t.{cid} = ANY($1::{self.id_type}[]) AND NOT EXISTS (SELECT 1 FROM lk WHERE lk.id = u.id)
 """
         self._sql["first_seen"] = (
             f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
@@ -287,8 +411,9 @@ RETURNING job_id
             f"WHERE t.{cid}::text = f.job_id AND t.{cst} = ANY($1::text[]))"
         )
         self._sql["intents"] = (
-            f"SELECT DISTINCT ON (job_id) job_id, coalesce(requested_by, '') AS who, "
-            f"coalesce(reason, '') AS why FROM {self.req} "
+            f"SELECT DISTINCT ON (job_id) job_id, "
+            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {self.req} "
             f"WHERE state <> 'done' AND job_id = ANY($1::{self.id_type}[]) ORDER BY job_id, id"
         )
 
@@ -315,9 +440,13 @@ RETURNING job_id
     async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
         """Active rows, and cancelled ones (a cancel holds until RQ agrees)."""
         s = self.cfg.jobs.statuses
+        # An id PostgreSQL cannot even hold (NUL, a lone surrogate) matches no row; sent,
+        # it would fail the whole lookup for its neighbours.
+        ids = [i for i in rq_ids if storable(i)]
+        if not ids:
+            return []
         async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["by_rq_ids"], list(rq_ids),
-                                         [*s.active, s.cancelled])
+            recs = await self._p().fetch(self._sql["by_rq_ids"], ids, [*s.active, s.cancelled])
         return [self._active(r) for r in recs]
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
@@ -345,36 +474,115 @@ RETURNING job_id
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def apply(self, changes: Sequence[RowChange]) -> list[RowChange]:
-        """Apply guarded transitions in one statement; returns the ones that took effect."""
+    async def apply(self, changes: Sequence[RowChange]) -> ApplyResult:
+        """Apply guarded transitions, as few statements as the data allows.
+
+        Texts are cleaned and clipped first. Rows another transaction holds locked are
+        not waited for (ApplyResult.locked). If the database refuses the batch for a value
+        one row carried, the batch is split until that row is found; it is logged once
+        (`poison_row`), reported to `on_poison`, and skipped while its change stays the
+        same (ApplyResult.rejected); the rest are applied. An outage raises
+        PostgresUnavailable: what an earlier part of a split batch applied stays applied.
+        """
         if not changes:
-            return []
+            return ApplyResult([], [], [])
+        memory = self._poison
+        todo: list[RowChange] = []
+        rejected: list[RowChange] = []
+        for c in changes:
+            c = self._storable(c)
+            if memory and memory.get(str(c.job_id)) == _fingerprint(c):
+                rejected.append(c)  # refused before, and nothing changed since
+            else:
+                todo.append(c)
         # One lock order for every writer (replicas apply overlapping batches), so that
-        # lock cycles are rare; the retry below handles the rest.
+        # lock cycles are rare; the retry in _apply_batch handles the rest.
         with suppress(TypeError):
-            changes = sorted(changes, key=_JOB_ID)
-        batch = json.dumps(changes, default=_json_default, check_circular=False)
-        args = ([c.job_id for c in changes], batch, self.cfg.instance.name,
-                list(self.cfg.jobs.statuses.active))
+            todo.sort(key=_JOB_ID)
+        applied: list[RowChange] = []
+        locked: list[RowChange] = []
         async with translated(self.pool):
-            for attempt in range(1, APPLY_ATTEMPTS + 1):
-                try:
-                    recs = await self._p().fetch(self._sql["apply"], *args)
-                    break
-                except asyncpg.exceptions.TransactionRollbackError as exc:
-                    # Replicas apply overlapping batches from the same events; PostgreSQL
-                    # breaks a lock cycle by failing one statement whole. It is guarded, so
-                    # running it again is safe: rows another replica changed meanwhile
-                    # are simply skipped. After the last attempt it is an outage (retried
-                    # later, nothing lost), never a schema error that stops the daemon.
-                    if attempt == APPLY_ATTEMPTS:
-                        raise
-                    log.info("apply_retried", attempt=attempt, error=type(exc).__name__)
-                    await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
-        if len(recs) == len(changes):  # one event row per updated row: all took effect
-            return list(changes)
-        applied = {r[0] for r in recs}
-        return [c for c in changes if str(c.job_id) in applied]
+            await self._apply_split(todo, applied, locked, rejected)
+        if memory:
+            for c in applied:
+                memory.discard(str(c.job_id))
+        return ApplyResult(applied, locked, rejected)
+
+    def _storable(self, c: RowChange) -> RowChange:
+        """`c` with its error text clipped to the error column and its detail's strings
+        made fit for jsonb (runs per change: the usual texts pass after one scan)."""
+        error = sql_text(c.error, self.error_max) if c.error else c.error
+        detail = c.detail
+        if detail and not _plain_json(detail):
+            detail = sql_json(detail)
+        if error is c.error and detail is c.detail:
+            return c
+        return c._replace(error=error, detail=detail)
+
+    async def _apply_split(self, batch: list[RowChange], applied: list[RowChange],
+                           locked: list[RowChange], rejected: list[RowChange]) -> None:
+        """Apply `batch`; if the database refuses it for one row's sake, halve it until
+        the rows at fault are alone (log2(n) statements per such row)."""
+        if not batch:
+            return
+        try:
+            recs = await self._apply_batch(batch)
+        except asyncpg.PostgresError as exc:
+            err = translate(exc)
+            if not isinstance(err, DataRejected):
+                raise
+            if len(batch) == 1:
+                self._poisoned(batch[0], err)
+                rejected.append(batch[0])
+                return
+            mid = len(batch) // 2
+            await self._apply_split(batch[:mid], applied, locked, rejected)
+            await self._apply_split(batch[mid:], applied, locked, rejected)
+            return
+        done = {r[1] for r in recs if r[0]}
+        if len(done) == len(batch):  # one event row per updated row: all took effect
+            applied += batch
+            return
+        held = {r[1] for r in recs if not r[0]}
+        for c in batch:
+            key = str(c.job_id)
+            if key in done:
+                applied.append(c)
+            elif key in held:
+                locked.append(c)
+
+    async def _apply_batch(self, batch: list[RowChange]) -> list[asyncpg.Record]:
+        """One guarded statement for `batch`, run again if PostgreSQL broke a lock cycle
+        with it. Raises asyncpg's errors untranslated: the caller decides what they cost."""
+        body = json.dumps(batch, default=_json_default, check_circular=False)
+        args = ([c.job_id for c in batch], body, self.cfg.instance.name,
+                list(self.cfg.jobs.statuses.active))
+        for attempt in range(1, APPLY_ATTEMPTS + 1):
+            try:
+                return list(await self._p().fetch(self._sql["apply"], *args))
+            except asyncpg.exceptions.TransactionRollbackError as exc:
+                # Replicas apply overlapping batches from the same events; PostgreSQL
+                # breaks a lock cycle by failing one statement whole. It is guarded, so
+                # running it again is safe: rows another replica changed meanwhile are
+                # simply skipped. After the last attempt it is an outage (retried later,
+                # nothing lost), never a schema error that stops the daemon.
+                if attempt == APPLY_ATTEMPTS:
+                    raise
+                log.info("apply_retried", attempt=attempt, error=type(exc).__name__)
+                await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _poisoned(self, change: RowChange, err: DataRejected) -> None:
+        key = str(change.job_id)
+        fingerprint = _fingerprint(change)
+        if self._poison.get(key) == fingerprint:
+            return
+        self._poison.put(key, fingerprint)
+        log.warning("poison_row", job_id=key, error=str(err), pg_error=err.pg_error,
+                    sqlstate=err.sqlstate, from_status=change.from_status,
+                    to_status=change.to_status)
+        if self._on_poison is not None:
+            self._on_poison("row", key, str(err))
 
     # -- sweep lock -----------------------------------------------------------------------
 
@@ -420,8 +628,9 @@ RETURNING job_id
             f"claimed_until = now() + make_interval(secs => $2) "
             f"WHERE r.id IN (SELECT id FROM {self.req} WHERE {where} "
             f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING r.id, r.job_id, r.requested_at, coalesce(r.requested_by, '') AS who, "
-            f"coalesce(r.reason, '') AS why"
+            f"RETURNING r.id, r.job_id, r.requested_at, "
+            f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why"
         )
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
@@ -447,9 +656,12 @@ RETURNING job_id
             f"RETURNING id, requested_at) "
             f"SELECT u.id, u.requested_at, pg_notify($5, u.id::text) FROM u"
         )
+        # The detail carries texts from Redis and the app (worker names, messages): made
+        # fit for jsonb, or one odd name would keep the request from ever finishing.
+        body = json.dumps(sql_json(detail), default=str)
         async with translated(self.pool):
             recs = await self._p().fetch(sql, list(ids), self.cfg.instance.name, outcome,
-                                         json.dumps(detail, default=str), self.cfg.done_channel)
+                                         body, self.cfg.done_channel)
         return [(r["id"], r["requested_at"]) for r in recs]
 
     async def release_claims(self) -> int:
@@ -462,12 +674,27 @@ RETURNING job_id
         return int(status.split()[-1])
 
     async def insert_request(self, job_id: Any, requested_by: str, reason: str) -> int:
-        async with translated(self.pool):
-            return int(await self._p().fetchval(
-                f"INSERT INTO {self.req} (job_id, requested_by, reason) "
-                f"VALUES ($1::text::{self.id_type}, $2, $3) RETURNING id",
-                str(job_id), requested_by, reason,
-            ))
+        """Insert a cancel request. UnknownJob if the jobs table has no such row,
+        InvalidJobId if `job_id` is not a value of the id column's type."""
+        jid = str(job_id)
+        invalid = f"{jid!r} is not a valid {self.id_type} id"
+        if not storable(jid):
+            raise InvalidJobId(invalid)
+        try:
+            async with translated(self.pool):
+                return int(await self._p().fetchval(
+                    f"INSERT INTO {self.req} (job_id, requested_by, reason) "
+                    f"VALUES ($1::text::{self.id_type}, $2, $3) RETURNING id",
+                    jid, clean_text(requested_by), clean_text(reason),
+                ))
+        except UnknownJob as exc:
+            raise UnknownJob(f"no job with {self.cfg.jobs.id_column} = {jid!r} in "
+                             f"{self.cfg.jobs.table}", pg_error=exc.pg_error,
+                             sqlstate=exc.sqlstate) from exc
+        except DataRejected as exc:
+            # The id is the one value cast here (the texts are cleaned, text columns).
+            raise InvalidJobId(f"{invalid} ({exc.pg_error})", pg_error=exc.pg_error,
+                               sqlstate=exc.sqlstate) from exc
 
     async def request_outcome(self, request_id: int) -> tuple[str, str | None, Any]:
         async with translated(self.pool):

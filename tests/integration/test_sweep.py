@@ -366,15 +366,19 @@ def test_migrate_is_idempotent_and_fk_refuses_unknown_job(tmp_path: Path, redis_
     assert p.returncode == 1 and "no job with id = '999999'" in p.stderr
 
 
-def test_a_deadlocked_batch_is_retried_not_fatal(tmp_path: Path, redis_url: str,
-                                                 pg_dsn: str) -> None:
-    """Replicas apply overlapping batches. When PostgreSQL breaks a lock cycle by failing
-    our statement, it must be run again (it is guarded), not end the daemon as a schema
-    error, which is what any other PostgresError means."""
+def test_a_locked_row_is_skipped_not_waited_for(tmp_path: Path, redis_url: str,
+                                                pg_dsn: str) -> None:
+    """An app transaction (or another replica) holding one row's lock must not stall a
+    batch: that row comes back as locked at once, the rest are applied, and no lock cycle
+    (which PostgreSQL would break by failing one statement whole) can form. The locked row
+    is applied when it is tried again."""
     cfg = load(str(migrated(tmp_path, redis_url, pg_dsn)))
     a, b = insert_job(pg_dsn, "dl-a"), insert_job(pg_dsn, "dl-b")
 
-    async def cycle() -> list[str]:
+    def change(i: int) -> RowChange:
+        return RowChange(i, "running", "completed", "Synced: RQ finished", "synced", "finished")
+
+    async def held() -> tuple[list[int], list[int], list[int]]:
         store = Store(cfg)
         await store.connect()
         other = await asyncpg.connect(pg_dsn)
@@ -382,20 +386,18 @@ def test_a_deadlocked_batch_is_retried_not_fatal(tmp_path: Path, redis_url: str,
             tx = other.transaction()
             await tx.start()
             await other.execute("UPDATE training_jobs SET error_message = 'x' WHERE id = $1", b)
-            changes = [RowChange(i, "running", "completed", "Synced: RQ finished", "synced",
-                                 "finished") for i in (a, b)]
-            ours = asyncio.create_task(store.apply(changes))  # locks a, waits for b
-            await asyncio.sleep(0.3)
-            # ... and now the other session wants a: a cycle; ours has waited longer, so
-            # PostgreSQL's deadlock check (deadlock_timeout, 1 s) fails ours.
-            await other.execute("UPDATE training_jobs SET error_message = 'y' WHERE id = $1", a)
+            first = await asyncio.wait_for(store.apply([change(a), change(b)]), 5)
+            # the other session may now take a as well: ours holds nothing any more
+            await asyncio.wait_for(other.execute(
+                "UPDATE training_jobs SET error_message = 'y' WHERE id = $1", a), 5)
             await tx.commit()
-            applied = await asyncio.wait_for(ours, 30)
-            return sorted(str(c.job_id) for c in applied)
+            again = await store.apply(first.locked)
+            return ([c.job_id for c in first.applied], [c.job_id for c in first.locked],
+                    [c.job_id for c in again.applied])
         finally:
             await other.close()
             await store.close()
 
-    assert asyncio.run(cycle()) == sorted([str(a), str(b)])
+    assert asyncio.run(held()) == ([a], [b], [b])
     assert statuses(pg_dsn, [a, b]) == {a: "completed", b: "completed"}
     assert len(transitions(pg_dsn, a)) == len(transitions(pg_dsn, b)) == 1
