@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   stream=sys.stdout if args.cmd == "run" else sys.stderr)
     try:
         if args.cmd == "run":
-            from reconciler.daemon import run_daemon
+            from reconciler.supervisor import run_daemon
 
             return _run(run_daemon(cfg))
         if args.cmd == "sweep":
@@ -117,6 +117,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     from reconciler.reconcile import Reconciler
     from reconciler.rq_state import RqState
     from reconciler.store import Store
+    from reconciler.workers import Workers
 
     store = Store(cfg)
     rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
@@ -126,7 +127,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         # a page, a lookup, a write) and would otherwise open them one by one mid-sweep.
         await store.connect(min_size=cfg.postgres.pool_size)
         await rq.ping()
-        rec = Reconciler(cfg, store, rq, Processes(), None)
+        rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_changes=out.write)
         else:
@@ -251,7 +252,7 @@ async def _check(cfg: Config) -> int:
 
 
 async def _cancel(cfg: Config, job_id: str, reason: str, by: str, wait: float | None) -> int:
-    from reconciler.cancel import request_and_wait
+    from reconciler.client import request_and_wait
 
     outcome, detail = await request_and_wait(cfg, job_id, reason=reason, by=by, wait=wait)
     if detail is not None:

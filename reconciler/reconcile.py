@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -32,9 +32,10 @@ from reconciler.model import (
     WorkerState,
     decide,
 )
-from reconciler.processes import Processes, ProcIdentity, identity_alive
-from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+from reconciler.rq_state import RqState, WorkerRecord
+from reconciler.stop import HorseStop
 from reconciler.store import ActiveRow, RowChange, Store
+from reconciler.workers import Workers
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
     from reconciler.metrics import Metrics
@@ -42,16 +43,6 @@ if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
 log = structlog.get_logger("reconciler.reconcile")
 
 LOG_EACH_MAX = 50
-
-
-@dataclass(frozen=True, slots=True)
-class HorseStop:
-    """A horse to stop: for a cancelled row whose job started anyway, or an orphan."""
-
-    job_id: Any
-    rq_id: str
-    worker_name: str
-    why: str
 
 
 @dataclass
@@ -94,24 +85,17 @@ class Reading(NamedTuple):
 # (from_status, to_status, reason) of a RowChange: what the transitions counter counts.
 _KIND = itemgetter(1, 2, 4)
 ChangeSink = Callable[[Sequence[RowChange]], None]
-HorseStopper = Callable[[Sequence[HorseStop]], Awaitable[None]]
 
 
 class Reconciler:
-    def __init__(self, cfg: Config, store: Store, rq: RqState, procs: Processes,
+    def __init__(self, cfg: Config, store: Store, rq: RqState, workers: Workers,
                  metrics: Metrics | None) -> None:
         """`metrics`: None in a one-shot command, which nothing scrapes."""
         self.cfg = cfg
         self.store = store
         self.rq = rq
-        self.procs = procs
+        self.workers = workers
         self.metrics = metrics
-        # started job -> its worker, as last read: a worker key event marks these dirty.
-        self.jobs_by_worker: dict[str, set[str]] = {}
-        # local workers seen (name -> record), for the pid watcher
-        self.local_workers: dict[str, WorkerRecord] = {}
-        # started jobs on live local workers whose horse was not found yet
-        self.untracked: dict[str, tuple[str, datetime | None]] = {}
 
     # -- evaluate ---------------------------------------------------------------------------
 
@@ -139,40 +123,20 @@ class Reconciler:
                        extra_intents: dict[Any, CancelIntent] | None = None,
                        settle: set[str] | None = None, *,
                        reading: Reading | None = None) -> list[Evaluated]:
-        """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them)."""
-        jobs, workers, intents = reading if reading is not None else await self.read(rows, settle)
-        started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
-        if extra_intents:
-            intents.update(extra_intents)
+        """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them), after
+        the worker tracker has learnt from that reading (which workers live, which horses
+        it can prove now)."""
+        reading = reading if reading is not None else await self.read(rows, settle)
         now = datetime.now(UTC)
-        states: dict[str, WorkerState] = {}
-        for name, rec in workers.items():
-            states[name] = self._worker_state(name, rec, now)
-        for j in jobs.values():
-            if j.status is not RqStatus.STARTED and j.worker_name:
-                # Ended (or requeued): no longer that worker's business. Keeps the index
-                # as small as the set of running jobs.
-                held = self.jobs_by_worker.get(j.worker_name)
-                if held is not None:
-                    held.discard(j.id)
-                    if not held:
-                        del self.jobs_by_worker[j.worker_name]
-        candidates: dict[str, tuple[str, ProcIdentity]] = {}
-        for j in started:
-            if j.worker_name:
-                self.jobs_by_worker.setdefault(j.worker_name, set()).add(j.id)
-                wrec = workers.get(j.worker_name)
-                if (wrec is not None and states[j.worker_name].alive and self.procs.is_local(wrec)
-                        and self.procs.horses.get(j.id) is None):
-                    cand = self.procs.find_horse(wrec, j.id, j.started_at)
-                    if cand is not None:
-                        candidates[j.id] = (j.worker_name, cand)
-                    else:
-                        # Not forked yet, or just gone: look again shortly, so that the
-                        # horse is known if its worker dies later.
-                        self.untracked[j.id] = (j.worker_name, j.started_at)
-        if candidates:
-            await self.confirm_horses(candidates)
+        states = await self.workers.observe(reading.jobs, reading.workers, now)
+        if extra_intents:
+            reading.intents.update(extra_intents)
+        return self.decide(rows, reading, states)
+
+    def decide(self, rows: Sequence[ActiveRow], reading: Reading,
+               states: dict[str, WorkerState]) -> list[Evaluated]:
+        """The pure part: `decide()` for each row on one reading."""
+        jobs, intents = reading.jobs, reading.intents
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
         words = self.cfg.jobs.statuses
@@ -188,49 +152,6 @@ class Reconciler:
                        old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
             out.append(Evaluated(ar, job, worker, d))
         return out
-
-    async def confirm_horses(self, candidates: dict[str, tuple[str, ProcIdentity]]) -> None:
-        """Complete the proof of horse candidates with one fresh read of their workers.
-
-        A candidate was found under a worker record read *before* the worker's children
-        were listed; meanwhile the worker may have finished the job and forked the next
-        one's horse. RQ clears current_job before it forks again, so a worker that still
-        names the job after the listing means the child seen is that job's horse.
-        """
-        fresh = await self.rq.read_workers({name for name, _ in candidates.values()})
-        for job_id, (name, ident) in candidates.items():
-            rec = fresh.get(name)
-            if rec is not None and rec.exists and rec.current_job == job_id \
-                    and identity_alive(ident):
-                self.procs.remember(job_id, ident)
-
-    async def prove_horse(self, worker_name: str, job_id: str,
-                          started_at: datetime | None) -> ProcIdentity | None:
-        """Find and prove `job_id`'s horse under `worker_name` now (two worker reads)."""
-        rec = (await self.rq.read_workers([worker_name])).get(worker_name)
-        if rec is None or not rec.exists:
-            return None
-        cand = self.procs.find_horse(rec, job_id, started_at)
-        if cand is None:
-            return None
-        await self.confirm_horses({job_id: (worker_name, cand)})
-        return cand if self.procs.horses.get(job_id) == cand else None
-
-    def _worker_state(self, name: str, rec: WorkerRecord, now: datetime) -> WorkerState:
-        local = self.procs.is_local(rec)
-        gone = worker_gone_reason(rec, name, now)
-        if local and rec.exists:
-            pid_gone = self.procs.local_worker_gone(rec)
-            # The local pid check wins over everything Redis says: it is the fresh one.
-            gone = pid_gone or gone
-            if gone:
-                self.local_workers.pop(name, None)
-            else:
-                self.local_workers[name] = rec
-        horse_alive = False
-        if gone and local and rec.current_job:
-            horse_alive = self.procs.tracked_horse(rec.current_job) is not None
-        return WorkerState(name, gone, local, rec.pid, rec.current_job, horse_alive)
 
     # -- apply --------------------------------------------------------------------------------
 

@@ -17,13 +17,13 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from operator import itemgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import asyncpg
 import structlog
@@ -801,3 +801,40 @@ async def migrate(cfg: Config, *, print_only: bool = False) -> str:
         return sql
     finally:
         await conn.close()
+
+
+# -- LISTEN ---------------------------------------------------------------------------------
+
+LISTEN_LIVENESS_SECONDS = 30.0
+
+
+async def listen(dsn: str, channel: str, on_notify: Callable[[str], None], *,
+                 on_listening: Callable[[], None],
+                 liveness: float = LISTEN_LIVENESS_SECONDS) -> NoReturn:
+    """LISTEN on `channel` on a connection of its own (never a pool's: a pooled connection
+    would carry the LISTEN to whoever acquires it next) until that connection is lost, then
+    raise PostgresUnavailable. `on_listening` runs once the LISTEN is in place; silence is
+    checked with a liveness query every `liveness` seconds."""
+    conn: asyncpg.Connection | None = None
+    lost = asyncio.Event()
+    try:
+        async with translated():
+            conn = await asyncpg.connect(dsn, timeout=10)
+            conn.add_termination_listener(lambda _c: lost.set())
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: on_notify(payload))
+        on_listening()
+        while True:
+            try:
+                async with asyncio.timeout(liveness):
+                    await lost.wait()
+            except TimeoutError:
+                async with translated(), asyncio.timeout(10):
+                    await conn.fetchval("SELECT 1")
+                continue
+            raise PostgresUnavailable("LISTEN connection terminated")
+    except TimeoutError as exc:
+        raise PostgresUnavailable("LISTEN connection did not answer") from exc
+    finally:
+        if conn is not None:
+            with suppress(Exception):
+                conn.terminate()

@@ -39,6 +39,7 @@ from reconciler.devstack import (
 )
 from reconciler.processes import Processes, ProcIdentity, child_processes, identity_alive
 from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
+from reconciler.workers import Workers
 from tests.faults.common import insert_requests
 
 IMPOSTOR = r"""
@@ -306,8 +307,6 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
     be A's -- and a cancel of A sent SIGTERM to B. The fresh re-read must refuse it."""
     import asyncio
 
-    from reconciler.metrics import Metrics
-    from reconciler.reconcile import Reconciler
     from reconciler.rq_state import RqState
 
     w = workers()
@@ -327,11 +326,10 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
     assert cand is not None and cand.pid == b_horse
 
     async def confirm() -> None:
-        from reconciler.config import from_mapping
 
         rq = RqState(redis_url)
         try:
-            rec = Reconciler(from_mapping({}, environ={}), None, rq, procs, Metrics())  # type: ignore[arg-type]
+            rec = Workers(rq, procs)
             await rec.confirm_horses({a: (w.name, cand)})
             assert await rec.prove_horse(w.name, a, a_started) is None
             proven = await rec.prove_horse(w.name, b, None)

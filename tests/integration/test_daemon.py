@@ -15,6 +15,7 @@ import pytest
 import redis
 from rq.command import send_stop_job_command
 
+from reconciler.aio import TaskSet
 from reconciler.cancel import CancelProcessor
 from reconciler.config import load
 from reconciler.devstack import (
@@ -41,7 +42,9 @@ from reconciler.model import RqStatus
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
+from reconciler.stop import Stopper
 from reconciler.store import Store
+from reconciler.workers import Workers
 
 EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
                "min_age_seconds": 0.0}
@@ -375,13 +378,14 @@ def test_cancel_reports_signals_the_event_path_sent_first(
         await store.connect()
         try:
             metrics = Metrics()
-            rec = Reconciler(cfg, store, rq, procs, metrics)
-            cancels = CancelProcessor(cfg, store, rq, procs, rec, metrics)
+            workers = Workers(rq, procs)
+            rec = Reconciler(cfg, store, rq, workers, metrics)
+            stopper = Stopper(cfg, rq, procs, workers, TaskSet("test"))
+            cancels = CancelProcessor(cfg, store, rq, stopper, rec, metrics)
             report = await rec.reconcile_rq_ids([rq_id])  # what a keyspace event triggers
             assert [h.rq_id for h in report.horse_stops] == [rq_id]
-            await cancels.stop_for_reconcile(report.horse_stops)
-            while cancels.busy:
-                await asyncio.sleep(0.01)
+            stopper.stop_for_reconcile(report.horse_stops)
+            assert await stopper.tasks.drain(30)
             while (await rq.read_jobs([rq_id]))[rq_id].status is not RqStatus.FAILED:
                 await asyncio.sleep(0.01)
             assert await cancels.process_pending() == 1  # now the request's own flow

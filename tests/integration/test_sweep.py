@@ -35,6 +35,7 @@ from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
 from reconciler.store import RowChange, Store
+from reconciler.workers import Workers
 from tests.support import sweep_json
 
 
@@ -200,7 +201,7 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
         store = Store(cfg)
         rq = RqState(cfg.redis.url, socket_timeout=2.0)
         await store.connect()
-        rec = Reconciler(cfg, store, rq, Processes(), Metrics())
+        rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), Metrics())
 
         def sink(changes: Sequence[RowChange]) -> None:
             handed.extend(str(c.job_id) for c in changes)

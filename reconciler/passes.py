@@ -1,0 +1,151 @@
+"""The daemon's consumers of wake-ups: event passes over dirty ids, the cancel processor's
+loop, and the sweep schedule; plus what every pass leaves to do afterwards (horses to
+stop, horses to prove, local workers to watch).
+
+Each has `async run()` for the supervisor's TaskGroup. A backend outage is retried with
+backoff and shows in backend_up; work taken when it struck is put back, never lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from reconciler.aio import Backoff, TaskSet, retry_forever, wait_event
+from reconciler.cancel import CancelProcessor
+from reconciler.config import Config
+from reconciler.errors import BackendUnavailable
+from reconciler.health import Health, Wakeups
+from reconciler.metrics import Metrics
+from reconciler.reconcile import PassReport, Reconciler
+from reconciler.stop import Stopper
+from reconciler.store import RowChange, Store
+from reconciler.workers import Workers
+from reconciler.workqueue import WorkQueue
+
+log = structlog.get_logger("reconciler.passes")
+
+
+class Aftercare:
+    """What a pass's report leaves to do; each follow-up is a task with an owner."""
+
+    def __init__(self, workers: Workers, stopper: Stopper, tasks: TaskSet) -> None:
+        self.workers, self.stopper, self.tasks = workers, stopper, tasks
+
+    def forget_ended(self, changes: Sequence[RowChange]) -> None:
+        self.workers.forget_ended(
+            (rq_id, ch.rq_status) for ch in changes
+            if isinstance(rq_id := ch.detail.get("rq_id"), str))
+
+    def __call__(self, report: PassReport) -> None:
+        self.forget_ended(report.changes)
+        if report.horse_stops:
+            self.stopper.stop_for_reconcile(report.horse_stops)
+        self.workers.watch_local()
+        if self.workers.untracked:
+            self.tasks.spawn(self.workers.track(), "track-horses")
+
+
+class EventPasses:
+    """Dirty ids, a coalesced batch at a time, through one reconcile pass each."""
+
+    def __init__(self, queue: WorkQueue, reconciler: Reconciler, health: Health,
+                 after: Callable[[PassReport], None]) -> None:
+        self.queue, self.reconciler, self.health, self.after = queue, reconciler, health, after
+
+    async def run(self) -> None:
+        await retry_forever(self.one_batch, event="event_pass_retry", backoff=Backoff(0.1, 10.0),
+                            on_outage=self.health.outage)
+
+    async def one_batch(self) -> None:
+        batch = await self.queue.batch()
+        try:
+            report = await self.reconciler.reconcile_rq_ids(batch)
+        except BackendUnavailable:
+            self.queue.requeue(batch)  # nothing lost: retried after the backoff
+            raise
+        self.after(report)
+
+
+class CancelLoop:
+    """Pending cancel requests, whenever the doorbell rings, and every lease period (the
+    leases of a dead replica's claims expire without a NOTIFY)."""
+
+    def __init__(self, cfg: Config, cancels: CancelProcessor, wake: Wakeups, health: Health) -> None:
+        self.cfg, self.cancels, self.wake, self.health = cfg, cancels, wake, health
+
+    async def run(self) -> None:
+        await retry_forever(self.one_round, event="cancel_loop_retry", backoff=Backoff(0.2, 10.0),
+                            on_outage=self.health.outage, after_outage=self.wake.cancel.set)
+
+    async def one_round(self) -> None:
+        await wait_event(self.wake.cancel, self.cfg.cancel.lease_seconds)
+        self.wake.cancel.clear()
+        await self.cancels.process_pending()
+
+
+class Sweeps:
+    """Every sweep.interval_seconds (the fallback interval while keyspace events are not
+    flowing), and whenever one is requested; one replica at a time (the sweep lock)."""
+
+    def __init__(self, cfg: Config, store: Store, reconciler: Reconciler, workers: Workers,
+                 health: Health, wake: Wakeups, metrics: Metrics, after: Aftercare,
+                 events_live: Callable[[], bool], on_swept: Callable[[], None]) -> None:
+        self.cfg, self.store, self.reconciler, self.workers = cfg, store, reconciler, workers
+        self.health, self.wake, self.metrics, self.after = health, wake, metrics, after
+        self.events_live = events_live
+        self.on_swept = on_swept
+
+    def interval(self) -> float:
+        s = self.cfg.sweep
+        if not self.events_live():
+            return min(s.interval_seconds, s.fallback_interval_seconds)
+        return s.interval_seconds
+
+    async def run(self) -> None:
+        await retry_forever(self.one_round, event="sweep_failed", backoff=Backoff(0.5, 30.0),
+                            on_outage=self._failed, after_outage=self.wake.request_sweep)
+
+    def _failed(self, exc: BackendUnavailable) -> None:
+        self.health.outage(exc)
+        self.metrics.sweeps.labels(result="failed").inc()
+
+    async def one_round(self) -> None:
+        if not await self.wake.sweep_due(self.interval()):
+            self.metrics.events.labels(source="timer").inc()
+        await self.sweep_once()
+
+    async def sweep_once(self) -> PassReport | None:
+        m = self.metrics
+        async with self.store.sweep_lock() as got:
+            if not got:
+                log.info("sweep_skipped", why="another replica holds the sweep lock")
+                # Table-wide gauges belong to the replica that sweeps; ours would go stale.
+                m.jobs_stuck.set(0)
+                m.oldest_active_age.set(0)
+                m.jobs_active.clear()
+                self.on_swept()
+                return None
+            await self.workers.discover()
+            report = await self.reconciler.sweep(on_changes=self.after.forget_ended)
+            # Reported while still under the lock: whoever takes the lock next (a replica,
+            # an operator's one-shot sweep) finds this sweep's log line and metrics out.
+            self.health.set_up("postgres", True)
+            self.health.set_up("redis", True)
+            m.sweeps.labels(result="breaker" if report.breaker_open else "ok").inc()
+            m.sweep_duration.observe(report.duration)
+            m.last_sweep_success.set(time.time())
+            m.orphan_breaker_open.set(1 if report.breaker_open else 0)
+            for status, n in report.counts.items():
+                m.jobs_active.labels(status=status).set(n)
+            m.jobs_stuck.set(report.stuck)
+            m.oldest_active_age.set(report.oldest_age)
+            log.info("sweep_done", checked=report.checked, changed=report.changed,
+                     lost_races=report.lost_races, breaker_open=report.breaker_open,
+                     seconds=round(report.duration, 3))
+        self.after(report)
+        self.wake.cancel.set()  # pending requests are part of every sweep
+        self.on_swept()
+        return report

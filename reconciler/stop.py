@@ -1,0 +1,249 @@
+"""The stop ladder: SIGTERM -> grace -> RQ's stop-job -> SIGKILL, then the worker's reap.
+
+One stop per job at a time, however many callers (a cancel request, the event path)
+ask at once. Must never signal a process that was not proven, at that moment, to be the
+job's horse (processes.py); a horse that cannot be proven gets RQ's stop-job instead, or
+nothing if its worker is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from reconciler.aio import TaskSet, cancel_until_done
+from reconciler.config import Config
+from reconciler.errors import BackendUnavailable
+from reconciler.model import RqStatus
+from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
+from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+from reconciler.workers import Workers
+
+log = structlog.get_logger("reconciler.stop")
+
+KILL_AFTER_STOP_JOB_SECONDS = 2.0
+# How long a live worker gets to notice its horse died and record the job's end.
+WORKER_REAP_SECONDS = 5.0
+POLL_SECONDS = 0.01
+# How long a worker that dequeued a job a moment ago gets to fork its horse.
+FIND_HORSE_SECONDS = 1.0
+# How many finished stops are remembered (see Stopper.recent).
+RECENT_STOPS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HorseStop:
+    """A horse to stop: for a cancelled row whose job started anyway, or an orphan."""
+
+    job_id: Any
+    rq_id: str
+    worker_name: str
+    why: str
+
+
+@dataclass
+class StopResult:
+    signals: list[str] = field(default_factory=list)
+    stopped: bool = False
+    orphan: bool = False
+    wedged: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the job runs, as read right before the ladder starts."""
+
+    rq_id: str
+    worker_name: str
+    worker: WorkerRecord | None
+    gone: str  # why the worker is gone; "" if alive
+    local: bool
+
+
+class Stopper:
+    def __init__(self, cfg: Config, rq: RqState, procs: Processes, workers: Workers,
+                 tasks: TaskSet) -> None:
+        self.cfg = cfg
+        self.rq = rq
+        self.procs = procs
+        self.workers = workers
+        self.tasks = tasks
+        self._running: dict[str, asyncio.Task[StopResult]] = {}
+        # How the last few stops ended: the event path may stop a horse for a cancel
+        # request a moment before the request's own flow gets to it.
+        self.recent: OrderedDict[str, StopResult] = OrderedDict()
+
+    def stopping(self, rq_id: str) -> bool:
+        return rq_id in self._running
+
+    async def stop(self, rq_id: str, worker_name: str, started_at: datetime | None) -> StopResult:
+        """Stop the running job `rq_id`, once, however many callers ask at the same time."""
+        task = self._running.get(rq_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._stop(rq_id, worker_name, started_at), name=f"stop:{rq_id}")
+            self._running[rq_id] = task
+            task.add_done_callback(lambda t: self._ended(rq_id, t))
+        return await asyncio.shield(task)
+
+    def _ended(self, rq_id: str, task: asyncio.Task[StopResult]) -> None:
+        self._running.pop(rq_id, None)
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            return  # raised to every caller that awaited it
+        self.recent[rq_id] = task.result()
+        self.recent.move_to_end(rq_id)
+        while len(self.recent) > RECENT_STOPS:
+            self.recent.popitem(last=False)
+
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
+        if not self._running:
+            return True
+        _done, pending = await asyncio.wait(set(self._running.values()), timeout=timeout)
+        return not pending
+
+    async def cancel_all(self) -> None:
+        await cancel_until_done(list(self._running.values()))
+
+    # -- the ladder -----------------------------------------------------------------------
+
+    async def _stop(self, rq_id: str, worker_name: str, started_at: datetime | None) -> StopResult:
+        target = await self._target(rq_id, worker_name)
+        horse = await self._horse(target, started_at)
+        if horse is not None:
+            res = await self._signal_ladder(target, horse)
+            if not res.stopped:
+                log.error("horse_survived", rq_id=rq_id, pid=horse.pid, signals=res.signals)
+                return res  # nothing more to wait for: say what happened
+            if target.gone:
+                # An orphan's horse: its worker is dead, so nobody will record an end and
+                # there is no worker to be wedged.
+                res.orphan = True
+                self.procs.forget(rq_id)
+                return res
+            return await self._await_reap(target, res, horse=True)
+        if target.gone:
+            return self._orphan_unknown(target)
+        # A worker on another host (or a horse we could not prove): RQ's stop-job.
+        res = StopResult()
+        n = await self.rq.send_stop_job(worker_name, rq_id)
+        res.signals.append("stop-job")
+        if n == 0:
+            res.orphan = res.stopped = True
+            res.message = f"worker {worker_name} did not receive stop-job: it is gone"
+            return res
+        return await self._await_reap(target, res, horse=False)
+
+    async def _target(self, rq_id: str, worker_name: str) -> Target:
+        workers = await self.rq.read_workers([worker_name]) if worker_name else {}
+        rec = workers.get(worker_name)
+        gone = worker_gone_reason(rec, worker_name, datetime.now(UTC)) if worker_name \
+            else "job has no worker"
+        local = rec is not None and self.procs.is_local(rec)
+        if rec is not None and local:
+            gone = self.procs.local_worker_gone(rec) or gone
+        return Target(rq_id, worker_name, rec, gone, local)
+
+    async def _horse(self, t: Target, started_at: datetime | None) -> ProcIdentity | None:
+        """The proven horse to signal, if this host can prove one."""
+        if t.local and t.worker is not None and not t.gone:
+            return self.procs.tracked_horse(t.rq_id) or await self._find_horse(
+                t.worker, t.rq_id, started_at)
+        if t.local or not t.worker_name:
+            return self.procs.tracked_horse(t.rq_id)
+        return None
+
+    async def _find_horse(self, rec: WorkerRecord, rq_id: str,
+                          started_at: datetime | None) -> ProcIdentity | None:
+        """The worker may have dequeued the job a moment ago and not forked yet: look again
+        for up to FIND_HORSE_SECONDS before giving up on a local proof."""
+        deadline = time.monotonic() + FIND_HORSE_SECONDS
+        while True:
+            horse = await self.workers.prove_horse(rec.name, rq_id, started_at)
+            if horse is not None or time.monotonic() > deadline:
+                return horse
+            await asyncio.sleep(0.02)
+
+    async def _signal_ladder(self, t: Target, horse: ProcIdentity) -> StopResult:
+        """Step 1 SIGTERM, wait grace; step 2 stop-job (live worker only), wait; step 3
+        SIGKILL, wait. Each step only if the horse outlived the one before."""
+        res = StopResult()
+        if self.procs.signal_horse(horse, SIGTERM):
+            res.signals.append("SIGTERM")
+        exited = await self.procs.wait_exit(horse, self.cfg.cancel.grace_seconds)
+        if not exited and not t.gone and t.worker_name:
+            n = await self.rq.send_stop_job(t.worker_name, t.rq_id)
+            res.signals.append("stop-job")
+            log.info("stop_job_sent", rq_id=t.rq_id, worker=t.worker_name, receivers=n)
+            exited = await self.procs.wait_exit(horse, KILL_AFTER_STOP_JOB_SECONDS)
+        if not exited:
+            if self.procs.signal_horse(horse, SIGKILL):
+                res.signals.append("SIGKILL")
+            exited = await self.procs.wait_exit(horse, KILL_AFTER_STOP_JOB_SECONDS)
+        res.stopped = exited
+        if not exited:
+            res.message = f"horse pid {horse.pid} of job {t.rq_id} survived SIGKILL"
+        return res
+
+    def _orphan_unknown(self, t: Target) -> StopResult:
+        res = StopResult(orphan=True)
+        res.message = f"worker {t.worker_name or '?'} is gone ({t.gone})"
+        if t.local:
+            # Its horse was never proven (the daemon was down when it started): we cannot
+            # tell it from any other process, so it is left alone.
+            res.message += "; its horse is unknown here and was not signalled"
+            log.warning("orphan_horse_unknown", rq_id=t.rq_id, worker=t.worker_name)
+        else:
+            res.stopped = True
+        return res
+
+    async def _await_reap(self, t: Target, res: StopResult, *, horse: bool) -> StopResult:
+        """The worker must record the end (and be ready for its next job) promptly: within
+        WORKER_REAP_SECONDS of our last signal, or of its own grace if it got stop-job."""
+        wait = WORKER_REAP_SECONDS if horse else self.cfg.cancel.grace_seconds + WORKER_REAP_SECONDS
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            job = (await self.rq.read_jobs([t.rq_id]))[t.rq_id]
+            if job.status is not RqStatus.STARTED:
+                res.stopped = True
+                self.procs.forget(t.rq_id)
+                return res
+            await asyncio.sleep(POLL_SECONDS)
+        res.wedged = horse and res.stopped
+        res.message = (f"worker {t.worker_name} did not record the end of job {t.rq_id} within "
+                       f"{WORKER_REAP_SECONDS:g} s after its horse stopped: the worker looks "
+                       "wedged; its supervisor should restart it")
+        log.error("worker_wedged", rq_id=t.rq_id, worker=t.worker_name, horse_stopped=res.stopped)
+        return res
+
+    # -- stops the reconcile pass asked for ----------------------------------------------
+
+    def stop_for_reconcile(self, stops: Sequence[HorseStop]) -> None:
+        """Horses the reconciler found: cancelled rows whose job started anyway, orphans."""
+        for hs in stops:
+            if hs.rq_id not in self._running:
+                self.tasks.spawn(self._stop_quietly(hs), f"horse-stop:{hs.rq_id}")
+
+    async def _stop_quietly(self, hs: HorseStop) -> None:
+        try:
+            job = (await self.rq.read_jobs([hs.rq_id]))[hs.rq_id]
+            if job.status is not RqStatus.STARTED:
+                return
+            res = await self.stop(hs.rq_id, job.worker_name, job.started_at)
+            log.info("horse_stopped", job_id=str(hs.job_id), rq_id=hs.rq_id, why=hs.why,
+                     signals=res.signals, stopped=res.stopped)
+            if res.stopped and "cancelled" in hs.why:
+                with contextlib.suppress(BackendUnavailable):
+                    await self.rq.cancel_job(hs.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))
+        except BackendUnavailable as exc:
+            log.warning("horse_stop_interrupted", rq_id=hs.rq_id, error=str(exc))

@@ -1,0 +1,254 @@
+"""The supervisor: lifecycle only. Build the parts, connect, run the sources and passes in
+one TaskGroup, and on a signal stop taking work, drain, release leases, close.
+
+Fail together: a task that dies of anything but a backend outage (those are retried
+where they happen) ends the daemon non-zero and systemd restarts it. Signal handlers
+only set state; a second SIGTERM/SIGINT skips the remaining waits, never a `finally`.
+Every task started here or below has an owner that collects its outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+
+import structlog
+
+from reconciler import __version__
+from reconciler import log as logsetup
+from reconciler.aio import Backoff, TaskSet, cancel_until_done, wait_event
+from reconciler.cancel import CancelProcessor
+from reconciler.config import Config, ConfigError, load, redact
+from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
+from reconciler.health import Health, Wakeups
+from reconciler.metrics import Metrics, MetricsServer
+from reconciler.passes import Aftercare, CancelLoop, EventPasses, Sweeps
+from reconciler.processes import Processes
+from reconciler.reconcile import Reconciler
+from reconciler.rq_state import RqState
+from reconciler.sources import CancelNotifications, KeyspaceEvents, LocalWorkerDeaths
+from reconciler.stop import Stopper
+from reconciler.store import Store, translated
+from reconciler.systemd import sd_notify, watchdog, watchdog_interval
+from reconciler.workers import Workers
+from reconciler.workqueue import WorkQueue
+
+log = structlog.get_logger("reconciler.supervisor")
+
+DRAIN_SECONDS = 30.0
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, install_signals: bool = True) -> None:
+        self.cfg = cfg
+        self.install_signals = install_signals
+        self.metrics = m = Metrics()
+        self.store = Store(cfg)
+        self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+        self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc())
+        self.health = Health(m)
+        self.wake = Wakeups()
+        self.queue = WorkQueue(on_added=lambda src, n: m.events.labels(source=src).inc(n),
+                               on_overflow=self._queue_overflowed)
+        self.deaths = LocalWorkerDeaths(self.rq, self.health, self.queue, m)
+        self.workers = Workers(self.rq, self.procs, on_local_exit=self.deaths.exited)
+        self.deaths.workers = self.workers
+        self.reconciler = Reconciler(cfg, self.store, self.rq, self.workers, m)
+        self.followups = TaskSet("followup")
+        self.stopper = Stopper(cfg, self.rq, self.procs, self.workers, self.followups)
+        self.cancels = CancelProcessor(cfg, self.store, self.rq, self.stopper, self.reconciler,
+                                       m, on_cancelled=self.wake.request_orphan_scan)
+        self.after = Aftercare(self.workers, self.stopper, self.followups)
+        self.notifications = CancelNotifications(cfg, self.health, self.wake, m)
+        self.keyspace = KeyspaceEvents(cfg, self.rq, self.health, self.wake, self.queue,
+                                       self.workers, m)
+        self.passes = EventPasses(self.queue, self.reconciler, self.health, self.after)
+        self.cancel_loop = CancelLoop(cfg, self.cancels, self.wake, self.health)
+        self.sweeps = Sweeps(cfg, self.store, self.reconciler, self.workers, self.health,
+                             self.wake, m, self.after,
+                             events_live=lambda: self.keyspace.live and not self.keyspace.fallback,
+                             on_swept=self._notify_ready)
+        self.server: MetricsServer | None = None
+        self.stopping = asyncio.Event()
+        self.forced = asyncio.Event()
+        self.ready = False
+        self._signals = 0
+
+    def _queue_overflowed(self, dropped: int) -> None:
+        log.warning("dirty_set_overflow", dropped=dropped, cap=self.queue.cap,
+                    hint="too many events to follow one by one; a sweep reads them all")
+        self.wake.request_sweep()
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            self.reload()
+            return
+        self._signals += 1
+        if self._signals == 1:
+            log.info("shutdown_requested", signal=sig.name)
+            self.stopping.set()
+        else:
+            log.warning("shutdown_forced", signal=sig.name)
+            self.stopping.set()
+            self.forced.set()
+
+    def reload(self) -> None:
+        try:
+            new = load(None if self.cfg.source == "<defaults>" else self.cfg.source)
+        except ConfigError as exc:
+            log.error("reload_failed", error=str(exc))
+            return
+        # Only what is safe to change live: intervals and log level.
+        self.cfg = replace(self.cfg, sweep=new.sweep, log=new.log)
+        self.reconciler.cfg = replace(self.reconciler.cfg, sweep=new.sweep)
+        self.sweeps.cfg = replace(self.sweeps.cfg, sweep=new.sweep)
+        logsetup.set_level(new.log.level)
+        log.info("reloaded", sweep_interval=new.sweep.interval_seconds, log_level=new.log.level)
+        self.wake.request_sweep()
+
+    def _notify_ready(self) -> None:
+        if not self.ready:
+            self.ready = True
+            sd_notify("READY=1\nSTATUS=reconciling")
+            log.info("ready", events=not self.keyspace.fallback)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        if self.install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, self.on_signal, sig)
+        host, port = self.cfg.metrics.host_port
+        self.server = MetricsServer(self.metrics, self.health.healthy, host, port)
+        await self.server.start()
+        log.info("starting", version=__version__, instance=self.cfg.instance.name,
+                 redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
+                 metrics=f"http://{host}:{self.server.port}/metrics")
+        try:
+            try:
+                if not await self.connect():
+                    return 0
+            except SchemaError as exc:
+                # Not an outage: restarting cannot fix it (the unit does not restart on 2).
+                log.error("schema_error", error=str(exc))
+                return 2
+            self.wake.request_sweep()  # the start-up sweep
+            await self._run_tasks()
+            await self._drain()
+            return 0
+        finally:
+            if self.install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            await self.close()
+
+    async def _run_tasks(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self.notifications.run(), name="listen"),
+                tg.create_task(self.keyspace.run(), name="keyspace"),
+                tg.create_task(self.deaths.run(), name="local-worker-deaths"),
+                tg.create_task(self.passes.run(), name="event-passes"),
+                tg.create_task(self.cancel_loop.run(), name="cancel"),
+                tg.create_task(self.sweeps.run(), name="sweep"),
+                tg.create_task(watchdog(lambda: self.ready, watchdog_interval()), name="watchdog"),
+            ]
+            try:
+                await self.stopping.wait()
+                sd_notify("STOPPING=1")
+            finally:
+                # Reached on shutdown, and when a task failed (the group cancelled us):
+                # stop taking work. Cancelled until done, so the group's own wait ends.
+                await cancel_until_done(tasks)
+
+    async def _drain(self) -> None:
+        """Let in-flight cancels and horse stops finish, bounded by DRAIN_SECONDS or by a
+        second signal; then give back the claims not finished."""
+        drain = asyncio.ensure_future(self._drain_work())
+        force = asyncio.ensure_future(self.forced.wait())
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            await cancel_until_done([force])
+        if not drain.done():
+            log.warning("drain_timeout", seconds=DRAIN_SECONDS, forced=self.forced.is_set())
+            await cancel_until_done([drain])
+        else:
+            drain.result()
+        with contextlib.suppress(BackendUnavailable):
+            released = await self.store.release_claims()
+            if released:
+                log.info("claims_released", count=released)
+
+    async def _drain_work(self) -> None:
+        await self.cancels.drain(DRAIN_SECONDS)
+        await self.stopper.drain(DRAIN_SECONDS)
+        await self.followups.drain(DRAIN_SECONDS)
+
+    async def close(self) -> None:
+        await self.cancels.cancel_all()
+        await self.stopper.cancel_all()
+        await self.followups.cancel_all()
+        self.workers.close()
+        with contextlib.suppress(Exception):
+            await self.rq.close()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        if self.server is not None:
+            await self.server.close()
+        log.info("stopped", instance=self.cfg.instance.name)
+
+    async def connect(self) -> bool:
+        """Connect both backends, retrying with backoff until they answer or we are told to
+        stop; then take back our own stale claims. False if told to stop first."""
+        backoff = Backoff(0.2, 30.0)
+        while not self.stopping.is_set():
+            try:
+                if self.store.pool is None:
+                    await self.store.connect()
+                    async with translated(self.store.pool):
+                        await self.store.verify_schema()
+                self.health.set_up("postgres", True)
+                await self.rq.ping()
+                self.health.set_up("redis", True)
+                break
+            except BackendUnavailable as exc:
+                self.health.outage(exc)
+                delay = backoff.next()
+                log.warning("connect_retry", backend=exc.backend, error=str(exc),
+                            retry_in=round(delay, 2))
+                if await wait_event(self.stopping, delay):
+                    return False
+        if self.stopping.is_set():
+            return False
+        # A previous life of this instance may have died holding claims: take them back now
+        # rather than waiting out the lease (instance names are unique per replica).
+        released = await self.store.release_claims()
+        if released:
+            log.info("stale_claims_released", count=released)
+        return True
+
+
+async def run_daemon(cfg: Config, *, install_signals: bool = True,
+                     on_start: Callable[[Daemon], None] | None = None) -> int:
+    daemon = Daemon(cfg, install_signals=install_signals)
+    if on_start is not None:
+        on_start(daemon)
+    try:
+        return await daemon.run()
+    except ExceptionGroup as eg:
+        match, rest = eg.split(KeyspaceConfigError)
+        if match is None or rest is not None:
+            raise
+        for exc in match.exceptions:
+            log.error("keyspace_events_required", error=str(exc))
+        return 1

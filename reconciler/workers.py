@@ -1,0 +1,239 @@
+"""What the daemon knows about RQ workers and their horses, with one owner.
+
+Which workers are local (their pid is watched, their horses can be proven and signalled)
+and which are remote; which started jobs each worker holds (a worker key event wakes
+those jobs); which local jobs still need their horse proven. Everything here is a cache
+of the last reading, bounded by the set of running jobs and live workers: it is a hint
+for where to look, never the truth a decision is made on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import NamedTuple
+
+import structlog
+
+from reconciler.errors import BackendUnavailable
+from reconciler.model import RqJob, RqStatus, WorkerState
+from reconciler.processes import PidWatcher, Processes, ProcIdentity, identity_alive
+from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+
+log = structlog.get_logger("reconciler.workers")
+
+MAX_REMOTE = 100_000
+# Rounds of looking for a just-started job's horse (it may not have forked yet).
+TRACK_DELAYS = (0.01, 0.05, 0.2, 1.0)
+
+
+class Pending(NamedTuple):
+    worker_name: str
+    started_at: datetime | None
+
+
+class Workers:
+    def __init__(self, rq: RqState, procs: Processes,
+                 on_local_exit: Callable[[str], None] | None = None) -> None:
+        """`on_local_exit`: called the moment a watched local worker's process exits; None
+        (a one-shot command) watches nothing."""
+        self.rq = rq
+        self.procs = procs
+        self._on_local_exit = on_local_exit
+        self._watcher = PidWatcher(self._exited) if on_local_exit is not None else None
+        self.local: dict[str, WorkerRecord] = {}
+        self.remote: set[str] = set()
+        self._jobs: dict[str, set[str]] = {}
+        self._untracked: dict[str, Pending] = {}
+
+    # -- queries --------------------------------------------------------------------------
+
+    def jobs_of(self, name: str) -> set[str]:
+        """The started jobs `name` held when last read."""
+        return set(self._jobs.get(name, ()))
+
+    def knows(self, name: str) -> bool:
+        return name in self.local or name in self.remote
+
+    @property
+    def untracked(self) -> int:
+        return len(self._untracked)
+
+    def state(self, name: str, rec: WorkerRecord, now: datetime) -> WorkerState:
+        """Is `name` alive? For a local worker the pid check wins over everything Redis
+        says: it is the fresh signal (a SIGKILLed worker's hash lives on for its TTL)."""
+        local = self.procs.is_local(rec)
+        gone = worker_gone_reason(rec, name, now)
+        if local and rec.exists:
+            gone = self.procs.local_worker_gone(rec) or gone
+            if gone:
+                self.local.pop(name, None)
+            else:
+                self.local[name] = rec
+        horse_alive = False
+        if gone and local and rec.current_job:
+            horse_alive = self.procs.tracked_horse(rec.current_job) is not None
+        return WorkerState(name, gone, local, rec.pid, rec.current_job, horse_alive)
+
+    # -- learning from a reading -----------------------------------------------------------
+
+    async def observe(self, jobs: Mapping[str, RqJob], workers: Mapping[str, WorkerRecord],
+                      now: datetime) -> dict[str, WorkerState]:
+        """Learn from one fresh reading: each worker's state, which jobs each holds, and
+        the horses of started local jobs (proven now, or queued for `track()`)."""
+        states = {name: self.state(name, rec, now) for name, rec in workers.items()}
+        candidates: dict[str, tuple[str, ProcIdentity]] = {}
+        for j in jobs.values():
+            if j.status is not RqStatus.STARTED:
+                self._job_left(j)
+                continue
+            if not j.worker_name:
+                continue
+            self._jobs.setdefault(j.worker_name, set()).add(j.id)
+            rec = workers.get(j.worker_name)
+            if (rec is None or not states[j.worker_name].alive or not self.procs.is_local(rec)
+                    or self.procs.horses.get(j.id) is not None):
+                continue
+            cand = self.procs.find_horse(rec, j.id, j.started_at)
+            if cand is not None:
+                candidates[j.id] = (j.worker_name, cand)
+            else:
+                # Not forked yet, or just gone: look again shortly, so that the horse is
+                # known if its worker dies later.
+                self._untracked[j.id] = Pending(j.worker_name, j.started_at)
+        if candidates:
+            await self.confirm_horses(candidates)
+        return states
+
+    def _job_left(self, j: RqJob) -> None:
+        """`j` is no longer running: no longer its worker's business."""
+        if j.worker_name:
+            held = self._jobs.get(j.worker_name)
+            if held is not None:
+                held.discard(j.id)
+                if not held:
+                    del self._jobs[j.worker_name]
+        self._untracked.pop(j.id, None)
+        # Its horse is forgotten once that process is gone: a horse still alive after its
+        # job "ended" (a dead worker's orphan that RQ's cleanup failed) must still be
+        # stoppable.
+        self.procs.tracked_horse(j.id)
+
+    def forget_ended(self, ended: Iterable[tuple[str, str]]) -> None:
+        """(rq_id, rq_status) of applied changes: forget the horse once RQ says its job
+        ended. An orphaned row is terminal while its horse still runs and must still be
+        stopped, so a row's own status is not enough."""
+        for rq_id, rq_status in ended:
+            if rq_status not in ("", "started"):
+                self.procs.forget(rq_id)
+
+    # -- horses ----------------------------------------------------------------------------
+
+    async def confirm_horses(self, candidates: dict[str, tuple[str, ProcIdentity]]) -> None:
+        """Complete the proof of horse candidates with one fresh read of their workers.
+
+        A candidate was found under a worker record read *before* the worker's children
+        were listed; meanwhile the worker may have finished the job and forked the next
+        one's horse. RQ clears current_job before it forks again, so a worker that still
+        names the job after the listing means the child seen is that job's horse.
+        """
+        fresh = await self.rq.read_workers({name for name, _ in candidates.values()})
+        for job_id, (name, ident) in candidates.items():
+            rec = fresh.get(name)
+            if rec is not None and rec.exists and rec.current_job == job_id \
+                    and identity_alive(ident):
+                self.procs.remember(job_id, ident)
+                self._untracked.pop(job_id, None)
+
+    async def prove_horse(self, worker_name: str, job_id: str,
+                          started_at: datetime | None) -> ProcIdentity | None:
+        """Find and prove `job_id`'s horse under `worker_name` now (two worker reads)."""
+        rec = (await self.rq.read_workers([worker_name])).get(worker_name)
+        if rec is None or not rec.exists:
+            return None
+        cand = self.procs.find_horse(rec, job_id, started_at)
+        if cand is None:
+            return None
+        await self.confirm_horses({job_id: (worker_name, cand)})
+        return cand if self.procs.horses.get(job_id) == cand else None
+
+    async def track(self) -> None:
+        """Prove the horses of just-started local jobs: bounded retries, one batched worker
+        read per round; a job is dropped as soon as its worker no longer names it (it
+        ended, or the worker moved on or died: nothing left to prove)."""
+        pending, self._untracked = self._untracked, {}
+        for delay in TRACK_DELAYS:
+            if not pending:
+                return
+            await asyncio.sleep(delay)
+            try:
+                fresh = await self.rq.read_workers({p.worker_name for p in pending.values()})
+            except BackendUnavailable:
+                return  # the next pass that sees the job tries again
+            candidates = {}
+            for rq_id, (name, started_at) in list(pending.items()):
+                rec = fresh.get(name)
+                if rec is None or not rec.exists or rec.current_job != rq_id:
+                    del pending[rq_id]
+                    continue
+                cand = self.procs.find_horse(rec, rq_id, started_at)
+                if cand is not None:
+                    candidates[rq_id] = (name, cand)
+            if candidates:
+                try:
+                    await self.confirm_horses(candidates)
+                except BackendUnavailable:
+                    return
+                for rq_id in candidates:
+                    pending.pop(rq_id, None)
+
+    # -- local workers' lives --------------------------------------------------------------
+
+    async def discover(self) -> None:
+        """Every live local worker registered in Redis gets its pid watched."""
+        recs = await self.rq.read_workers(await self.rq.worker_names())
+        for name, rec in recs.items():
+            if rec.exists and not rec.death and self.procs.is_local(rec):
+                self.local[name] = rec
+        self.watch_local()
+
+    async def learn(self, name: str) -> None:
+        """A worker key we have not seen: local (watch its pid) or remote (its heartbeats
+        need no lookup)."""
+        rec = (await self.rq.read_workers([name])).get(name)
+        if rec is None or not rec.exists or rec.death:
+            return
+        if self.procs.is_local(rec):
+            self.local[name] = rec
+            self.watch_local()
+        elif len(self.remote) < MAX_REMOTE:
+            self.remote.add(name)
+
+    def watch_local(self) -> None:
+        if self._watcher is None:
+            return
+        for name, rec in list(self.local.items()):
+            if self._watcher.watching(name):
+                continue
+            ident = self.procs.worker_identity(rec)
+            if ident is None:
+                continue  # already dead: the pass that saw it handles it
+            self._watcher.watch(name, ident)
+
+    def _exited(self, name: str) -> None:
+        if self._on_local_exit is not None:
+            self._on_local_exit(name)
+
+    def local_exited(self, name: str) -> set[str]:
+        """Forget the local worker `name`, which just died; the jobs it held."""
+        jobs = self.jobs_of(name)
+        rec = self.local.pop(name, None)
+        if rec is not None and rec.current_job:
+            jobs.add(rec.current_job)
+        return jobs
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+
