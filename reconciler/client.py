@@ -15,15 +15,10 @@ import asyncpg
 
 from reconciler.aio import wait_event
 from reconciler.config import Config
-from reconciler.errors import ReconcilerError
 from reconciler.store import Store
 
 # How often the outcome is read again if its NOTIFY was missed.
 RECHECK_SECONDS = 1.0
-
-
-class UnknownJobError(ReconcilerError):
-    """A cancel for a job id the jobs table does not have (or that is not a valid id)."""
 
 
 async def request_and_wait(cfg: Config, job_id: str, *, reason: str, by: str,
@@ -37,7 +32,8 @@ async def request_and_wait(cfg: Config, job_id: str, *, reason: str, by: str,
         if wait is not None:
             conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
             await conn.add_listener(cfg.done_channel, lambda *_a: got.set())
-        rid = await _insert(store, cfg, job_id, by, reason)
+        # UnknownJob / InvalidJobId (errors.py) say which id and table, for the app to show.
+        rid = await store.insert_request(job_id, by, reason)
         if wait is None:
             return "pending", {"request_id": rid, "state": "pending"}
         deadline = time.monotonic() + wait
@@ -59,20 +55,3 @@ async def request_and_wait(cfg: Config, job_id: str, *, reason: str, by: str,
             with contextlib.suppress(Exception):
                 await conn.close()
         await store.close()
-
-
-async def _insert(store: Store, cfg: Config, job_id: str, by: str, reason: str) -> int:
-    from reconciler import errors
-
-    unknown = getattr(errors, "UnknownJob", None)
-    invalid = getattr(errors, "InvalidJobId", None)
-    try:
-        return await store.insert_request(job_id, by, reason)
-    except errors.ReconcilerError as exc:
-        if (unknown is not None and isinstance(exc, unknown)) or "ForeignKeyViolation" in str(exc):
-            raise UnknownJobError(f"no job with {cfg.jobs.id_column} = {job_id!r} in "
-                                  f"{cfg.jobs.table}") from None
-        if (invalid is not None and isinstance(exc, invalid)) or any(
-                k in str(exc) for k in ("InvalidTextRepresentation", "NumericValueOutOfRange")):
-            raise UnknownJobError(f"{job_id!r} is not a valid {store.id_type} id") from None
-        raise
