@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint test-slow bench clean
+.PHONY: demo test lint test-fast test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict reconciler
 
+# Everything, the slow chaos and replica-storm suites included: they guard what users
+# trust most, so they belong in the gate (CI runs this target).
 test: $(STAMP) lint
+	bash scripts/install-ci-tools.sh
+	$(BIN)/pytest -q
+
+# A developer's quicker loop: all but the slow suites.
+test-fast: $(STAMP) lint
 	bash scripts/install-ci-tools.sh
 	$(BIN)/pytest -q -m "not slow"
 
