@@ -3,8 +3,11 @@
 Reads are raw and pipelined (never RQ registry reads with cleanup=True, which change
 state). Writes to RQ state go through RQ's own API (a sync client, in a thread). Every
 redis-py error is translated into RedisUnavailable: a caller must never read "Redis
-could not be asked" as "job not found". Targets RQ >= 2.0, < 3: RQ 3 support (its worker
-hash has no `current_job`) should touch this module only.
+could not be asked" as "job not found". Odd data costs only itself: a key whose name is
+not UTF-8 or holds control characters is skipped (logged once, counted as poison), a key
+of the wrong type makes only its job unreadable, and no text is read whole (fields are
+clipped in the read script, exception texts inflated with a budget). Targets RQ >= 2.0,
+< 3: RQ 3 support (its worker hash has no `current_job`) should touch this module only.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import time
 import zlib
 from collections.abc import AsyncGenerator, Iterable, Sequence
@@ -24,6 +28,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+import structlog
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from rq.command import PUBSUB_CHANNEL_TEMPLATE
@@ -37,7 +42,9 @@ from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
 from reconciler.errors import RedisUnavailable
-from reconciler.model import RqJob, RqStatus, last_line
+from reconciler.model import BoundedMemory, PoisonCallback, RqJob, RqStatus, last_line
+
+log = structlog.get_logger("reconciler.rq_state")
 
 JOB_PREFIX: str = Job.redis_job_namespace_prefix
 QUEUE_PREFIX: str = Queue.redis_queue_namespace_prefix
@@ -55,7 +62,17 @@ PUBSUB_SETTLE_SECONDS = 30
 _JOB_FIELDS = (b"status", b"worker_name", b"origin", b"started_at", b"ended_at", b"exc_info")
 _WORKER_FIELDS = (b"birth", b"last_heartbeat", b"pid", b"hostname", b"death", b"current_job")
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
-_KNOWN = {s.value for s in RqStatus} - {RqStatus.MISSING.value, RqStatus.UNKNOWN.value}
+_KNOWN = {s.value for s in RqStatus} - {
+    RqStatus.MISSING.value, RqStatus.UNKNOWN.value, RqStatus.UNREADABLE.value}
+# A job id or worker name longer than this is not one RQ made (RQ's ids are 36 characters;
+# worker names are host.pid or a uuid).
+MAX_NAME = 512
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Exception texts: at most this much is inflated (a zlib bomb of 389 KB unpacks to 826 MB),
+# and of that only the end is kept: the last line is all that is used.
+EXC_INFLATE_BUDGET = 4 * 1024 * 1024
+EXC_TAIL = 64 * 1024
+EXC_NOT_READ = "(exception text too long or incomplete; its end was not read)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +110,66 @@ def parse_time(value: bytes | str | None) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+def inflate_tail(data: bytes, *, budget: int = EXC_INFLATE_BUDGET,
+                 tail: int = EXC_TAIL) -> tuple[bytes, bool]:
+    """The last `tail` bytes of zlib `data` inflated, inflating at most about `budget`
+    bytes; and whether that reached the end of the stream. Memory stays O(tail) whatever
+    the data claims to unpack to. zlib.error if `data` is not zlib at all."""
+    d = zlib.decompressobj()
+    end = b""
+    total = 0
+    buf = data
+    while total < budget:
+        out = d.decompress(buf, tail)
+        buf = d.unconsumed_tail
+        if out:
+            total += len(out)
+            end = (end + out)[-tail:]
+        if d.eof or (not out and not buf):
+            break
+    return end, d.eof
+
+
 def _decode_exc(raw: bytes | None, *, b64: bool) -> str:
+    """The end of an exception text (zlib, and base64 in RQ's results stream). A text
+    that could not be read to its end (too long, or clipped by the read script) ends in
+    EXC_NOT_READ instead of a last line that is not the last."""
     if not raw:
         return ""
     try:
         data = base64.b64decode(raw) if b64 else raw
-        return zlib.decompress(data).decode("utf-8", "replace")
+        end, complete = inflate_tail(data)
     except (binascii.Error, zlib.error, ValueError):
         return ""
+    text = end.decode("utf-8", "replace")
+    return text if complete else f"{text}\n{EXC_NOT_READ}"
+
+
+def name_problem(name: str) -> str:
+    """Why `name`, a job id or worker name taken from a key, is not one to act on; ''
+    if it is fine. Such a name cannot be an RQ id, and would poison SQL (NUL) or logs."""
+    if not name:
+        return "empty name"
+    if len(name) > MAX_NAME:
+        return f"name longer than {MAX_NAME} characters"
+    if _CONTROL.search(name):
+        return "name holds a control character"
+    return ""
+
+
+def decode_key(raw: bytes | str) -> str | None:
+    """A key name as text, or None if it is not UTF-8 (RQ's names always are)."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def printable_key(raw: bytes | str) -> str:
+    """A key name fit for a log line or a label, whatever it holds."""
+    return ascii(raw if isinstance(raw, str) else bytes(raw))[:200]
 
 
 _STATUS_BY_WORD: dict[bytes, tuple[RqStatus, str]] = {
@@ -118,6 +187,16 @@ def job_from_hash(job_id: str, values: Sequence[bytes | None], result_exc: bytes
             and ended_b is None and exc_b is None:
         return RqJob(job_id, RqStatus.MISSING)
     status, word = _STATUS_BY_WORD.get(status_b or b"", _UNKNOWN_WORD)
+    worker = ""
+    if worker_b:
+        try:
+            worker = worker_b.decode("utf-8")
+        except UnicodeDecodeError:
+            if status is RqStatus.STARTED:
+                # Which worker runs it decides whether the job is orphaned; RQ always
+                # writes UTF-8 there, so this hash is not RQ's and says nothing.
+                return RqJob(job_id, RqStatus.UNREADABLE, "unreadable: worker_name is not UTF-8")
+            worker = worker_b.decode("utf-8", "replace")
     exc = ""
     if result_exc and status is RqStatus.FAILED:
         exc = _decode_exc(result_exc, b64=True)
@@ -127,7 +206,7 @@ def job_from_hash(job_id: str, values: Sequence[bytes | None], result_exc: bytes
         job_id,
         status,
         word or _text(status_b)[:64],
-        worker_b.decode("utf-8", "replace") if worker_b else "",
+        worker,
         origin_b.decode("utf-8", "replace") if origin_b else "",
         parse_time(started_b) if started_b else None,
         parse_time(ended_b) if ended_b else None,
@@ -162,9 +241,14 @@ def missing_keyspace_flags(current: str) -> str:
 class RqState:
     """A narrow async interface to RQ's Redis state."""
 
-    def __init__(self, url: str, *, socket_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, socket_timeout: float = 5.0,
+                 on_poison: PoisonCallback | None = None) -> None:
+        """`on_poison(kind, name, error)`: called once per odd key ("key") or unreadable
+        job hash ("job_hash") newly met; the daemon counts them (poison_total)."""
         self.url = url
         self._timeout = socket_timeout
+        self._on_poison = on_poison
+        self._poison_seen = BoundedMemory()
         # redis-py's default retries (10, with backoff) would hide an outage for seconds;
         # we retry at our own level, visibly, so one quick retry is all we want here.
         self.client: aioredis.Redis = aioredis.Redis.from_url(
@@ -175,6 +259,24 @@ class RqState:
         self._sync: redis.Redis | None = None
         self._script: Any = None
         self._exists_script: Any = None
+
+    def poison(self, kind: str, name: str, error: str) -> None:
+        """Log and count a key or job hash we skip, once (until it is forgotten: the
+        memory is bounded)."""
+        if not self._poison_seen.first_time((kind, name), error):
+            return
+        log.warning(f"poison_{kind}", key=name, error=error)
+        if self._on_poison is not None:
+            self._on_poison(kind, name, error)
+
+    def _usable_name(self, raw: bytes | str, name: str | None) -> bool:
+        """True if `name` (parsed from key `raw`; None if that was not UTF-8) is one to
+        act on; otherwise it is reported as a poison key."""
+        problem = "key name is not UTF-8" if name is None else name_problem(name)
+        if problem:
+            self.poison("key", printable_key(raw), problem)
+            return False
+        return True
 
     @property
     def db(self) -> int:
@@ -204,9 +306,12 @@ class RqState:
                 readable, packed = _pack_ids(chunk)
                 raw = await self._read_jobs_script(args=[
                     packed, JOB_PREFIX, _RESULTS_PREFIX, *_IN_FLIGHT_KEYS,
-                    WORKER_PREFIX, repr(time.time())]) if readable else []
+                    WORKER_PREFIX, repr(time.time()), EXC_READ_MAX, EXC_READ_SMALL,
+                    EXC_READ_BUDGET]) if readable else []
                 for jid, vals in zip(readable, raw, strict=True):
-                    jobs[jid] = _job_from_script(jid, vals)
+                    job = jobs[jid] = _job_from_script(jid, vals)
+                    if job.status is RqStatus.UNREADABLE:
+                        self.poison("job_hash", jid, job.raw_status)
                 for jid in chunk:
                     if jid not in jobs:
                         # RQ never makes such an id (letters, digits, '_' and '-' only).
@@ -279,9 +384,16 @@ class RqState:
             keys = await self.client.smembers(REDIS_WORKER_KEYS)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
-        names = (worker_name_from_key(k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k))
-                 for k in keys)
-        return sorted(n for n in names if n)
+        names: list[str] = []
+        for k in keys:
+            key = decode_key(k)
+            name = worker_name_from_key(key) if key is not None else None
+            if key is not None and name is None:
+                continue  # not a worker key at all: not ours to judge
+            if self._usable_name(k, name):
+                assert name is not None
+                names.append(name)
+        return sorted(names)
 
     # -- keyspace notifications -------------------------------------------------------
 
@@ -337,14 +449,21 @@ class RqState:
                     async with asyncio.timeout(self._timeout):  # not wait_for (gh-86296)
                         await pubsub.ping()
                     continue
-                channel = _text(msg.get("channel"))[prefix_len:]
+                raw_channel = msg.get("channel") or b""
                 event = _text(msg.get("data")) if isinstance(msg.get("data"), bytes) else ""
+                decoded = decode_key(raw_channel)
+                if decoded is None:
+                    # Which key it is cannot even be told: nothing to wake, one poison.
+                    self._usable_name(raw_channel[prefix_len:], None)
+                    continue
+                channel = decoded[prefix_len:]
                 jid = job_id_from_key(channel)
                 if jid is not None:
-                    yield "job", jid, event
+                    if self._usable_name(channel, jid):
+                        yield "job", jid, event
                     continue
                 wname = worker_name_from_key(channel)
-                if wname is not None:
+                if wname is not None and self._usable_name(channel, wname):
                     yield "worker", wname, event
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
@@ -368,6 +487,10 @@ class RqState:
             job = Job.fetch(job_id, connection=self._sync_client())
         except NoSuchJobError:
             return "missing"
+        except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            return "unreadable"  # not a hash: not a job RQ could cancel either
         except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
             # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
             return "unreadable"
@@ -432,7 +555,11 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
 # standalone Redis (a cluster requires declared keys); so does RQ itself.
 # Reply per job: 0 if its hash does not exist, else the HMGET values, [7] the failure text
 # of a failed job, [8] for a canceled job 1 if a worker still holds it. A key of the wrong
-# type fails only its own entry ({"!ERR", msg}).
+# type fails only its own entry ({"!ERR", msg}), and so does a short field (status, worker,
+# queue, times) longer than any RQ writes. Compressed exception texts are clipped: at most
+# ARGV[10] bytes each until ARGV[12] bytes were returned for the chunk, ARGV[11] after
+# that (both multiples of 4, so base64 stays decodable): a reply never holds a whole 300 MB
+# field, and a chunk of 1,000 failed jobs stays a few MB.
 #
 # Why [8] is read here, in the same atomic step as the status: RQ's Job.cancel() does not
 # stop a worker that dequeued the job a moment earlier. The job sits in its queue's
@@ -447,22 +574,40 @@ local out = {}
 local jp, rp = ARGV[2], ARGV[3]
 local iq_pre, iq_suf, ex_pre, ex_suf, wp = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local now = ARGV[9]
+local exc_max, exc_small, budget = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local function exc(s)
+  if not s then return s end
+  local cap = exc_max
+  if budget < exc_max then cap = exc_small end
+  if #s > cap then s = string.sub(s, 1, cap) end
+  budget = budget - #s
+  return s
+end
 local i = 0
 for id in string.gmatch(ARGV[1], '[^\\n]+') do
   i = i + 1
   local v = redis.pcall('HMGET', jp .. id, 'status', 'worker_name', 'origin', 'started_at',
                         'ended_at', 'exc_info')
+  local long = false
+  if not v.err then
+    for j = 1, 5 do
+      if v[j] and #v[j] > 1024 then long = true end
+    end
+  end
   if v.err then
     out[i] = {'!ERR', v.err}
+  elseif long then
+    out[i] = {'!ERR', 'a field is longer than any RQ writes'}
   elseif not (v[1] or v[2] or v[3] or v[4] or v[5] or v[6]) then
     out[i] = 0
   else
+    v[6] = exc(v[6])
     if v[1] == 'failed' then
       local s = redis.pcall('XREVRANGE', rp .. id, '+', '-', 'COUNT', 1)
       if not s.err and s[1] then
         local f = s[1][2]
         for j = 1, #f, 2 do
-          if f[j] == 'exc_string' then v[7] = f[j + 1] end
+          if f[j] == 'exc_string' then v[7] = exc(f[j + 1]) end
         end
       end
     elseif v[1] == 'canceled' then
@@ -513,6 +658,11 @@ _IN_FLIGHT_KEYS: tuple[str, ...] = (
     *_around(ExecutionRegistry.key_template.format("\0")),
 )
 READ_CHUNK = 1000
+# Compressed exception text returned per job (bytes, multiples of 4: see _READ_JOBS_LUA),
+# and per chunk before the smaller cap applies. Ordinary tracebacks compress to 1-3 KB.
+EXC_READ_MAX = 256 * 1024
+EXC_READ_SMALL = 4 * 1024
+EXC_READ_BUDGET = 8 * 1024 * 1024
 _EXISTS_LUA = """
 local out = {}
 local i = 0
@@ -528,9 +678,9 @@ def _job_from_script(job_id: str, vals: Any) -> RqJob:
     if vals == 0:
         return RqJob(job_id, RqStatus.MISSING)
     if not isinstance(vals, list) or len(vals) < 2:
-        return RqJob(job_id, RqStatus.UNKNOWN, "unreadable")
+        return RqJob(job_id, RqStatus.UNREADABLE, "unreadable")
     if vals[0] == b"!ERR":
-        return RqJob(job_id, RqStatus.UNKNOWN, f"unreadable: {_text(vals[1])}"[:64])
+        return RqJob(job_id, RqStatus.UNREADABLE, f"unreadable: {_text(vals[1])}"[:120])
     if len(vals) > 7:
         return job_from_hash(job_id, vals, vals[6])._replace(in_flight=vals[7] == 1)
     if len(vals) > 6:
