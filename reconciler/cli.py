@@ -49,7 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--wait", type=float, metavar="SECONDS", default=None,
                     help="wait for the outcome and print it as JSON")
     sp = cmd("migrate", "create/upgrade rq-reconciler's tables and trigger")
-    sp.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
+    how.add_argument("--print-grants", metavar="ROLE",
+                     help="print the GRANTs that let database role ROLE request cancels and "
+                          "read their outcomes (and nothing more); changes nothing")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
     sp = cmd("demo", "the whole story on throwaway Redis + Postgres and real RQ workers")
     sp.add_argument("--keep", action="store_true", help="leave everything running at the end")
@@ -101,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "cancel":
             return _run(_cancel(cfg, args.job_id, args.reason, args.by, args.wait))
         if args.cmd == "migrate":
+            if args.print_grants is not None:
+                return _run(_print_grants(cfg, args.print_grants))
             return _run(_migrate(cfg, print_only=args.print_sql))
         if args.cmd == "check":
             return _run(_check(cfg))
@@ -239,6 +245,17 @@ async def _migrate(cfg: Config, *, print_only: bool) -> int:
         print(sql)
     else:
         print("migrate: rq-reconciler schema is up to date", file=sys.stderr)
+    return 0
+
+
+async def _print_grants(cfg: Config, role: str) -> int:
+    from reconciler.store import print_grants
+
+    if not role or len(role.encode()) > 63 or not role.isprintable():
+        print("rq-reconciler: --print-grants needs a role name of 1 to 63 bytes, "
+              "printable characters only", file=sys.stderr)
+        return 2
+    print(await print_grants(cfg, role), end="")
     return 0
 
 

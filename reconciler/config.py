@@ -7,6 +7,7 @@ never printed: use `redact()` on any URL or DSN that goes to a log line.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -42,6 +43,30 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 def quote_ident(name: str) -> str:
     """Quote a (possibly schema-qualified) identifier that already passed validation."""
     return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+# PostgreSQL keeps NAMEDATALEN - 1 = 63 bytes of an identifier and silently cuts the rest.
+MAX_IDENT_BYTES = 63
+_HASH_CHARS = 8
+
+
+def derived_ident(base: str, suffix: str) -> str:
+    """`base + suffix` as an identifier PostgreSQL keeps whole: at most 63 bytes.
+
+    Names we derive (an index, trigger, function or channel named after a configured
+    table or channel) can outgrow the limit, and PostgreSQL would cut them, so that two of
+    them could become one name (for a 63-character table, both of its indexes became the
+    table's own name and were never created). A name that is too long keeps its suffix (it
+    still says what it is) and as much of `base` as fits, plus a hash of the whole name:
+    two bases that share a long prefix never meet. A name that fits is unchanged, so
+    existing installs keep theirs."""
+    name = base + suffix
+    if len(name.encode("utf-8")) <= MAX_IDENT_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+    room = MAX_IDENT_BYTES - len(f"_{digest}{suffix}".encode())
+    head = base.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return f"{head}_{digest}{suffix}"
 
 
 def _check_ident(key: str, value: str, *, qualified: bool = False) -> str:
@@ -232,7 +257,7 @@ class Config:
 
     @property
     def done_channel(self) -> str:
-        return self.cancel.channel + "_done"
+        return derived_ident(self.cancel.channel, "_done")
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -342,8 +367,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("postgres.pool_size", "must be at least 2: a sweep holds one "
                           f"connection for its lock and queries on others, got {cfg.postgres.pool_size}")
     _check_ident("cancel.channel", cfg.cancel.channel)
-    if len(cfg.cancel.channel) > 58:
-        raise ConfigError("cancel.channel", "must be at most 58 characters (a _done suffix is added)")
     words: dict[str, str] = {}
     for f in fields(Statuses):
         word = getattr(j.statuses, f.name)
