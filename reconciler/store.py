@@ -370,7 +370,11 @@ class Store:
         # one app transaction sitting on one row must not stall a whole batch (nor the
         # daemon) until lock_timeout; those rows come back as locked (false, id) and are
         # decided again later. Rows still in their read status that `lk` did not get are
-        # the locked ones; the rest lost their race.
+        # the locked ones; the rest lost their race. The UPDATE finds its rows by the
+        # array of locked ids (`got`: one index scan, as before), and the locked ones are
+        # looked for only when `lk` got fewer rows than the batch has (a one-time filter):
+        # joined to `lk` directly, the UPDATE ran one index probe per row and the lookup a
+        # nested-loop anti join, 15 ms against 5 for 500 rows; this way it costs 6.
         self._sql["apply"] = f"""
 WITH u AS (
     SELECT (b->>0)::{self.id_type} AS id, b->>1 AS from_s, b->>2 AS to_s, b->>3 AS err,
@@ -382,10 +386,13 @@ WITH u AS (
     SELECT t.{cid} AS id FROM {t} t JOIN u ON t.{cid} = u.id AND t.{cst} = u.from_s
     WHERE t.{cid} = ANY($1::{self.id_type}[])
     FOR UPDATE OF t SKIP LOCKED
+), got AS (
+    SELECT coalesce(array_agg(id), '{{}}') AS ids, count(*) AS n FROM lk
 ), upd AS (
     UPDATE {t} t SET {', '.join(sets)}
-    FROM u JOIN lk ON lk.id = u.id
-    WHERE t.{cid} = ANY($1::{self.id_type}[]) AND t.{cid} = u.id AND t.{cst} = u.from_s
+    FROM u
+    WHERE t.{cid} = ANY((SELECT ids FROM got)::{self.id_type}[]) AND t.{cid} = u.id
+      AND t.{cst} = u.from_s
     RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
 ), gone AS (
     DELETE FROM {self.first_seen} f USING upd
@@ -400,7 +407,8 @@ WITH u AS (
 SELECT true AS applied, job_id FROM ev
 UNION ALL
 SELECT false, u.id::text FROM u JOIN {t} t ON t.{cid} = u.id AND t.{cst} = u.from_s
-WHERE t.{cid} = ANY($1::{self.id_type}[]) AND NOT EXISTS (SELECT 1 FROM lk WHERE lk.id = u.id)
+WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
+  AND t.{cid} = ANY($1::{self.id_type}[]) AND u.id NOT IN (SELECT id FROM lk)
 """
         self._sql["first_seen"] = (
             f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
