@@ -128,12 +128,22 @@ async def translated(pool: asyncpg.Pool | None = None) -> AsyncIterator[None]:
         yield
     except (*_OUTAGE, asyncpg.PostgresError) as exc:
         err = translate(exc)
-        if pool is not None and isinstance(err, PostgresUnavailable):
+        if pool is not None and isinstance(err, PostgresUnavailable) and _connection_lost(exc):
             # Connections that saw the outage may be unusable: replace them all on the next
             # acquire instead of handing a broken one to the next query.
             with suppress(Exception):
                 await pool.expire_connections()
         raise err from exc
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether the pool's connections are suspect after `exc`: a lost connection or a
+    server going away, and a read-only server (after a failover, new connections may reach
+    the new primary). A timeout, a lock wait or a deadlock leaves them as good as before."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return (state[:2] in ("08", "57") and state != "57014") or state == "25006"
 
 
 class RowChange(NamedTuple):

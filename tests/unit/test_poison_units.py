@@ -45,7 +45,7 @@ from reconciler.rq_state import (
     name_problem,
     printable_key,
 )
-from reconciler.store import RowChange, Store, translate
+from reconciler.store import RowChange, Store, _connection_lost, translate
 
 # -- texts bound to SQL -----------------------------------------------------------------------
 
@@ -281,3 +281,15 @@ def test_translate(exc: Exception, kind: type[Exception]) -> None:
         assert got.pg_error == type(exc).__name__
         assert got.sqlstate == exc.sqlstate  # type: ignore[attr-defined]
         assert got.sqlstate[:2] in ("22", "23", "P0", "54")
+
+
+@pytest.mark.parametrize(("exc", "lost"), [
+    (ConnectionResetError("reset"), True),
+    (asyncpg.exceptions.AdminShutdownError("terminating connection"), True),
+    (asyncpg.exceptions.ReadOnlySQLTransactionError("read-only"), True),  # failed over
+    (asyncpg.exceptions.QueryCanceledError("statement timeout"), False),
+    (asyncpg.exceptions.LockNotAvailableError("lock timeout"), False),
+    (asyncpg.exceptions.DeadlockDetectedError("deadlock"), False),
+])
+def test_which_outages_replace_the_pools_connections(exc: Exception, lost: bool) -> None:
+    assert _connection_lost(exc) is lost
