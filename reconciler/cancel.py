@@ -10,6 +10,7 @@ it could not read: an outage leaves the claim to expire and be taken again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ import structlog
 
 from reconciler.aio import TaskSet
 from reconciler.config import Config
-from reconciler.errors import BackendUnavailable
+from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING, CancelIntent, RqStatus
 from reconciler.reconcile import Reconciler
@@ -82,6 +83,15 @@ class CancelProcessor:
                 # The claim stays ours until its lease ends; then it is retried (here or
                 # by another replica). Nothing was decided on missing data.
                 log.warning("cancel_interrupted", error=str(exc), requests=[r.id for r in reqs])
+            except DataRejected as exc:
+                # Something this job's data carries that the database refuses: retrying
+                # cannot help, so the request gets an outcome that says so.
+                log.error("cancel_rejected", error=str(exc), requests=[r.id for r in reqs])
+                with contextlib.suppress(ReconcilerError):
+                    await self._finish(reqs, "failed", {
+                        "success": False,
+                        "message": f"Job {job_id} could not be cancelled: the database refused "
+                                   f"a value ({exc.pg_error})"})
             finally:
                 structlog.contextvars.unbind_contextvars("job_id")
 

@@ -119,7 +119,7 @@ class Metrics:
             self.cancel_requests.labels(outcome=outcome)
         for result in ("ok", "failed", "breaker"):
             self.sweeps.labels(result=result)
-        for source in ("cancel_notify", "keyspace", "local_worker", "timer"):
+        for source in ("cancel_notify", "keyspace", "local_worker", "timer", "lost_race", "locked_retry"):
             self.events.labels(source=source)
         for sig in ("SIGTERM", "SIGKILL"):
             self.process_signals.labels(signal=sig)

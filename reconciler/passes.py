@@ -8,6 +8,7 @@ backoff and shows in backend_up; work taken when it struck is put back, never lo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,7 @@ import structlog
 from reconciler.aio import Backoff, TaskSet, retry_forever, wait_event
 from reconciler.cancel import CancelProcessor
 from reconciler.config import Config
-from reconciler.errors import BackendUnavailable
+from reconciler.errors import BackendUnavailable, DataRejected
 from reconciler.health import Health, Wakeups
 from reconciler.metrics import Metrics
 from reconciler.reconcile import PassReport, Reconciler
@@ -28,11 +29,21 @@ from reconciler.workqueue import WorkQueue
 log = structlog.get_logger("reconciler.passes")
 
 
+# Rows another transaction held locked are read again after this long: soon enough that
+# the table follows once the app commits, slow enough not to spin on a long transaction.
+LOCKED_RETRY_SECONDS = 0.5
+# "Not found" answers that arrive by events are judged together, by a sweep this long
+# after the first of them: the sweep's mass-orphan breaker and its existence re-check.
+NOT_FOUND_WINDOW_SECONDS = 1.0
+
+
 class Aftercare:
     """What a pass's report leaves to do; each follow-up is a task with an owner."""
 
-    def __init__(self, workers: Workers, stopper: Stopper, tasks: TaskSet) -> None:
-        self.workers, self.stopper, self.tasks = workers, stopper, tasks
+    def __init__(self, workers: Workers, stopper: Stopper, tasks: TaskSet,
+                 queue: WorkQueue) -> None:
+        self.workers, self.stopper, self.tasks, self.queue = workers, stopper, tasks, queue
+        self._later: set[str] = set()
 
     def forget_ended(self, changes: Sequence[RowChange]) -> None:
         self.workers.forget_ended(
@@ -41,6 +52,11 @@ class Aftercare:
 
     def __call__(self, report: PassReport) -> None:
         self.forget_ended(report.changes)
+        if report.retry_now:
+            # A lost race is a wake-up: the row moved under us, read it fresh at once.
+            self.queue.add(report.retry_now, "lost_race")
+        if report.retry_later:
+            self._retry_later(report.retry_later)
         if report.horse_stops:
             self.stopper.stop_for_reconcile(report.horse_stops)
         self.workers.watch_local()
@@ -48,12 +64,28 @@ class Aftercare:
             self.tasks.spawn(self.workers.track(), "track-horses")
 
 
+    def _retry_later(self, rq_ids: list[str]) -> None:
+        fresh = [r for r in rq_ids if r not in self._later]
+        if not fresh:
+            return
+        first = not self._later
+        self._later.update(fresh)
+        if first:
+            self.tasks.spawn(self._requeue_later(), "locked-rows")
+
+    async def _requeue_later(self) -> None:
+        await asyncio.sleep(LOCKED_RETRY_SECONDS)
+        ids, self._later = self._later, set()
+        self.queue.add(ids, "locked_retry")
+
+
 class EventPasses:
     """Dirty ids, a coalesced batch at a time, through one reconcile pass each."""
 
     def __init__(self, queue: WorkQueue, reconciler: Reconciler, health: Health,
-                 after: Callable[[PassReport], None]) -> None:
+                 wake: Wakeups, after: Callable[[PassReport], None]) -> None:
         self.queue, self.reconciler, self.health, self.after = queue, reconciler, health, after
+        self.wake = wake
 
     async def run(self) -> None:
         await retry_forever(self.one_batch, event="event_pass_retry", backoff=Backoff(0.1, 10.0),
@@ -66,6 +98,16 @@ class EventPasses:
         except BackendUnavailable:
             self.queue.requeue(batch)  # nothing lost: retried after the backoff
             raise
+        except DataRejected as exc:
+            # A value the database refused outside the batch UPDATE (which isolates its own
+            # poison): these ids wait for the sweep rather than stop every event pass.
+            log.error("event_pass_rejected", error=str(exc), pg_error=exc.pg_error,
+                      rq_ids=len(batch))
+            return
+        if report.not_found_held:
+            log.info("not_found_held", count=report.not_found_held,
+                     judged_in=NOT_FOUND_WINDOW_SECONDS)
+            self.wake.request_sweep(NOT_FOUND_WINDOW_SECONDS)
         self.after(report)
 
 

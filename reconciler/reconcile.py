@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import structlog
 
 from reconciler.config import Config
+from reconciler.errors import RedisUnavailable
 from reconciler.model import (
     Action,
     CancelIntent,
@@ -60,6 +61,11 @@ class PassReport:
     oldest_age: float = 0.0
     stuck: int = 0
     duration: float = 0.0
+    # RQ ids to read again: at once (their change lost a race: the row moved under us, so
+    # the reading it was decided on is stale), or after a while (another transaction held
+    # the row locked). Bounded by the rows of one pass.
+    retry_now: list[str] = field(default_factory=list)
+    retry_later: list[str] = field(default_factory=list)
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
@@ -67,6 +73,8 @@ class PassReport:
         self.changes += other.changes
         self.lost_races += other.lost_races
         self.horse_stops += other.horse_stops
+        self.retry_now += other.retry_now
+        self.retry_later += other.retry_later
 
 
 class Evaluated(NamedTuple):
@@ -109,6 +117,12 @@ class Reconciler:
         asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
         try:
             jobs = await self.rq.read_jobs(rq_ids)
+            if any(j.status is RqStatus.MISSING for j in jobs.values()):
+                # "Not found" from a Redis that is loading or still syncing as a replica is
+                # no answer at all: an outage for this pass, retried like one.
+                why = await self.rq.not_authoritative()
+                if why:
+                    raise RedisUnavailable(f"{why}: not believed about missing jobs")
             for rid in settle or ():
                 if rid in jobs and jobs[rid].in_flight:
                     jobs[rid] = jobs[rid]._replace(in_flight=False)
@@ -206,6 +220,12 @@ class Reconciler:
         # Rows held locked elsewhere (decided again by a later pass) and rows the database
         # refused (poison, logged and counted by the store) did not lose a race.
         report.lost_races = len(changes) - len(applied) - len(result.locked) - len(result.rejected)
+        if report.lost_races:
+            settled = {c.job_id for c in applied}
+            settled.update(c.job_id for c in result.rejected)
+            settled.update(c.job_id for c in result.locked)
+            report.retry_now = _rq_ids(c for c in changes if c.job_id not in settled)
+        report.retry_later = _rq_ids(result.locked)
         now = datetime.now(UTC)
         # One line per transition, unless a batch is large (a first sweep over a neglected
         # table): then those go to debug and one summary line to info. The audit table
@@ -240,12 +260,16 @@ class Reconciler:
     # -- entry points -------------------------------------------------------------------------
 
     async def reconcile_rq_ids(self, rq_ids: Sequence[str]) -> PassReport:
-        """The event path: rows looked up by RQ id (= ANY), one pass."""
+        """The event path: rows looked up by RQ id (= ANY), one pass. Rows whose job is
+        not found are not failed here: they are counted in `not_found_held` for the
+        caller to judge together, under the mass-orphan breaker (a FLUSHDB makes every
+        worker heartbeat wake every running job)."""
         rows = await self.store.rows_by_rq_ids(rq_ids)
         if not rows:
             return PassReport()
         evaluated = await self.evaluate(rows)
-        report, _ = await self.apply(evaluated)
+        report, held = await self.apply(evaluated, hold_not_found=True)
+        report.not_found_held = len(held)
         return report
 
     async def reconcile_job_ids(self, job_ids: Sequence[Any],
@@ -401,6 +425,10 @@ class Reconciler:
                 await done
         finally:
             await _settle(writing)
+
+
+def _rq_ids(changes: Iterable[RowChange]) -> list[str]:
+    return [rid for c in changes if isinstance(rid := c.detail.get("rq_id"), str)]
 
 
 def _hand_over(report: PassReport, sink: ChangeSink | None) -> None:

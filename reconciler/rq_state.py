@@ -293,6 +293,24 @@ class RqState:
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
+    async def not_authoritative(self) -> str:
+        """Why this Redis cannot be believed about a missing key right now ('' if it can):
+        it is still loading its data set, or it is a replica that is syncing or has lost
+        its master (its keyspace may be empty or behind)."""
+        try:
+            info: dict[str, Any] = await self.client.info("persistence")
+            if int(info.get("loading", 0) or 0):
+                return "redis is loading its data set"
+            repl: dict[str, Any] = await self.client.info("replication")
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        if repl.get("role") == "slave":
+            if int(repl.get("master_sync_in_progress", 0) or 0):
+                return "redis is a replica in its initial sync"
+            if repl.get("master_link_status") != "up":
+                return "redis is a replica that lost its master"
+        return ""
+
     async def read_jobs(self, ids: Iterable[str]) -> dict[str, RqJob]:
         """One atomic script call per 1,000 jobs: status and fields, a failed job's text,
         and whether a canceled job is still in a worker's hands."""

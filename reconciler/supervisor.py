@@ -46,8 +46,9 @@ class Daemon:
         self.cfg = cfg
         self.install_signals = install_signals
         self.metrics = m = Metrics()
-        self.store = Store(cfg)
-        self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+        self.store = Store(cfg, on_poison=m.count_poison)
+        self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                          on_poison=m.count_poison)
         self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc())
         self.health = Health(m)
         self.wake = Wakeups()
@@ -61,11 +62,11 @@ class Daemon:
         self.stopper = Stopper(cfg, self.rq, self.procs, self.workers, self.followups)
         self.cancels = CancelProcessor(cfg, self.store, self.rq, self.stopper, self.reconciler,
                                        m, on_cancelled=self.wake.request_orphan_scan)
-        self.after = Aftercare(self.workers, self.stopper, self.followups)
+        self.after = Aftercare(self.workers, self.stopper, self.followups, self.queue)
         self.notifications = CancelNotifications(cfg, self.health, self.wake, m)
         self.keyspace = KeyspaceEvents(cfg, self.rq, self.health, self.wake, self.queue,
                                        self.workers, m)
-        self.passes = EventPasses(self.queue, self.reconciler, self.health, self.after)
+        self.passes = EventPasses(self.queue, self.reconciler, self.health, self.wake, self.after)
         self.cancel_loop = CancelLoop(cfg, self.cancels, self.wake, self.health)
         self.sweeps = Sweeps(cfg, self.store, self.reconciler, self.workers, self.health,
                              self.wake, m, self.after,
@@ -208,8 +209,8 @@ class Daemon:
         log.info("stopped", instance=self.cfg.instance.name)
 
     async def connect(self) -> bool:
-        """Connect both backends, retrying with backoff until they answer or we are told to
-        stop; then take back our own stale claims. False if told to stop first."""
+        """Connect both backends and take back our own stale claims, retrying with backoff
+        until that works or we are told to stop. False if told to stop first."""
         backoff = Backoff(0.2, 30.0)
         while not self.stopping.is_set():
             try:
@@ -220,6 +221,12 @@ class Daemon:
                 self.health.set_up("postgres", True)
                 await self.rq.ping()
                 self.health.set_up("redis", True)
+                # A previous life of this instance may have died holding claims: take them
+                # back now rather than wait out the lease (instance names are unique per
+                # replica). A write: a read-only database makes this an outage, retried.
+                released = await self.store.release_claims()
+                if released:
+                    log.info("stale_claims_released", count=released)
                 break
             except BackendUnavailable as exc:
                 self.health.outage(exc)
@@ -228,14 +235,7 @@ class Daemon:
                             retry_in=round(delay, 2))
                 if await wait_event(self.stopping, delay):
                     return False
-        if self.stopping.is_set():
-            return False
-        # A previous life of this instance may have died holding claims: take them back now
-        # rather than waiting out the lease (instance names are unique per replica).
-        released = await self.store.release_claims()
-        if released:
-            log.info("stale_claims_released", count=released)
-        return True
+        return not self.stopping.is_set()
 
 
 async def run_daemon(cfg: Config, *, install_signals: bool = True,
