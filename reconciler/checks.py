@@ -1,18 +1,36 @@
 """`rq-reconciler check`: one OK/WARN/FAIL line per check, each FAIL saying how to fix it.
 
-Read-only: it never changes the keyspace setting, the table or RQ state.
+Read-only: it never changes the keyspace setting, the table or RQ state. The Redis ACL
+check queues each command the daemon sends inside a MULTI that is never executed (see
+`_check_redis_acl`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
+import redis.asyncio as aioredis
 import redis.exceptions
+from rq.command import PUBSUB_CHANNEL_TEMPLATE
+from rq.executions import ExecutionRegistry
+from rq.intermediate_queue import IntermediateQueue
+from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRegistry
+from rq.results import Result
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from reconciler.config import Config, quote_ident, redact
 from reconciler.errors import BackendUnavailable
-from reconciler.rq_state import RqState, missing_keyspace_flags
+from reconciler.rq_state import (
+    JOB_PREFIX,
+    QUEUE_PREFIX,
+    WORKER_PREFIX,
+    RqState,
+    missing_keyspace_flags,
+)
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
 _TIME_TYPES = {"timestamp with time zone", "timestamp without time zone"}
@@ -36,8 +54,13 @@ async def run_checks(cfg: Config) -> list[Line]:
 
 
 async def _check_redis(cfg: Config) -> list[Line]:
-    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
     shown = redact(cfg.redis.url)
+    try:
+        rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+    except ValueError:
+        # The parser's message may quote part of the URL, password included.
+        return [Line("FAIL", "redis", f"redis.url {shown} cannot be parsed: is a password with "
+                     "/, ?, #, @ or : in it percent-encoded (%2F, %3F, %23, %40, %3A)?")]
     try:
         try:
             await rq.ping()
@@ -45,6 +68,9 @@ async def _check_redis(cfg: Config) -> list[Line]:
             return [Line("FAIL", "redis", f"cannot reach {shown}: {exc}. Is Redis running, and is "
                          "redis.url (or $RQ_RECONCILER_REDIS_URL) right?")]
         lines = [Line("OK", "redis", f"{shown} answers PING")]
+        lines += await _check_redis_acl(cfg, rq)
+        if any(ln.level == "FAIL" for ln in lines):
+            return lines  # what follows would fail on the same missing permissions
         workers = await rq.worker_names()
         lines.append(Line("OK" if workers else "WARN", "rq workers",
                           f"{len(workers)} registered" if workers else
@@ -80,6 +106,228 @@ async def _check_redis(cfg: Config) -> list[Line]:
         await rq.close()
 
 
+# -- Redis ACL ----------------------------------------------------------------------------
+
+# Shaped like the daemon's own key and channel names, so that key patterns (~rq:*) and
+# channel patterns (&rq:pubsub:*) are judged as they will be; never created.
+_PROBE = "rq-reconciler-acl-probe"
+# 40 hex digits that are no script: EVALSHA of it would only say NOSCRIPT.
+_NO_SCRIPT = "0" * 40
+
+
+@dataclass(frozen=True)
+class AclProbe:
+    """One command the daemon sends, in the form an ACL rule names it (`SCRIPT|LOAD`)."""
+
+    name: str
+    argv: tuple[str, ...]
+    why: str
+    optional: bool = False  # the daemon copes without it (said as WARN, not FAIL)
+
+
+def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
+    """Every command rq_state.py sends (directly, inside its Lua scripts, and through RQ's
+    Job.fetch / Job.cancel), with keys and channels shaped like the real ones.
+    tests/unit/test_check_acl.py fails when rq_state.py starts sending one not listed."""
+    job = JOB_PREFIX + _PROBE
+    queue = QUEUE_PREFIX + _PROBE
+    read = "reads job and worker state"
+    cancel = "cancels a waiting job with RQ's Job.cancel()"
+    probes = [
+        AclProbe("PING", ("PING",), "checks the connection"),
+        AclProbe("INFO", ("INFO", "server"), "tells a restarted, loading or replica Redis"),
+        AclProbe("EVALSHA", ("EVALSHA", _NO_SCRIPT, "0"), read + " in one atomic script"),
+        AclProbe("SCRIPT|LOAD", ("SCRIPT", "LOAD", "return 1"),
+                 "loads that script after a Redis restart"),
+        # Inside the scripts: a command the user may not run there makes the job read as
+        # unreadable, silently and for ever; so each is asked about here.
+        AclProbe("HMGET", ("HMGET", job, "status"), read),
+        AclProbe("EXISTS", ("EXISTS", job), "tells a missing job"),
+        AclProbe("XREVRANGE", ("XREVRANGE", Result.get_key(_PROBE), "+", "-", "COUNT", "1"),  # type: ignore[no-untyped-call]
+                 "reads a failed job's exception"),
+        AclProbe("LPOS", ("LPOS", IntermediateQueue.get_intermediate_queue_key(queue), _PROBE),
+                 "tells a canceled job a worker already took"),
+        AclProbe("ZCOUNT", ("ZCOUNT", ExecutionRegistry.key_template.format(_PROBE), "0", "+inf"),
+                 "tells a canceled job a worker already took"),
+        AclProbe("HGET", ("HGET", WORKER_PREFIX + _PROBE, "current_job"),
+                 "tells a canceled job a worker already took"),
+        AclProbe("PUBSUB|NUMSUB", ("PUBSUB", "NUMSUB", PUBSUB_CHANNEL_TEMPLATE % _PROBE),
+                 "tells a dead worker (nobody on its command channel)"),
+        AclProbe("SMEMBERS", ("SMEMBERS", REDIS_WORKER_KEYS), "lists workers"),
+        AclProbe("PUBLISH", ("PUBLISH", PUBSUB_CHANNEL_TEMPLATE % _PROBE, ""),
+                 "sends RQ's stop-job command to a worker"),
+        AclProbe("HGETALL", ("HGETALL", job), cancel),
+        AclProbe("MULTI", ("MULTI",), cancel),
+        AclProbe("HSET", ("HSET", job, "status", "canceled"), cancel),
+        AclProbe("LREM", ("LREM", queue, "1", _PROBE), cancel),
+        AclProbe("ZREM", ("ZREM", DeferredJobRegistry.key_template.format(_PROBE), _PROBE), cancel),
+        AclProbe("ZREM", ("ZREM", ScheduledJobRegistry.key_template.format(_PROBE), _PROBE), cancel),
+        AclProbe("ZADD", ("ZADD", CanceledJobRegistry.key_template.format(_PROBE), "1", _PROBE),
+                 cancel),
+        AclProbe("EXEC", ("EXEC",), cancel),
+        AclProbe("CONFIG|GET", ("CONFIG", "GET", "notify-keyspace-events"),
+                 "reads notify-keyspace-events (without it: sweeps only)",
+                 optional=cfg.redis.keyspace_events != "require"),
+        # A parameter that does not exist: even run, it would change nothing.
+        AclProbe("CONFIG|SET", ("CONFIG", "SET", _PROBE, "x"),
+                 "adds missing keyspace flags (redis.keyspace_events = \"auto\")", optional=True),
+    ]
+    if cfg.redis.keyspace_events != "off":
+        probes.append(AclProbe("PSUBSCRIBE", ("PSUBSCRIBE", *rq.keyspace_patterns()),
+                               "hears keyspace events (millisecond sync)"))
+    return probes
+
+
+def _denial(exc: redis.exceptions.ResponseError, probe: AclProbe) -> tuple[str, str]:
+    """(what is missing, the ACL rule that grants it) from a refusal."""
+    text = str(exc)
+    if "keys" in text and isinstance(exc, redis.exceptions.NoPermissionError):
+        return f"key {probe.argv[1]} ({probe.name})", "~" + probe.argv[1].split(":")[0] + ":*"
+    if "channels" in text and isinstance(exc, redis.exceptions.NoPermissionError):
+        chans = probe.argv[1:] if probe.name == "PSUBSCRIBE" else (probe.argv[1],)
+        rules = " ".join("&" + (c if probe.name == "PSUBSCRIBE" else c.rsplit(":", 1)[0] + ":*")
+                         for c in chans)
+        return f"channel {' '.join(chans)} ({probe.name})", rules
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return probe.name, "+" + probe.name.lower()
+    # "unknown command": renamed or disabled (managed Redis), or a server too old for it.
+    return f"{probe.name} (not available: {text})", "+" + probe.name.lower()
+
+
+async def _probe_replies(cfg: Config, argvs: list[tuple[str, ...]]) -> list[Any]:
+    """Send MULTI, a command with a wrong number of arguments, every probe, then EXEC;
+    return the replies to the probes and to EXEC (an exception where the server said no).
+
+    Nothing runs: the server checks ACLs when it queues a command, and the bad command
+    at the head marks the transaction failed, so EXEC (itself checked) only answers
+    EXECABORT. This needs nothing beyond what the daemon needs anyway (MULTI, for RQ's
+    Job.cancel()), unlike ACL DRYRUN or ACL GETUSER, which are admin commands a
+    least-privilege user does not have (and DRYRUN needs Redis 7). It also judges keys,
+    channels and read/write selectors exactly as the server will."""
+    client = aioredis.Redis.from_url(cfg.redis.url,
+                                     socket_timeout=cfg.redis.socket_timeout_seconds,
+                                     socket_connect_timeout=cfg.redis.socket_timeout_seconds)
+    conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.connect()
+        # MULTI on its own first: were it refused, what follows would run for real.
+        await conn.send_command("MULTI")
+        await conn.read_response()  # raises ResponseError if refused
+        cmds = [("GET",), *argvs]
+        await conn.send_packed_command(conn.pack_commands(cmds))
+        replies: list[Any] = []
+        for _ in cmds:
+            try:
+                replies.append(await conn.read_response())
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        if not isinstance(replies[0], redis.exceptions.ResponseError):
+            # The server queued a GET without a key: it does not fail a transaction on a
+            # bad command, so EXEC could run the probes. Never send it.
+            await conn.send_command("DISCARD")
+            await conn.read_response()
+            raise redis.exceptions.RedisError("this server queued a malformed command")
+        await conn.send_command("EXEC")
+        try:
+            replies.append(await conn.read_response())
+        except redis.exceptions.ExecAbortError as exc:
+            # "EXECABORT ... previous errors": allowed, and nothing ran. Redis 7 also
+            # answers a refused EXEC with EXECABORT, naming the NOPERM.
+            refused = "NOPERM" in str(exc)
+            replies.append(redis.exceptions.NoPermissionError(str(exc)) if refused else exc)
+        except redis.exceptions.ResponseError as exc:
+            replies.append(exc)
+            # A refused EXEC may leave the transaction open (older servers).
+            await conn.send_command("DISCARD")
+            with contextlib.suppress(redis.exceptions.ResponseError):
+                await conn.read_response()
+        return replies[1:]
+    finally:
+        await conn.disconnect()
+        await client.aclose()
+
+
+async def _whoami(cfg: Config, rq: RqState) -> str:
+    try:
+        who = await rq.client.execute_command("ACL", "WHOAMI")  # type: ignore[no-untyped-call]
+    except (redis.exceptions.RedisError, OSError):
+        # Not allowed (the daemon does not need it): the user the URL logs in as.
+        try:
+            return unquote(urlsplit(cfg.redis.url).username or "") or "default"
+        except ValueError:
+            return "default"
+    return who.decode() if isinstance(who, bytes) else str(who)
+
+
+async def _check_redis_acl(cfg: Config, rq: RqState) -> list[Line]:
+    probes = acl_probes(cfg, rq)
+    # MULTI is the vehicle and EXEC is asked about last (see _probe_replies).
+    queued = [p for p in probes if p.name not in ("MULTI", "EXEC")]
+    who = await _whoami(cfg, rq)
+    user = f"user {who!r}"
+    try:
+        replies = await _probe_replies(cfg, [p.argv for p in queued])
+    except redis.exceptions.ResponseError as exc:
+        return [Line("FAIL", "redis acl", f"{user} may not run MULTI ({exc}): RQ's Job.cancel() "
+                     "needs it, and check needs it to test the other commands. Fix: ACL SETUSER "
+                     f"{who} +multi +exec")]
+    except (redis.exceptions.RedisError, OSError) as exc:
+        return [Line("WARN", "redis acl", f"could not test the commands the daemon needs: {exc}")]
+    exec_probe = next(p for p in probes if p.name == "EXEC")
+    results = list(zip([*queued, exec_probe], replies, strict=True))
+    missing: dict[str, list[tuple[str, str, str]]] = {"FAIL": [], "WARN": []}
+    flags_missing = False
+    if cfg.redis.keyspace_events == "auto":
+        try:
+            flags_missing = bool(missing_keyspace_flags(await rq.keyspace_flags()))
+        except (redis.exceptions.RedisError, BackendUnavailable):
+            flags_missing = True
+    for probe, reply in results:
+        allowed = (reply == b"QUEUED" or reply == "QUEUED"
+                   or isinstance(reply, redis.exceptions.ExecAbortError))
+        if allowed or not isinstance(reply, redis.exceptions.ResponseError):
+            continue
+        if probe.name == "CONFIG|SET" and not flags_missing:
+            continue  # only needed to add flags that are missing
+        what, rule = _denial(reply, probe)
+        missing["WARN" if probe.optional else "FAIL"].append((what, rule, probe.why))
+    lines = []
+    for level in ("FAIL", "WARN"):
+        found = missing[level]
+        if not found:
+            continue
+        names = "; ".join(f"{what} ({why})" for what, _rule, why in found)
+        rules = " ".join(dict.fromkeys(rule for _what, rule, _why in found))
+        tail = "" if level == "FAIL" else " The daemon runs without it."
+        lines.append(Line(level, "redis acl", f"{user} may not run: {names}.{tail} Fix: ACL "
+                          f"SETUSER {who} {rules}"))
+    if not lines:
+        lines.append(Line("OK", "redis acl", f"{user} may run every command the daemon sends "
+                          f"({len(dict.fromkeys(p.name for p in probes))}: tested inside a "
+                          "MULTI that never ran)"))
+    return lines
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def _bounded_text_line(cfg: Config, key: str, col: str, typ: str, n: int) -> Line:
+    """A text column with a length limit: fine for the error column (the daemon clips what
+    it writes there to fit), fatal for a status column too short for a status word."""
+    shown = f"{col} ({typ}({n}))"
+    if key == "jobs.error_column":
+        return Line("OK", key, f"{shown}: texts longer than {n} characters are clipped to "
+                    f"{n} (an exception's last line can be long); use text to keep them whole")
+    if key == "jobs.status_column":
+        s = cfg.jobs.statuses
+        long = [w for w in (*s.active, *s.terminal) if len(w) > n]
+        if long:
+            return Line("FAIL", key, f"{shown} cannot hold {', '.join(map(repr, long))} "
+                        "(jobs.statuses): widen the column or choose shorter words")
+    return Line("OK", key, shown)
+
+
+
 async def _check_postgres(cfg: Config) -> list[Line]:
     shown = redact(cfg.postgres.dsn)
     try:
@@ -97,12 +345,16 @@ async def _check_postgres(cfg: Config) -> list[Line]:
                               "case-sensitive)"))
             return lines
         lines.append(Line("OK", "jobs table", f"{j.table} exists"))
-        cols = {
-            r["attname"]: r["t"]
-            for r in await conn.fetch(
-                "SELECT attname, format_type(atttypid, NULL) AS t FROM pg_attribute "
-                "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped", table_oid)
-        }
+        cols: dict[str, str] = {}
+        max_chars: dict[str, int] = {}  # varchar(n) / char(n) columns: n
+        for r in await conn.fetch(
+                "SELECT attname, format_type(atttypid, NULL) AS t, CASE WHEN atttypid IN "
+                "('varchar'::regtype, 'bpchar'::regtype) AND atttypmod > 4 THEN atttypmod - 4 "
+                "END AS n FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 "
+                "AND NOT attisdropped", table_oid):
+            cols[r["attname"]] = r["t"]
+            if r["n"] is not None:
+                max_chars[r["attname"]] = int(r["n"])
         wanted = [
             ("jobs.id_column", j.id_column, None),
             ("jobs.rq_id_column", j.rq_id_column, _TEXT_TYPES),
@@ -122,6 +374,8 @@ async def _check_postgres(cfg: Config) -> list[Line]:
             elif types is not None and typ not in types:
                 lines.append(Line("FAIL", key, f"column {col!r} is {typ}; expected one of "
                                   f"{', '.join(sorted(types))}"))
+            elif col in max_chars:
+                lines.append(_bounded_text_line(cfg, key, col, typ, max_chars[col]))
             else:
                 lines.append(Line("OK", key, f"{col} ({typ})"))
         indexed = await conn.fetchval(

@@ -1,0 +1,53 @@
+"""`check` on a jobs table whose text columns have a length limit: it says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+
+from tests.support import run_cli, write_config
+
+
+async def alter(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def lines(out: str, what: str) -> list[str]:
+    return [ln for ln in out.splitlines() if f" {what}: " in ln]
+
+
+async def test_varchar_error_column_is_reported_as_clipped_not_failed(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    assert run_cli(cfg, "migrate").returncode == 0
+    p = run_cli(cfg, "check")
+    assert lines(p.stdout, "jobs.error_column") == ["OK   jobs.error_column: error_message (text)"]
+
+    await alter(pg_dsn, "ALTER TABLE training_jobs ALTER COLUMN error_message TYPE varchar(200)")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 0, p.stdout
+    [line] = lines(p.stdout, "jobs.error_column")
+    assert line.startswith("OK   jobs.error_column: error_message (character varying(200)): ")
+    assert "clipped to 200" in line
+
+
+async def test_status_column_too_short_for_a_status_word_fails(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    assert run_cli(cfg, "migrate").returncode == 0
+    await alter(pg_dsn, "ALTER TABLE training_jobs ALTER COLUMN status TYPE varchar(8)")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 1, p.stdout
+    [line] = lines(p.stdout, "jobs.status_column")
+    assert line.startswith("FAIL jobs.status_column: status (character varying(8)) cannot hold "
+                           "'completed', 'cancelled'")
+    await alter(pg_dsn, "ALTER TABLE training_jobs ALTER COLUMN status TYPE varchar(9)")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 0, p.stdout
+    assert lines(p.stdout, "jobs.status_column") == [
+        "OK   jobs.status_column: status (character varying(9))"]
