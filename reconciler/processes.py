@@ -232,7 +232,8 @@ async def wait_pid_exit(ident: ProcIdentity, timeout: float) -> bool:  # noqa: A
             return True
         loop.add_reader(fd, ready)
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # the one way to bound a wait (aio.py)
+                await fut
             return True
         except TimeoutError:
             return not identity_alive(ident)

@@ -584,9 +584,8 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
 # intermediate list (BLMOVE) or has an execution record until the horse writes "started"
 # over "canceled"; or the horse already runs it and its worker's current_job names it.
 # Read in a second round trip, the horse could take the job out of the intermediate list
-# in between, while the worker name read with the status was still empty: the job looked
-# canceled and idle, the row was cancelled, and the job then ran to completion (the
-# replica storm caught it, about 1 run in 8 on a loaded machine).
+# in between, while the worker name read with the status was still empty: the job would
+# look canceled and idle, the row would be cancelled, and the job would then run to its end.
 _READ_JOBS_LUA = """
 local out = {}
 local jp, rp = ARGV[2], ARGV[3]
