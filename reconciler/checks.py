@@ -347,11 +347,14 @@ async def _check_postgres(cfg: Config) -> list[Line]:
         lines.append(Line("OK", "jobs table", f"{j.table} exists"))
         cols: dict[str, str] = {}
         max_chars: dict[str, int] = {}  # varchar(n) / char(n) columns: n
+        # A domain is judged by its base type, as the daemon judges it.
         for r in await conn.fetch(
-                "SELECT attname, format_type(atttypid, NULL) AS t, CASE WHEN atttypid IN "
-                "('varchar'::regtype, 'bpchar'::regtype) AND atttypmod > 4 THEN atttypmod - 4 "
-                "END AS n FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 "
-                "AND NOT attisdropped", table_oid):
+                "SELECT attname, format_type(b.oid, NULL) AS t, CASE WHEN b.oid IN "
+                "('varchar'::regtype, 'bpchar'::regtype) AND b.mod > 4 THEN b.mod - 4 END AS n "
+                "FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid, LATERAL (SELECT "
+                "CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE a.atttypid END AS oid, "
+                "CASE WHEN ty.typtype = 'd' THEN ty.typtypmod ELSE a.atttypmod END AS mod) b "
+                "WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", table_oid):
             cols[r["attname"]] = r["t"]
             if r["n"] is not None:
                 max_chars[r["attname"]] = int(r["n"])

@@ -51,3 +51,15 @@ async def test_status_column_too_short_for_a_status_word_fails(
     assert p.returncode == 0, p.stdout
     assert lines(p.stdout, "jobs.status_column") == [
         "OK   jobs.status_column: status (character varying(9))"]
+
+
+async def test_a_domain_over_varchar_is_judged_by_its_base_type(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    assert run_cli(cfg, "migrate").returncode == 0
+    await alter(pg_dsn, "CREATE DOMAIN short_text AS varchar(120); "
+                        "ALTER TABLE training_jobs ALTER COLUMN error_message TYPE short_text")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 0, p.stdout
+    [line] = lines(p.stdout, "jobs.error_column")
+    assert "(character varying(120))" in line and "clipped to 120" in line
