@@ -36,7 +36,6 @@ from reconciler.devstack.jobs_table import (
 from reconciler.devstack.postgres import PostgresServer
 from reconciler.devstack.procs import (
     REPO_ROOT,
-    TOKEN_ENV,
     cleanup_all,
     free_port,
     harness_env,
@@ -47,7 +46,7 @@ from reconciler.devstack.procs import (
     stragglers,
     tmp_base,
 )
-from reconciler.devstack.prom_text import HistogramValues, histogram, metric_value
+from reconciler.devstack.prom_text import histogram, metric_value
 from reconciler.devstack.redis_server import RedisServer, redis_client
 from reconciler.devstack.sync_pg import Pg, pg_fetch
 from reconciler.devstack.wait import wait_until
@@ -55,9 +54,7 @@ from reconciler.devstack.workers import Worker, WorkerPool, enqueue, rq_status, 
 
 __all__ = [
     "REPO_ROOT",
-    "TOKEN_ENV",
     "DaemonProc",
-    "HistogramValues",
     "Pg",
     "PostgresServer",
     "RedisServer",

@@ -33,11 +33,8 @@ def _latest_exc(redis_url: str, job_id: str) -> str:
 
 
 def _wait_status(redis_url: str, job_id: str, status: str, timeout: float = 20) -> None:
-    try:
-        wait_until(lambda: rq_status(redis_url, job_id) == status, timeout=timeout)
-    except AssertionError:
-        now = rq_status(redis_url, job_id)
-        raise AssertionError(f"job {job_id} never reached {status!r} (is {now!r})") from None
+    wait_until(lambda: rq_status(redis_url, job_id) == status, timeout,
+               lambda: f"job {job_id} to reach {status!r} (is {rq_status(redis_url, job_id)!r})")
 
 
 def _started_pid(marker: Path) -> int:
