@@ -27,6 +27,6 @@ def wait_until(
         if got:
             return got
         if time.monotonic() >= deadline:
-            desc = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {desc or pred!r}")
+            desc = (what() if callable(what) else what) or repr(pred)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {desc}")
         time.sleep(interval)
