@@ -20,7 +20,7 @@ from reconciler.config import Statuses
 
 
 class RqStatus(enum.StrEnum):
-    """RQ 2.x job statuses, plus two of ours for what RQ cannot say."""
+    """RQ's job statuses (2.x and 3.x), plus three of ours for what RQ cannot say."""
 
     CREATED = "created"
     QUEUED = "queued"
@@ -31,6 +31,10 @@ class RqStatus(enum.StrEnum):
     SCHEDULED = "scheduled"
     STOPPED = "stopped"
     CANCELED = "canceled"
+    # RQ 3 only (rq/job.py JobStatus): held back by a concurrency limit, or its
+    # dependencies met and about to be enqueued. Both are still waiting to run.
+    RATE_LIMITED = "rate_limited"
+    READY_TO_ENQUEUE = "ready_to_enqueue"
     # The job hash is gone (never existed, expired, or deleted).
     MISSING = "missing"
     # The hash exists but its status field is absent or a word RQ does not use.
@@ -40,7 +44,8 @@ class RqStatus(enum.StrEnum):
     UNREADABLE = "unreadable"
 
 
-WAITING = frozenset({RqStatus.CREATED, RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED})
+WAITING = frozenset({RqStatus.CREATED, RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED,
+                     RqStatus.RATE_LIMITED, RqStatus.READY_TO_ENQUEUE})
 ENDED = frozenset({RqStatus.FINISHED, RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED})
 
 

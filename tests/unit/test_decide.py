@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from reconciler.config import Statuses
 from reconciler.model import (
+    WAITING,
     Action,
     CancelIntent,
     Decision,
@@ -72,10 +73,27 @@ def test_failed_without_exception_text() -> None:
 
 
 @pytest.mark.parametrize("rq", [RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED,
-                                RqStatus.CREATED, RqStatus.UNKNOWN])
+                                RqStatus.CREATED, RqStatus.RATE_LIMITED,
+                                RqStatus.READY_TO_ENQUEUE, RqStatus.UNKNOWN])
 @pytest.mark.parametrize("from_status", ["queued", "running"])
 def test_waiting_or_unknown_is_unchanged(rq: RqStatus, from_status: str) -> None:
     assert d(row(from_status), job(rq)) == Decision()
+
+
+@pytest.mark.parametrize("rq", [RqStatus.RATE_LIMITED, RqStatus.READY_TO_ENQUEUE])
+@pytest.mark.parametrize("cancel", [None, CANCEL])
+@pytest.mark.parametrize("from_status", ["queued", "running", "cancelled", "completed"])
+def test_rq3_waiting_statuses_are_decided_as_queued(rq: RqStatus, cancel: CancelIntent | None,
+                                                    from_status: str) -> None:
+    """RQ 3's rate_limited and ready_to_enqueue jobs have not started: every row, with or
+    without a cancel, is decided as if RQ said queued (a cancel intent cancels the RQ job
+    with RQ's API, never a horse)."""
+    got = d(row(from_status), job(rq), c=cancel)
+    as_queued = d(row(from_status), job(RqStatus.QUEUED), c=cancel)
+    assert (got.to_status, got.reason, got.error, got.action) == \
+        (as_queued.to_status, as_queued.reason, as_queued.error, as_queued.action)
+    assert got.action is not Action.STOP_HORSE
+    assert rq in WAITING
 
 
 @pytest.mark.parametrize("from_status", ["queued", "running", "cancelled"])
