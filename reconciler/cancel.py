@@ -38,7 +38,10 @@ CONCURRENT_CANCELS = 32
 class CancelProcessor:
     def __init__(self, cfg: Config, store: Store, rq: RqState, stopper: Stopper,
                  reconciler: Reconciler, metrics: Metrics,
-                 on_cancelled: Callable[[], None] | None = None) -> None:
+                 on_cancelled: Callable[[], None] | None = None,
+                 watch: Callable[[Any], None] | None = None) -> None:
+        """`on_cancelled`: after each cancelled outcome (the orphan scan). `watch(job_id)`:
+        keep an eye on a cancelled row whose RQ job is not known to have ended yet."""
         self.cfg = cfg
         self.store = store
         self.rq = rq
@@ -46,6 +49,9 @@ class CancelProcessor:
         self.reconciler = reconciler
         self.metrics = metrics
         self._on_cancelled = on_cancelled
+        self._watch = watch
+        # Called when a cancel ends: requests left pending for want of a slot are claimed.
+        self._slot_free: Callable[[], None] | None = None
         self._sem = asyncio.Semaphore(CONCURRENT_CANCELS)
         self._tasks = TaskSet("cancel")
 
@@ -54,10 +60,14 @@ class CancelProcessor:
         return len(self._tasks)
 
     async def process_pending(self) -> int:
-        """Claim every pending (or lease-expired) request and start its job's cancel."""
+        """Claim pending (or lease-expired) requests, as many as can start now, and start
+        their jobs' cancels. The rest stay pending, free for another replica, and are
+        claimed here when a slot frees up: a lease never runs out while its request
+        waits for a slot."""
         total = 0
-        while True:
-            claims = await self.store.claim_requests(self.cfg.cancel.lease_seconds, limit=100)
+        while (free := CONCURRENT_CANCELS - len(self._tasks)) > 0:
+            claims = await self.store.claim_requests(self.cfg.cancel.lease_seconds,
+                                                     limit=min(100, free))
             if not claims:
                 return total
             total += len(claims)
@@ -66,6 +76,7 @@ class CancelProcessor:
                 by_job[c.job_id].append(c)
             for job_id, reqs in by_job.items():
                 self._tasks.spawn(self._guarded(job_id, reqs), f"job:{job_id}")
+        return total
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait for in-flight cancels; True if all finished in time."""
@@ -94,6 +105,8 @@ class CancelProcessor:
                                    f"a value ({exc.pg_error})"})
             finally:
                 structlog.contextvars.unbind_contextvars("job_id")
+                if self._slot_free is not None:
+                    self._slot_free()
 
     async def cancel_job(self, job_id: Any, reqs: list[CancelRequest]) -> None:
         s = self.cfg.jobs.statuses
@@ -120,6 +133,7 @@ class CancelProcessor:
         log.info("cancel_started", requests=ids, rq_id=row.rq_id, status=row.status)
         rq_cancelled = False
         stop = StopResult()
+        path: dict[str, Any] = {"path": "local", "instance": self.cfg.instance.name}
         rq_said = "no RQ job id"
         settle: set[str] = set()
         if row.rq_id:
@@ -145,6 +159,10 @@ class CancelProcessor:
                 settle.add(row.rq_id)
             # In flight with a worker: RQ says "canceled" over a running horse.
             elif job.status is RqStatus.STARTED or job.in_flight:
+                routed = await self._route(reqs, row.rq_id, job.worker_name)
+                if routed is None:
+                    return  # handed to the replica on the job's host: it writes the outcome
+                path = routed
                 await self.store.extend_lease(ids, self.cfg.cancel.lease_seconds
                                               + self.cfg.cancel.grace_seconds)
                 stop = await self.stopper.stop(row.rq_id, job.worker_name, job.started_at)
@@ -157,11 +175,20 @@ class CancelProcessor:
                 # Make RQ say what happened: the job was canceled, not failed.
                 rq_cancelled = (await self.rq.cancel_job(
                     row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
-        await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent},
-                                                settle=settle)
+        report = await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent},
+                                                         settle=settle)
+        for rid in report.rq_cancels:
+            # The job showed up waiting in RQ only now (enqueued after the cancel).
+            rq_cancelled = (await self.rq.cancel_job(rid, only_from=WAITING)) == "canceled" \
+                or rq_cancelled
         status = await self.store.job_status(job_id)
+        if status == s.cancelled and not stop.stopped and self._watch is not None:
+            # The intent holds until RQ agrees: a job enqueued (or an RQ id stored on the
+            # row) after this moment is cancelled, or stopped, when it appears.
+            self._watch(job_id)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)
+            detail.update(path)
             if stop.wedged:
                 detail["worker_wedged"] = True
                 detail["warning"] = stop.message
@@ -178,7 +205,52 @@ class CancelProcessor:
                 rq_said = f"RQ says {last.raw_status or last.status.value!r}"
             msg = stop.message or f"Job {job_id} could not be stopped (row is {status}, {rq_said})"
             await self._finish(reqs, "failed", {"success": False, "message": msg,
-                                                "horse_signals": stop.signals})
+                                                "horse_signals": stop.signals, **path})
+
+    async def _route(self, reqs: list[CancelRequest], rq_id: str,
+                     worker_name: str) -> dict[str, Any] | None:
+        """Who stops a running job: this replica if it can see the worker (or the worker is
+        gone); else the live replica that lists the worker, to which the requests are
+        handed (None returned); else RQ's stop-job from here. The dict says which path ran,
+        for the outcome's detail."""
+        me = self.cfg.instance.name
+        handed_to = reqs[0].handed_to
+        m = self.metrics.cancel_handovers
+        if handed_to == me:
+            m.labels(result="taken").inc()
+            log.info("cancel_taken_over", rq_id=rq_id, worker=worker_name)
+            return {"path": "handed-over", "instance": me}
+        if handed_to is not None:
+            # Handed to another replica, which did not take it in time: stop-job from here.
+            m.labels(result="fallback").inc()
+            log.warning("cancel_handover_expired", rq_id=rq_id, worker=worker_name, to=handed_to,
+                        seconds=self.cfg.cancel.handover_seconds)
+            return {"path": "stop-job", "instance": me,
+                    "handover": f"{handed_to} did not take it within "
+                                f"{self.cfg.cancel.handover_seconds:g} s"}
+        if not worker_name or self.stopper.owner_of is None:
+            return {"path": "local", "instance": me}
+        target = await self.stopper.where(rq_id, worker_name)
+        if target.local or target.gone:
+            return {"path": "local", "instance": me}
+        owner = await self.stopper.owner_of(worker_name)
+        if owner is None:
+            m.labels(result="fallback").inc()
+            return {"path": "stop-job", "instance": me,
+                    "handover": f"no live replica sees worker {worker_name}"}
+        handed = await self.store.hand_over([r.id for r in reqs], owner)
+        if handed:
+            m.labels(result="handed").inc()
+            log.info("cancel_handed_over", rq_id=rq_id, worker=worker_name, to=owner,
+                     requests=[r.id for r in reqs])
+            if self._slot_free is not None:
+                # Look again once the hand-over may have timed out: then the fallback is
+                # ours (or any replica's) to take.
+                asyncio.get_running_loop().call_later(
+                    self.cfg.cancel.handover_seconds + 0.05, self._slot_free)
+            return None
+        # Our lease ran out meanwhile: whoever holds the requests now carries them out.
+        return None
 
     async def _finish(self, reqs: Sequence[CancelRequest], outcome: str,
                       detail: dict[str, Any]) -> None:

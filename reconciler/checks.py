@@ -15,22 +15,11 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from rq.command import PUBSUB_CHANNEL_TEMPLATE
-from rq.executions import ExecutionRegistry
-from rq.intermediate_queue import IntermediateQueue
 from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRegistry
-from rq.results import Result
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 from reconciler.config import Config, quote_ident, redact
 from reconciler.errors import BackendUnavailable
-from reconciler.rq_state import (
-    JOB_PREFIX,
-    QUEUE_PREFIX,
-    WORKER_PREFIX,
-    RqState,
-    missing_keyspace_flags,
-)
+from reconciler.rq_state import WORKER_EXECUTIONS_SUFFIX, RqState, missing_keyspace_flags
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
 _TIME_TYPES = {"timestamp with time zone", "timestamp without time zone"}
@@ -56,7 +45,8 @@ async def run_checks(cfg: Config) -> list[Line]:
 async def _check_redis(cfg: Config) -> list[Line]:
     shown = redact(cfg.redis.url)
     try:
-        rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+        rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                     key_prefix=cfg.redis.key_prefix)
     except ValueError:
         # The parser's message may quote part of the URL, password included.
         return [Line("FAIL", "redis", f"redis.url {shown} cannot be parsed: is a password with "
@@ -129,8 +119,9 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
     """Every command rq_state.py sends (directly, inside its Lua scripts, and through RQ's
     Job.fetch / Job.cancel), with keys and channels shaped like the real ones.
     tests/unit/test_check_acl.py fails when rq_state.py starts sending one not listed."""
-    job = JOB_PREFIX + _PROBE
-    queue = QUEUE_PREFIX + _PROBE
+    k = rq.keys
+    job = k.job + _PROBE
+    queue = k.queue + _PROBE
     read = "reads job and worker state"
     cancel = "cancels a waiting job with RQ's Job.cancel()"
     probes = [
@@ -143,27 +134,33 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
         # unreadable, silently and for ever; so each is asked about here.
         AclProbe("HMGET", ("HMGET", job, "status"), read),
         AclProbe("EXISTS", ("EXISTS", job), "tells a missing job"),
-        AclProbe("XREVRANGE", ("XREVRANGE", Result.get_key(_PROBE), "+", "-", "COUNT", "1"),  # type: ignore[no-untyped-call]
+        AclProbe("XREVRANGE", ("XREVRANGE", k.results + _PROBE, "+", "-", "COUNT", "1"),
                  "reads a failed job's exception"),
-        AclProbe("LPOS", ("LPOS", IntermediateQueue.get_intermediate_queue_key(queue), _PROBE),
+        AclProbe("LPOS", ("LPOS", k.intermediate(_PROBE), _PROBE),
                  "tells a canceled job a worker already took"),
-        AclProbe("ZCOUNT", ("ZCOUNT", ExecutionRegistry.key_template.format(_PROBE), "0", "+inf"),
+        AclProbe("ZCOUNT", ("ZCOUNT", k.job_executions + _PROBE, "0", "+inf"),
                  "tells a canceled job a worker already took"),
-        AclProbe("HGET", ("HGET", WORKER_PREFIX + _PROBE, "current_job"),
+        AclProbe("HGET", ("HGET", k.worker + _PROBE, "current_job"),
                  "tells a canceled job a worker already took"),
-        AclProbe("PUBSUB|NUMSUB", ("PUBSUB", "NUMSUB", PUBSUB_CHANNEL_TEMPLATE % _PROBE),
+        AclProbe("SCARD", ("SCARD", k.worker + _PROBE + WORKER_EXECUTIONS_SUFFIX),
+                 "reads the job an RQ 3 worker runs (its executions set)"),
+        AclProbe("ZRANGEBYSCORE", ("ZRANGEBYSCORE", k.job_executions + _PROBE, "0", "+inf"),
+                 "reads the execution an RQ 2 worker runs"),
+        AclProbe("PUBSUB|NUMSUB", ("PUBSUB", "NUMSUB", k.channel(_PROBE)),
                  "tells a dead worker (nobody on its command channel)"),
-        AclProbe("SMEMBERS", ("SMEMBERS", REDIS_WORKER_KEYS), "lists workers"),
-        AclProbe("PUBLISH", ("PUBLISH", PUBSUB_CHANNEL_TEMPLATE % _PROBE, ""),
-                 "sends RQ's stop-job command to a worker"),
+        AclProbe("SMEMBERS", ("SMEMBERS", k.workers), "lists workers"),
+        AclProbe("PUBLISH", ("PUBLISH", k.channel(_PROBE), ""),
+                 "sends RQ's stop-execution / stop-job command to a worker"),
         AclProbe("HGETALL", ("HGETALL", job), cancel),
         AclProbe("MULTI", ("MULTI",), cancel),
         AclProbe("HSET", ("HSET", job, "status", "canceled"), cancel),
         AclProbe("LREM", ("LREM", queue, "1", _PROBE), cancel),
-        AclProbe("ZREM", ("ZREM", DeferredJobRegistry.key_template.format(_PROBE), _PROBE), cancel),
-        AclProbe("ZREM", ("ZREM", ScheduledJobRegistry.key_template.format(_PROBE), _PROBE), cancel),
-        AclProbe("ZADD", ("ZADD", CanceledJobRegistry.key_template.format(_PROBE), "1", _PROBE),
+        AclProbe("ZREM", ("ZREM", k.rebase(DeferredJobRegistry.key_template.format(_PROBE)), _PROBE),
                  cancel),
+        AclProbe("ZREM", ("ZREM", k.rebase(ScheduledJobRegistry.key_template.format(_PROBE)), _PROBE),
+                 cancel),
+        AclProbe("ZADD", ("ZADD", k.rebase(CanceledJobRegistry.key_template.format(_PROBE)), "1",
+                                  _PROBE), cancel),
         AclProbe("EXEC", ("EXEC",), cancel),
         AclProbe("CONFIG|GET", ("CONFIG", "GET", "notify-keyspace-events"),
                  "reads notify-keyspace-events (without it: sweeps only)",

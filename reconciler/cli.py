@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -79,6 +80,19 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
+def _adopt_key_prefix(cfg: Config) -> None:
+    """RQ 3 fixes its key prefix from $RQ_KEY_PREFIX when rq is first imported, and the
+    daemon writes through RQ's API: set it from redis.key_prefix before anything imports
+    rq, then make sure the rq imported agrees (RQ 2 knows no prefix but "rq")."""
+    if "rq" not in sys.modules and cfg.redis.key_prefix != "rq":
+        os.environ.setdefault("RQ_KEY_PREFIX", cfg.redis.key_prefix)
+    from reconciler.rq_state import prefix_problem
+
+    problem = prefix_problem(cfg.redis.key_prefix)
+    if problem:
+        raise ConfigError("redis.key_prefix", problem)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -87,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(keep=args.keep)
         cfg = _load(args)
+        _adopt_key_prefix(cfg)
     except ConfigError as exc:
         print(f"rq-reconciler: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
+    from reconciler.model import WAITING
     from reconciler.processes import Processes
     from reconciler.reconcile import Reconciler
     from reconciler.rq_state import RqState
@@ -126,7 +142,8 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     from reconciler.workers import Workers
 
     store = Store(cfg)
-    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds)
+    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                 key_prefix=cfg.redis.key_prefix)
     out = _ChangeOutput(cfg, as_json=as_json, dry_run=dry_run)
     try:
         # All connections at once, in parallel: the sweep keeps up to four busy (its lock,
@@ -143,6 +160,9 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
                           "sweeping); try again in a moment", file=sys.stderr)
                     return 1
                 report = await rec.sweep(force=force, on_changes=out.write)
+                for rid in report.rq_cancels:
+                    # A cancelled row's job waits in RQ: the intent holds, cancel it now.
+                    await rq.cancel_job(rid, only_from=WAITING)
     except ReconcilerError as exc:
         out.abort(str(exc))  # what was applied before the failure has been printed
         raise
@@ -155,6 +175,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         "active": report.counts, "stuck": report.stuck,
         "horse_stops": [{"job_id": str(h.job_id), "rq_id": h.rq_id, "worker": h.worker_name,
                          "why": h.why} for h in report.horse_stops],
+        "rq_cancels": report.rq_cancels,
         "duration_seconds": round(report.duration, 3),
     })
     if not as_json:

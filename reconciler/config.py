@@ -38,6 +38,8 @@ class ConfigError(Exception):
 
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+# What RQ 3 accepts as RQ_KEY_PREFIX (rq/defaults.py); it is spliced into Lua and templates.
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:{}-]+")
 
 
 def quote_ident(name: str) -> str:
@@ -154,6 +156,8 @@ class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"
     keyspace_events: KeyspaceMode = "auto"
     socket_timeout_seconds: float = 5.0
+    # RQ 3's RQ_KEY_PREFIX: the first part of every RQ key and channel (RQ 2 has only "rq").
+    key_prefix: str = "rq"
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,7 @@ class CancelConfig:
     channel: str = "rq_reconciler_cancel"
     grace_seconds: float = 10.0
     lease_seconds: float = 60.0
+    handover_seconds: float = 2.0
     orphaned_horse: OrphanedHorse = "kill"
 
 
@@ -256,6 +261,11 @@ class Config:
         return f"{schema}{dot}rq_reconciler_first_seen"
 
     @property
+    def replicas_table(self) -> str:
+        schema, dot, _ = self.cancel.requests_table.rpartition(".")
+        return f"{schema}{dot}rq_reconciler_replicas"
+
+    @property
     def done_channel(self) -> str:
         return derived_ident(self.cancel.channel, "_done")
 
@@ -276,7 +286,8 @@ _POSITIVE = {
     "sweep.page_size",
     "sweep.stuck_after_seconds",
 }
-_NON_NEGATIVE = {"cancel.grace_seconds", "sweep.min_age_seconds", "sweep.max_orphan_min"}
+_NON_NEGATIVE = {"cancel.grace_seconds", "cancel.handover_seconds", "sweep.min_age_seconds",
+                 "sweep.max_orphan_min"}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -377,6 +388,9 @@ def _validate(cfg: Config) -> None:
                 f"jobs.statuses.{f.name}", f"{word!r} is also used for {words[word]}"
             )
         words[word] = f.name
+    if not _KEY_PREFIX.fullmatch(cfg.redis.key_prefix):
+        raise ConfigError("redis.key_prefix", "only letters, digits and _ . : - { } are allowed "
+                          f"(RQ's own rule for RQ_KEY_PREFIX), got {cfg.redis.key_prefix!r}")
     u = urlsplit(cfg.redis.url)
     if u.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url", f"scheme must be redis://, rediss:// or unix://, got "

@@ -100,6 +100,20 @@ class Metrics:
             "1 when the last sweep refused a mass 'not found' failure.",
             registry=r,
         )
+        self.cancel_handovers = Counter(
+            p + "cancel_handovers",
+            "Cancels of jobs on another host, by result: handed (to the replica on that "
+            "host), taken (a hand-over this replica carried out), fallback (stop-job: no "
+            "live replica there, or it did not take over in time).",
+            ["result"],
+            registry=r,
+        )
+        self.replicas_alive = Gauge(
+            p + "replicas_alive", "Replicas with a fresh heartbeat, this one included.",
+            registry=r,
+        )
+        for result in ("handed", "taken", "fallback"):
+            self.cancel_handovers.labels(result=result)
         self.metrics_server_errors = Counter(
             p + "metrics_server_errors",
             "Problems of the /metrics server, by kind: accept (e.g. EMFILE), io, timeout, "
@@ -119,7 +133,8 @@ class Metrics:
             self.cancel_requests.labels(outcome=outcome)
         for result in ("ok", "failed", "breaker"):
             self.sweeps.labels(result=result)
-        for source in ("cancel_notify", "keyspace", "local_worker", "timer", "lost_race", "locked_retry"):
+        for source in ("cancel_notify", "keyspace", "local_worker", "timer", "lost_race", "locked_retry",
+                       "intent"):
             self.events.labels(source=source)
         for sig in ("SIGTERM", "SIGKILL"):
             self.process_signals.labels(signal=sig)

@@ -65,6 +65,9 @@ class Action(enum.StrEnum):
     NONE = "none"
     # Stop the job's work-horse (cancel intent, or an orphaned horse with policy kill).
     STOP_HORSE = "stop_horse"
+    # Cancel the RQ job with RQ's API: a cancel intent met the job still waiting in RQ
+    # (enqueued after the cancel, or before RQ's own cancel got to it).
+    CANCEL_RQ = "cancel_rq"
 
 
 # The per-row types below are NamedTuples, not frozen dataclasses: a sweep builds several
@@ -181,8 +184,15 @@ def decide(
     if row.status == s.cancelled:
         # A cancel is an intent that holds until RQ agrees: a horse that started anyway
         # (it dequeued the job a moment before RQ's cancel) is stopped again.
-        if rq_job is not None and rq_job.status is RqStatus.STARTED:
+        if rq_job is not None and (rq_job.status is RqStatus.STARTED or (
+                rq_job.status is RqStatus.CANCELED and rq_job.in_flight)):
+            # (RQ's cancel can land on a job a worker already holds: it says "canceled"
+            # while the horse runs it.)
             return Decision(action=Action.STOP_HORSE, detail={"why": "cancelled row, job started"})
+        if rq_job is not None and rq_job.status in WAITING:
+            # ... and a job enqueued after the cancel (or whose RQ id the app stored after
+            # it) never starts.
+            return Decision(action=Action.CANCEL_RQ, detail={"why": "cancelled row, job waiting"})
         return KEEP
     if row.status not in s.active:
         return KEEP
@@ -201,6 +211,11 @@ def decide(
         return KEEP
     if cancel is not None and (st in ENDED - {RqStatus.FINISHED} or st is RqStatus.MISSING):
         return _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)
+    if cancel is not None and st in WAITING:
+        # The intent holds whatever the order: the row is cancelled now and the waiting
+        # RQ job is cancelled with RQ's API (stopped instead if a worker takes it first).
+        d = _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)
+        return d._replace(action=Action.CANCEL_RQ)
 
     if st is RqStatus.FINISHED:
         return Decision(s.completed, Reason.SYNCED, "Synced: RQ finished", set_completed_at=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 
@@ -20,7 +21,9 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable, DataRejected
 from reconciler.health import Health, Wakeups
 from reconciler.metrics import Metrics
+from reconciler.model import WAITING
 from reconciler.reconcile import PassReport, Reconciler
+from reconciler.rq_state import RqState
 from reconciler.stop import Stopper
 from reconciler.store import RowChange, Store
 from reconciler.workers import Workers
@@ -40,8 +43,9 @@ NOT_FOUND_WINDOW_SECONDS = 1.0
 class Aftercare:
     """What a pass's report leaves to do; each follow-up is a task with an owner."""
 
-    def __init__(self, workers: Workers, stopper: Stopper, tasks: TaskSet,
+    def __init__(self, rq: RqState, workers: Workers, stopper: Stopper, tasks: TaskSet,
                  queue: WorkQueue) -> None:
+        self.rq = rq
         self.workers, self.stopper, self.tasks, self.queue = workers, stopper, tasks, queue
         self._later: set[str] = set()
 
@@ -59,10 +63,24 @@ class Aftercare:
             self._retry_later(report.retry_later)
         if report.horse_stops:
             self.stopper.stop_for_reconcile(report.horse_stops)
+        if report.rq_cancels:
+            self.tasks.spawn(self.cancel_waiting(report.rq_cancels), "cancel-waiting")
         self.workers.watch_local()
         if self.workers.untracked:
             self.tasks.spawn(self.workers.track(), "track-horses")
 
+
+    async def cancel_waiting(self, rq_ids: list[str]) -> None:
+        """Cancel waiting RQ jobs whose row is cancelled, then look at them again: a worker
+        that dequeued one a moment before runs it anyway, and the next pass stops it."""
+        for rid in rq_ids:
+            try:
+                res = await self.rq.cancel_job(rid, only_from=WAITING)
+            except BackendUnavailable as exc:
+                log.warning("rq_cancel_interrupted", rq_id=rid, error=str(exc))
+                break
+            log.info("rq_job_cancelled", rq_id=rid, result=res, why="cancelled row")
+        self.queue.add(rq_ids, "intent")
 
     def _retry_later(self, rq_ids: list[str]) -> None:
         fresh = [r for r in rq_ids if r not in self._later]
@@ -77,6 +95,64 @@ class Aftercare:
         await asyncio.sleep(LOCKED_RETRY_SECONDS)
         ids, self._later = self._later, set()
         self.queue.add(ids, "locked_retry")
+
+
+# How long a cancelled row is watched for its RQ job to appear (an app that enqueues, or
+# stores the RQ id on its row, a moment after its user clicked Cancel), and how often its
+# row is read meanwhile: often at first, when such races happen, then rarely.
+INTENT_WATCH_SECONDS = 30.0
+INTENT_POLL_FIRST = 0.01
+INTENT_POLL_CAP = 1.0
+INTENT_WATCH_MAX = 10_000
+
+
+class IntentWatch:
+    """Cancelled rows whose RQ job is not known to have ended: their RQ id (once the row
+    has one) is marked dirty until the watch runs out, so the event path cancels a job
+    that appears waiting and stops one that a worker took. No events reach us for a row
+    that gets its RQ id after the job was enqueued: hence this bounded look, which runs
+    only while something is watched."""
+
+    def __init__(self, cfg: Config, store: Store, queue: WorkQueue, health: Health) -> None:
+        self.store, self.queue, self.health = store, queue, health
+        self.cancelled = cfg.jobs.statuses.cancelled
+        self._until: dict[Any, float] = {}
+        self._wake = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def watch(self, job_id: Any) -> None:
+        if len(self._until) >= INTENT_WATCH_MAX:
+            return  # the sweep's look at recently cancelled rows is the backstop
+        self._until[job_id] = time.monotonic() + INTENT_WATCH_SECONDS
+        self._wake.set()
+
+    async def run(self) -> None:
+        await retry_forever(self.one_round, event="intent_watch_retry", backoff=Backoff(0.2, 10.0),
+                            on_outage=self.health.outage)
+
+    async def one_round(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+        delay = INTENT_POLL_FIRST
+        while self._until:
+            now = time.monotonic()
+            for job_id in [j for j, t in self._until.items() if t <= now]:
+                del self._until[job_id]
+            rows = await self.store.rows_by_ids(list(self._until))
+            # Rows no longer cancelled (the app reset one) are not ours to watch.
+            for r in rows:
+                if r.row.status != self.cancelled:
+                    self._until.pop(r.row.id, None)
+            rq_ids = [r.row.rq_id for r in rows if r.row.rq_id and r.row.status == self.cancelled]
+            if rq_ids:
+                self.queue.add(rq_ids, "intent")
+            if self._wake.is_set():  # a new watch: look often again
+                self._wake.clear()
+                delay = INTENT_POLL_FIRST
+            await wait_event(self._wake, delay)
+            delay = min(delay * 2, INTENT_POLL_CAP)
 
 
 class EventPasses:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,8 @@ BIRTH_SLACK_SECONDS = 2.0
 WORKER_STARTUP_SECONDS = 600.0
 # The horse forks right after RQ writes started_at.
 HORSE_SLACK_SECONDS = 2.0
+# Worker identities remembered (local workers only; a host runs a few dozen at most).
+MAX_KNOWN_WORKERS = 10_000
 
 
 def child_processes(proc: psutil.Process) -> list[psutil.Process]:
@@ -66,24 +69,45 @@ def child_processes(proc: psutil.Process) -> list[psutil.Process]:
 
 @dataclass(frozen=True, slots=True)
 class ProcIdentity:
+    """A process, not a pid: `create_time` is when it started, in seconds after boot (the
+    kernel's own record, which no step of the wall clock moves)."""
+
     pid: int
     create_time: float
 
 
-def _create_time(pid: int) -> float | None:
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def proc_start(pid: int) -> float | None:
+    """When `pid` started, in seconds after boot (/proc/<pid>/stat, field 22), or None."""
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied, ValueError):
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return None
+    try:
+        # The command name (field 2) may hold spaces and parentheses: split after its end.
+        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _HZ
+    except (ValueError, IndexError):
+        return None
+
+
+def to_wall(boot_seconds: float) -> float:
+    """A time after boot as wall-clock time, by the wall clock as it reads now."""
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_seconds)
+
+
+def _create_time(pid: int) -> float | None:
+    return proc_start(pid)
 
 
 def identity_alive(ident: ProcIdentity) -> bool:
     """True while the process with this pid is still the one first seen (and not a zombie)."""
+    if proc_start(ident.pid) != ident.create_time:
+        return False
     try:
-        p = psutil.Process(ident.pid)
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return p.create_time() == ident.create_time
+        return psutil.Process(ident.pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 
@@ -97,32 +121,61 @@ class Processes:
         self._on_signal = on_signal
         # job id -> the horse proven for it while its worker was alive
         self.horses: dict[str, ProcIdentity] = {}
+        # worker name -> its process as proven here once (pid and start against its birth);
+        # later checks compare that identity only, so a step of the wall clock cannot make
+        # a live worker look recycled.
+        self._workers: dict[str, ProcIdentity] = {}
 
     def is_local(self, rec: WorkerRecord) -> bool:
-        return bool(rec.hostname) and rec.hostname == self.hostname
+        """A worker runs on this host if its hostname is ours *and* its pid, seen from here,
+        is the process that registered it (or was, when we proved it). A worker whose pid we
+        cannot see (another PID namespace, another machine of the same name) is remote:
+        never taken for dead."""
+        if not rec.hostname or rec.hostname != self.hostname or rec.pid is None:
+            return False
+        known = self._workers.get(rec.name)
+        if known is not None and known.pid == rec.pid:
+            return True
+        return self.worker_identity(rec) is not None
 
     def worker_identity(self, rec: WorkerRecord) -> ProcIdentity | None:
         """The live process that registered `rec`, or None."""
         if rec.pid is None or rec.pid <= 0:
             return None
-        ct = _create_time(rec.pid)
+        known = self._workers.get(rec.name)
+        if known is not None and known.pid == rec.pid:
+            return known if identity_alive(known) else None
+        ct = proc_start(rec.pid)
         if ct is None:
             return None
-        if rec.birth is not None and ct > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
-            return None  # recycled pid: this process started after the worker registered
-        if rec.birth is not None and ct < rec.birth.timestamp() - WORKER_STARTUP_SECONDS:
-            return None  # not the process that registered: it is not our worker's pid
+        if rec.birth is not None:
+            wall = to_wall(ct)
+            if wall > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
+                return None  # recycled pid: this process started after the worker registered
+            if wall < rec.birth.timestamp() - WORKER_STARTUP_SECONDS:
+                return None  # not the process that registered: it is not our worker's pid
         ident = ProcIdentity(rec.pid, ct)
-        return ident if identity_alive(ident) else None
+        if not identity_alive(ident):
+            return None
+        if len(self._workers) >= MAX_KNOWN_WORKERS:
+            self._workers.pop(next(iter(self._workers)))
+        self._workers[rec.name] = ident
+        return ident
 
     def local_worker_gone(self, rec: WorkerRecord) -> str:
         """'' if the local worker's process is alive and is the one that registered."""
         if rec.pid is None:
             return "no pid recorded"
-        ct = _create_time(rec.pid)
+        known = self._workers.get(rec.name)
+        if known is not None and known.pid == rec.pid:
+            if identity_alive(known):
+                return ""
+            self._workers.pop(rec.name, None)
+            return f"pid {rec.pid} is dead"
+        ct = proc_start(rec.pid)
         if ct is None:
             return f"pid {rec.pid} is dead"
-        if rec.birth is not None and ct > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
+        if rec.birth is not None and to_wall(ct) > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
             return f"pid {rec.pid} was recycled"
         try:
             if psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE:
@@ -135,15 +188,18 @@ class Processes:
                    job_started_at: datetime | None) -> ProcIdentity | None:
         """The one process that can be `job_id`'s horse under the live worker `rec`.
 
-        The worker pid is alive and is the process that registered; `rec.current_job` is
-        this job; the candidate is its child, leads its own process group, runs the
-        worker's executable and was created after the job started (minus slack).
+        The worker pid is alive and is the process that registered; `rec` is a layout we
+        can read (RQ 2, or RQ 3 with one live execution) and its `current_job` is this job;
+        the candidate is its child, leads its own process group, runs the worker's
+        executable and was created after the execution began (RQ writes it before it
+        forks; failing that, after the job started, minus slack); and what its environment
+        says it runs (a SpawnWorker horse's RQ_JOB_ID / RQ_EXECUTION_ID) agrees.
 
         This is only half a proof: `rec` was read before the children were listed, and
         the worker may have moved on to its next job in between. Reconciler.prove_horse()
         completes it with a fresh read and only then remember()s the horse.
         """
-        if not self.is_local(rec) or rec.current_job != job_id:
+        if not self.is_local(rec) or rec.current_job != job_id or not rec.provable:
             return None
         worker = self.worker_identity(rec)
         if worker is None:
@@ -152,24 +208,28 @@ class Processes:
             wproc = psutil.Process(worker.pid)
             children = child_processes(wproc)
             exe = wproc.exe()
+            inherited = _rq_env(wproc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
+        began = rec.execution_created_at or job_started_at
         found: list[ProcIdentity] = []
         for child in children:
             try:
                 if os.getpgid(child.pid) != child.pid:
                     continue
-                ct = child.create_time()
-                if child.status() == psutil.STATUS_ZOMBIE:
+                ct = proc_start(child.pid)
+                if ct is None or child.status() == psutil.STATUS_ZOMBIE:
                     continue
                 # A horse is a fork of its worker (or, with SpawnWorker, the same
                 # interpreter): a child running another program is not one.
                 if child.exe() != exe:
                     continue
+                if _env_disagrees(child, inherited, job_id, rec.execution_id):
+                    continue
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess,
                     ProcessLookupError):
                 continue
-            if job_started_at is not None and ct < job_started_at.timestamp() - HORSE_SLACK_SECONDS:
+            if began is not None and to_wall(ct) < began.timestamp() - HORSE_SLACK_SECONDS:
                 continue
             found.append(ProcIdentity(child.pid, ct))
         if len(found) != 1:
@@ -206,6 +266,48 @@ class Processes:
             self._on_signal(sig.name)
         return True
 
+    def group_leftovers(self, leader: ProcIdentity) -> list[ProcIdentity]:
+        """Processes still in the process group `leader` led, once the leader is gone: what
+        the job spawned (a data loader that ignores SIGTERM, say). A group id is never
+        handed to a new process while any member lives, and every member started after
+        the leader did: both are checked, so nothing outside the group is ever named."""
+        out: list[ProcIdentity] = []
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return out
+        for name in entries:
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read()
+                rest = fields[fields.rindex(b")") + 2:].split()
+                pgrp, start = int(rest[2]), int(rest[19]) / _HZ
+            except (OSError, ValueError, IndexError):
+                continue
+            if pgrp == leader.pid and int(name) != leader.pid and start >= leader.create_time:
+                out.append(ProcIdentity(int(name), start))
+        return out
+
+    async def kill_leftovers(self, leader: ProcIdentity, wait: float = 2.0) -> list[int]:
+        """SIGKILL what is left of the stopped horse's process group, and wait (bounded)
+        for it to go. Returns the pids signalled."""
+        killed: list[int] = []
+        for ident in self.group_leftovers(leader):
+            if not identity_alive(ident):
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(ident.pid, signal.SIGKILL)
+                killed.append(ident.pid)
+                if self._on_signal is not None:
+                    self._on_signal("SIGKILL")
+        for pid in killed:
+            start = proc_start(pid)
+            if start is not None:
+                await wait_pid_exit(ProcIdentity(pid, start), wait)
+        return killed
+
     async def wait_exit(self, ident: ProcIdentity, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until the process exits (pidfd, no polling). True if it did in time."""
         return await wait_pid_exit(ident, timeout)
@@ -241,6 +343,34 @@ async def wait_pid_exit(ident: ProcIdentity, timeout: float) -> bool:  # noqa: A
             loop.remove_reader(fd)
     finally:
         os.close(fd)
+
+
+# What RQ puts in a SpawnWorker horse's environment before it spawns it: RQ 3 both
+# (rq 3.0 rq/worker/worker_classes.py SpawnWorker.fork_work_horse), RQ 2.12 only the
+# execution id. A forked horse shows its worker's environment as the worker was started
+# (RQ sets these in os.environ after the fork), so it says nothing.
+_HORSE_ENV = ("RQ_JOB_ID", "RQ_EXECUTION_ID")
+
+
+def _rq_env(proc: psutil.Process) -> dict[str, str]:
+    """The horse-naming variables in `proc`'s environment as the kernel shows it; {} if
+    it cannot be read (the structural proof then stands alone)."""
+    try:
+        env = proc.environ()
+    except psutil.AccessDenied:
+        return {}
+    return {k: env[k] for k in _HORSE_ENV if k in env}
+
+
+def _env_disagrees(child: psutil.Process, inherited: dict[str, str], job_id: str,
+                   execution_id: str | None) -> bool:
+    """True if `child`'s environment names another job or execution than the one proven.
+    A value the worker was itself started with is inherited, not RQ's: it says nothing.
+    An execution id that cannot be compared (the record names none) is a disagreement."""
+    env = {k: v for k, v in _rq_env(child).items() if inherited.get(k) != v}
+    if "RQ_JOB_ID" in env and env["RQ_JOB_ID"] != job_id:
+        return True
+    return "RQ_EXECUTION_ID" in env and env["RQ_EXECUTION_ID"] != execution_id
 
 
 class PidWatcher:

@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
 log = structlog.get_logger("reconciler.reconcile")
 
 LOG_EACH_MAX = 50
+# How long after a cancel each sweep still looks for its job to appear in RQ.
+RECENTLY_CANCELLED_SECONDS = 3600.0
 
 
 @dataclass
@@ -66,6 +68,8 @@ class PassReport:
     # the row locked). Bounded by the rows of one pass.
     retry_now: list[str] = field(default_factory=list)
     retry_later: list[str] = field(default_factory=list)
+    # RQ ids of waiting jobs whose row is (now) cancelled: to cancel with RQ's API.
+    rq_cancels: list[str] = field(default_factory=list)
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
@@ -75,6 +79,7 @@ class PassReport:
         self.horse_stops += other.horse_stops
         self.retry_now += other.retry_now
         self.retry_later += other.retry_later
+        self.rq_cancels += other.rq_cancels
 
 
 class Evaluated(NamedTuple):
@@ -195,12 +200,18 @@ class Reconciler:
         report = PassReport(checked=len(evaluated))
         held: list[Evaluated] = []
         changes: list[RowChange] = []
+        cancel_if_applied: dict[Any, str] = {}
         for ev in evaluated:
             d = ev.decision
             if d.action is Action.STOP_HORSE and ev.rq_job is not None:
                 report.horse_stops.append(HorseStop(
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
                     str(d.detail.get("why") or d.error or "orphan")))
+            elif d.action is Action.CANCEL_RQ and ev.rq_job is not None:
+                if d.to_status is None:
+                    report.rq_cancels.append(ev.rq_job.id)
+                else:  # only once the row is cancelled: a lost race decides again
+                    cancel_if_applied[ev.row.row.id] = ev.rq_job.id
             if d.to_status is None:
                 continue
             if hold_not_found and d.not_found:
@@ -212,6 +223,7 @@ class Reconciler:
         if dry_run:
             report.changes = changes
             report.changed = len(changes)
+            report.rq_cancels += cancel_if_applied.values()
             return report, held
         result = await self.store.apply(changes)
         applied = result.applied
@@ -226,6 +238,9 @@ class Reconciler:
             settled.update(c.job_id for c in result.locked)
             report.retry_now = _rq_ids(c for c in changes if c.job_id not in settled)
         report.retry_later = _rq_ids(result.locked)
+        if cancel_if_applied:
+            report.rq_cancels += (cancel_if_applied[c.job_id] for c in applied
+                                  if c.job_id in cancel_if_applied)
         now = datetime.now(UTC)
         # One line per transition, unless a batch is large (a first sweep over a neglected
         # table): then those go to debug and one summary line to info. The audit table
@@ -358,10 +373,22 @@ class Reconciler:
                     log.warning("orphan_breaker_forced", not_found=n, checked=checked)
                 await self._apply_not_found(held, total, counts, stuck_after, dry_run=dry_run,
                                             on_changes=on_changes)
+        await self._recheck_cancelled(total, dry_run=dry_run)
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
         return total
+
+    async def _recheck_cancelled(self, total: PassReport, *, dry_run: bool) -> None:
+        """Rows cancelled on request lately: a job enqueued (or an RQ id stored) after the
+        cancel shows up here even if its keyspace event was lost. Only actions come of
+        it (cancel the waiting RQ job, stop a horse); a cancelled row never changes."""
+        rows = await self.store.recently_cancelled(RECENTLY_CANCELLED_SECONDS)
+        if not rows:
+            return
+        report, _ = await self.apply(await self.evaluate(rows), dry_run=dry_run)
+        total.horse_stops += report.horse_stops
+        total.rq_cancels += report.rq_cancels
 
     async def _read_page(self, page: list[ActiveRow], dry_run: bool) -> Reading:
         if not dry_run:

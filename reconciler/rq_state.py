@@ -6,8 +6,14 @@ redis-py error is translated into RedisUnavailable: a caller must never read "Re
 could not be asked" as "job not found". Odd data costs only itself: a key whose name is
 not UTF-8 or holds control characters is skipped (logged once, counted as poison), a key
 of the wrong type makes only its job unreadable, and no text is read whole (fields are
-clipped in the read script, exception texts inflated with a budget). Targets RQ >= 2.0,
-< 3: RQ 3 support (its worker hash has no `current_job`) should touch this module only.
+clipped in the read script, exception texts inflated with a budget).
+
+RQ 2.x and 3.x side by side: each worker's layout is read from Redis (its hash's
+`version`; RQ 3 keeps the job it runs in a `<prefix>:worker:<name>:executions` set, not in
+`current_job`), never taken from the rq this package imports, so a fleet mid-upgrade is
+read worker by worker. Every key is built from `redis.key_prefix` (RQ 3's RQ_KEY_PREFIX),
+with the shapes taken from RQ's own constants. Job data is never deserialized: reads are
+raw fields, and RQ's API gets a serializer that refuses to load or dump anything.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import enum
+import hashlib
 import json
 import re
 import time
@@ -28,6 +36,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+import rq
+import rq.defaults
 import structlog
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -46,9 +56,102 @@ from reconciler.model import BoundedMemory, PoisonCallback, RqJob, RqStatus, las
 
 log = structlog.get_logger("reconciler.rq_state")
 
-JOB_PREFIX: str = Job.redis_job_namespace_prefix
-QUEUE_PREFIX: str = Queue.redis_queue_namespace_prefix
-WORKER_PREFIX: str = Worker.redis_worker_namespace_prefix
+# The prefix the imported rq builds its keys with: RQ 3 reads RQ_KEY_PREFIX from the
+# environment when it is imported (rq/defaults.py); RQ 2 has none and always uses "rq".
+IMPORTED_PREFIX: str = getattr(rq.defaults, "RQ_KEY_PREFIX", "rq")
+
+
+def _tail(key: str) -> str:
+    """An RQ key as the imported rq builds it, without its prefix ("rq:job:" -> ":job:")."""
+    if not key.startswith(IMPORTED_PREFIX + ":"):
+        raise ImportError(f"rq {rq.__version__} builds {key!r}, not under {IMPORTED_PREFIX!r}")
+    return key[len(IMPORTED_PREFIX):]
+
+
+# The shapes of RQ's keys, from RQ's constants wherever the imported rq has them.
+_JOB = _tail(Job.redis_job_namespace_prefix)
+_QUEUE = _tail(Queue.redis_queue_namespace_prefix)
+_WORKER = _tail(Worker.redis_worker_namespace_prefix)
+_WORKERS = _tail(REDIS_WORKER_KEYS)
+_PUBSUB = _tail(PUBSUB_CHANNEL_TEMPLATE % "")
+_RESULTS = _tail(Result.get_key(""))  # type: ignore[no-untyped-call]
+_JOB_EXECUTIONS = _tail(ExecutionRegistry.key_template.format(""))
+_INTERMEDIATE = IntermediateQueue.get_intermediate_queue_key("")
+# Execution.key: "<prefix>:execution:<job_id>:<execution_id>" (rq/executions.py, 2.12 and
+# 3.0 alike; a property, no constant to take it from).
+_EXECUTION = ":execution:"
+# RQ 3's per-worker execution index (WORKER_EXECUTIONS_KEY_TEMPLATE in rq/executions.py,
+# "<prefix>:worker:{0}:executions"); RQ 2 has no such key, so it cannot come from an
+# imported rq 2. tests/unit/test_rq_layout.py holds both to RQ's own when rq 3 is imported.
+WORKER_EXECUTIONS_SUFFIX = ":executions"
+
+
+class Keys:
+    """Every RQ key and channel name this package reads or sends to, under one prefix."""
+
+    __slots__ = ("execution", "job", "job_executions", "prefix", "pubsub", "queue", "results",
+                 "worker", "workers")
+
+    def __init__(self, prefix: str = "rq") -> None:
+        self.prefix = prefix
+        self.job = prefix + _JOB  # + job id: the job hash
+        self.queue = prefix + _QUEUE  # + queue name: the queue list
+        self.worker = prefix + _WORKER  # + worker name: the worker hash
+        self.workers = prefix + _WORKERS  # the set of every worker hash's key
+        self.pubsub = prefix + _PUBSUB  # + worker name: its command channel
+        self.results = prefix + _RESULTS  # + job id: the results stream
+        self.execution = prefix + _EXECUTION  # + "<job id>:<execution id>": one execution
+        self.job_executions = prefix + _JOB_EXECUTIONS  # + job id: its executions (zset)
+
+    def channel(self, worker_name: str) -> str:
+        return self.pubsub + worker_name
+
+    def rebase(self, rq_key: str) -> str:
+        """A key as the imported rq builds it (a registry's, say), under this prefix."""
+        return self.prefix + _tail(rq_key)
+
+    def intermediate(self, queue: str) -> str:
+        """The list a worker moves a job to as it dequeues it (RQ >= 2.0)."""
+        return self.queue + queue + _INTERMEDIATE
+
+    def job_id(self, key: str) -> str | None:
+        """`rq:job:<id>` -> id; None for RQ's side keys (`rq:job:<id>:dependents` ...)."""
+        if not key.startswith(self.job):
+            return None
+        rest = key[len(self.job):]
+        # RQ reserves ':' inside ids for execution ids, so a colon means a side key.
+        return rest if rest and ":" not in rest else None
+
+    def worker_name(self, key: str) -> str | None:
+        """The worker a key under `rq:worker:` belongs to: its hash, or (RQ 3) its
+        executions set, whose events say the same worker changed. RQ 3 itself could not
+        tell a worker named `<name>:executions` from that set, so neither can we."""
+        if not key.startswith(self.worker):
+            return None
+        rest = key[len(self.worker):]
+        if rest.endswith(WORKER_EXECUTIONS_SUFFIX):
+            rest = rest[:-len(WORKER_EXECUTIONS_SUFFIX)]
+        return rest or None
+
+
+DEFAULT_KEYS = Keys()
+# For callers that only ever deal with the default prefix (and the tests' raw writes).
+JOB_PREFIX: str = DEFAULT_KEYS.job
+QUEUE_PREFIX: str = DEFAULT_KEYS.queue
+WORKER_PREFIX: str = DEFAULT_KEYS.worker
+
+
+def prefix_problem(prefix: str) -> str:
+    """Why RQ's API, as imported into this process, cannot write under `prefix` ('' if it
+    can): RQ fixes its key prefix when it is imported."""
+    if prefix == IMPORTED_PREFIX:
+        return ""
+    if not hasattr(rq.defaults, "RQ_KEY_PREFIX"):
+        return (f"redis.key_prefix is {prefix!r}, but the rq installed for rq-reconciler "
+                f"({rq.__version__}) has no key prefix (RQ 2 always uses 'rq'): install rq>=3")
+    return (f"redis.key_prefix is {prefix!r}, but rq was imported with RQ_KEY_PREFIX="
+            f"{IMPORTED_PREFIX!r}: leave RQ_KEY_PREFIX unset or set it to {prefix!r} in the "
+            "daemon's environment")
 # A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
 # 90 s; an idle one every worker_ttl (420 s) with TTL + 60. Past this, it is gone.
 HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
@@ -60,7 +163,6 @@ NEEDED_KEYSPACE_FLAGS = "Kghx"
 PUBSUB_SETTLE_SECONDS = 30
 
 _JOB_FIELDS = (b"status", b"worker_name", b"origin", b"started_at", b"ended_at", b"exc_info")
-_WORKER_FIELDS = (b"birth", b"last_heartbeat", b"pid", b"hostname", b"death", b"current_job")
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 _KNOWN = {s.value for s in RqStatus} - {
     RqStatus.MISSING.value, RqStatus.UNKNOWN.value, RqStatus.UNREADABLE.value}
@@ -75,9 +177,28 @@ EXC_TAIL = 64 * 1024
 EXC_NOT_READ = "(exception text too long or incomplete; its end was not read)"
 
 
+class Layout(enum.StrEnum):
+    """Where a worker records the job it runs, as its own hash says."""
+
+    # RQ 2.x: the worker hash's `current_job` field.
+    RQ2 = "rq2"
+    # RQ 3.x: the `<prefix>:worker:<name>:executions` set, one `<job_id>:<execution_id>`
+    # member per running execution, each with its `<prefix>:execution:...` hash.
+    RQ3 = "rq3"
+    # No version, another major, or evidence that contradicts the version: nothing it says
+    # about its job is enough to prove a horse by.
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerRecord:
-    """An RQ worker hash as read, plus its command-channel subscriber count."""
+    """An RQ worker as read in one atomic step (its hash, and its executions), plus its
+    command-channel subscriber count.
+
+    `current_job` is the shared notion the rest of the package uses, whatever the layout:
+    RQ 2's field, or RQ 3's single live execution (None when it runs several). The
+    execution fields name that one execution (RQ 3), or the one live execution of
+    `current_job` in RQ 2's per-job execution registry."""
 
     name: str
     exists: bool
@@ -91,6 +212,21 @@ class WorkerRecord:
     subscribers: int = 0
     # The key exists but is not a hash RQ wrote (WRONGTYPE): it says nothing either way.
     unreadable: bool = False
+    version: str = ""
+    # Records built by hand (tests) describe an RQ 2 worker; the reader always sets it.
+    layout: Layout = Layout.RQ2
+    execution_id: str | None = None
+    execution_created_at: datetime | None = None
+    # Live executions: all the worker holds (RQ 3), or those of current_job (RQ 2).
+    executions: int = 0
+
+    @property
+    def provable(self) -> bool:
+        """True if what this record says about the worker's job is enough to prove a horse
+        by: a known layout, and (RQ 3) exactly one live execution."""
+        if self.layout is Layout.UNKNOWN or not self.current_job:
+            return False
+        return self.layout is Layout.RQ2 or (self.executions == 1 and self.execution_id is not None)
 
 
 def _text(value: bytes | None) -> str:
@@ -214,20 +350,12 @@ def job_from_hash(job_id: str, values: Sequence[bytes | None], result_exc: bytes
     )
 
 
-def job_id_from_key(key: str) -> str | None:
-    """`rq:job:<id>` -> id; None for RQ's side keys (`rq:job:<id>:dependents` ...)."""
-    if not key.startswith(JOB_PREFIX):
-        return None
-    rest = key[len(JOB_PREFIX):]
-    # RQ reserves ':' inside ids for execution ids, so a colon means a side key.
-    return rest if rest and ":" not in rest else None
+def job_id_from_key(key: str, keys: Keys = DEFAULT_KEYS) -> str | None:
+    return keys.job_id(key)
 
 
-def worker_name_from_key(key: str) -> str | None:
-    if not key.startswith(WORKER_PREFIX):
-        return None
-    rest = key[len(WORKER_PREFIX):]
-    return rest or None
+def worker_name_from_key(key: str, keys: Keys = DEFAULT_KEYS) -> str | None:
+    return keys.worker_name(key)
 
 
 def missing_keyspace_flags(current: str) -> str:
@@ -242,10 +370,15 @@ class RqState:
     """A narrow async interface to RQ's Redis state."""
 
     def __init__(self, url: str, *, socket_timeout: float = 5.0,
-                 on_poison: PoisonCallback | None = None) -> None:
+                 on_poison: PoisonCallback | None = None, key_prefix: str = "rq") -> None:
         """`on_poison(kind, name, error)`: called once per odd key ("key") or unreadable
-        job hash ("job_hash") newly met; the daemon counts them (poison_total)."""
+        job hash ("job_hash") newly met; the daemon counts them (poison_total).
+        `key_prefix`: RQ's RQ_KEY_PREFIX (redis.key_prefix), for every key read or sent."""
         self.url = url
+        self.keys = Keys(key_prefix)
+        # RQ's API writes under the prefix it was imported with; the CLI refuses to start
+        # on a mismatch, and a write under the wrong prefix is refused here too.
+        self._write_problem = prefix_problem(key_prefix)
         self._timeout = socket_timeout
         self._on_poison = on_poison
         self._poison_seen = BoundedMemory()
@@ -322,10 +455,11 @@ class RqState:
             for i in range(0, len(id_list), READ_CHUNK):
                 chunk = id_list[i:i + READ_CHUNK]
                 readable, packed = _pack_ids(chunk)
+                k = self.keys
                 raw = await self._read_jobs_script(args=[
-                    packed, JOB_PREFIX, _RESULTS_PREFIX, *_IN_FLIGHT_KEYS,
-                    WORKER_PREFIX, repr(time.time()), EXC_READ_MAX, EXC_READ_SMALL,
-                    EXC_READ_BUDGET]) if readable else []
+                    packed, k.job, k.results, k.queue, _INTERMEDIATE, k.job_executions, "",
+                    k.worker, repr(time.time()), EXC_READ_MAX, EXC_READ_SMALL,
+                    EXC_READ_BUDGET, WORKER_EXECUTIONS_SUFFIX, MAX_EXECUTIONS]) if readable else []
                 for jid, vals in zip(readable, raw, strict=True):
                     job = jobs[jid] = _job_from_script(jid, vals)
                     if job.status is RqStatus.UNREADABLE:
@@ -354,7 +488,7 @@ class RqState:
                 if self._exists_script is None:
                     self._exists_script = self.client.register_script(_EXISTS_LUA)
                 readable, packed = _pack_ids(chunk)
-                raw = await self._exists_script(args=[packed, JOB_PREFIX]) if readable else []
+                raw = await self._exists_script(args=[packed, self.keys.job]) if readable else []
                 out.update(dict.fromkeys(chunk, False))
                 out.update((jid, bool(n)) for jid, n in zip(readable, raw, strict=True))
         except _REDIS_ERRORS as exc:
@@ -362,19 +496,29 @@ class RqState:
         return out
 
     async def read_workers(self, names: Iterable[str]) -> dict[str, WorkerRecord]:
-        name_list = [n for n in dict.fromkeys(names) if n]
+        """Each worker as one atomic script reads it (its hash, its executions and their
+        hashes, whatever its RQ version), with its command channel's subscriber count."""
+        # A name holding the script's separator is not one RQ could have registered.
+        name_list = [n for n in dict.fromkeys(names) if n and _ID_SEP not in n]
         if not name_list:
             return {}
-        channels = [PUBSUB_CHANNEL_TEMPLATE % n for n in name_list]
+        channels = [self.keys.channel(n) for n in name_list]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for n in name_list:
-                    pipe.hmget(WORKER_PREFIX + n, list(_WORKER_FIELDS))
-                pipe.execute_command("PUBSUB", "NUMSUB", *channels)
-                pipe.info("server")
-                raw = await pipe.execute(raise_on_error=False)
+            replies = await self._read_workers_once(name_list, channels)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                # A restarted Redis forgot the script: load it, ask once more.
+                await self.client.script_load(_READ_WORKERS_LUA)
+                replies = await self._read_workers_once(name_list, channels)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        raw: list[Any] = []
+        for reply in replies[:-2]:
+            if isinstance(reply, Exception) or not isinstance(reply, list):
+                # The script as a whole failed (not one worker's key): Redis could not be
+                # asked, which must never read as "worker gone".
+                raise RedisUnavailable(f"reading workers: {reply}")
+            raw.extend(reply)
+        raw += replies[-2:]
         info = raw[-1] if isinstance(raw[-1], dict) else {}
         uptime = info.get("uptime_in_seconds")
         # A Redis that has just (re)started has lost every subscription; workers come back
@@ -391,21 +535,33 @@ class RqState:
             count = subs.get(ch, -1 if not isinstance(raw[-2], list) else 0)
             if count == 0 and not settled:
                 count = -1
-            if _reply_error(vals):
-                out[n] = WorkerRecord(n, exists=True, unreadable=True, subscribers=count)
-            else:
-                out[n] = worker_from_hash(n, vals, count)
+            out[n] = worker_from_reply(n, vals, count)
         return out
+
+    async def _read_workers_once(self, names: list[str], channels: list[str]) -> list[Any]:
+        """One round trip: the workers script per chunk of names (EVALSHA, not redis-py's
+        Script, which would add a SCRIPT EXISTS round trip to every pipeline), their
+        channels' subscriber counts, and the server's uptime."""
+        k = self.keys
+        now = repr(time.time())
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in range(0, len(names), READ_CHUNK):
+                pipe.evalsha(_READ_WORKERS_SHA, 0, _ID_SEP.join(names[i:i + READ_CHUNK]),
+                             k.worker, WORKER_EXECUTIONS_SUFFIX, k.execution,
+                             k.job_executions, now, MAX_EXECUTIONS)
+            pipe.execute_command("PUBSUB", "NUMSUB", *channels)
+            pipe.info("server")
+            return list(await pipe.execute(raise_on_error=False))
 
     async def worker_names(self) -> list[str]:
         try:
-            keys = await self.client.smembers(REDIS_WORKER_KEYS)
+            keys = await self.client.smembers(self.keys.workers)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         names: list[str] = []
         for k in keys:
             key = decode_key(k)
-            name = worker_name_from_key(key) if key is not None else None
+            name = self.keys.worker_name(key) if key is not None else None
             if key is not None and name is None:
                 continue  # not a worker key at all: not ours to judge
             if self._usable_name(k, name):
@@ -443,7 +599,9 @@ class RqState:
         return new
 
     def keyspace_patterns(self) -> list[str]:
-        return [f"__keyspace@{self.db}__:{JOB_PREFIX}*", f"__keyspace@{self.db}__:{WORKER_PREFIX}*"]
+        # The worker pattern also covers RQ 3's `<worker>:executions` sets.
+        return [f"__keyspace@{self.db}__:{self.keys.job}*",
+                f"__keyspace@{self.db}__:{self.keys.worker}*"]
 
     async def keyspace_events(self) -> AsyncGenerator[tuple[str, str, str], None]:
         """Yield ("subscribed", "", "") once subscribed, then (kind, id, event) with kind "job"
@@ -475,12 +633,12 @@ class RqState:
                     self._usable_name(raw_channel[prefix_len:], None)
                     continue
                 channel = decoded[prefix_len:]
-                jid = job_id_from_key(channel)
+                jid = self.keys.job_id(channel)
                 if jid is not None:
                     if self._usable_name(channel, jid):
                         yield "job", jid, event
                     continue
-                wname = worker_name_from_key(channel)
+                wname = self.keys.worker_name(channel)
                 if wname is not None and self._usable_name(channel, wname):
                     yield "worker", wname, event
         except _REDIS_ERRORS as exc:
@@ -501,8 +659,22 @@ class RqState:
         return self._sync
 
     def _cancel_sync(self, job_id: str, only_from: frozenset[str]) -> str:
+        # An execution can end under Job.cancel(): RQ then fails to read it (ValueError,
+        # "Execution ... not found", from rq/executions.py refresh(), in 2.12 and 3.0 alike)
+        # before anything was written. A fresh look decides again.
+        for _ in range(CANCEL_ATTEMPTS - 1):
+            try:
+                return self._cancel_once(job_id, only_from)
+            except _ExecutionGone:
+                continue
         try:
-            job = Job.fetch(job_id, connection=self._sync_client())
+            return self._cancel_once(job_id, only_from)
+        except _ExecutionGone as exc:
+            return f"not_canceled ({exc})"
+
+    def _cancel_once(self, job_id: str, only_from: frozenset[str]) -> str:
+        try:
+            job = _RawJob.fetch(job_id, connection=self._sync_client(), serializer=RefusingSerializer)
         except NoSuchJobError:
             return "missing"
         except redis.exceptions.ResponseError as exc:
@@ -521,54 +693,209 @@ class RqState:
             job.cancel()
         except InvalidJobOperation:
             return "already_canceled"
+        except ValueError as exc:
+            if not str(exc).startswith("Execution "):
+                raise
+            raise _ExecutionGone(f"an execution of the job ended under RQ's cancel: {exc}") from exc
         return "canceled"
 
     async def cancel_job(self, job_id: str, *, only_from: Iterable[RqStatus]) -> str:
         """RQ's Job.cancel(), if the job is still in one of `only_from`. Returns canceled /
         already_canceled / missing / unreadable / not_canceled (<status>)."""
         allowed = frozenset(s.value for s in only_from)
+        if self._write_problem:
+            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
+            return f"not_canceled ({self._write_problem})"
         try:
             return await asyncio.to_thread(self._cancel_sync, job_id, allowed)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def send_stop_job(self, worker_name: str, job_id: str) -> int:
-        """RQ's stop-job command (the payload RQ's send_stop_job_command sends), published
-        by us so that we learn how many workers received it: 0 means nobody listens."""
-        payload = json.dumps({"command": "stop-job", "job_id": job_id})
+    async def send_stop_job(self, worker_name: str, job_id: str,
+                            worker: WorkerRecord | None = None) -> int:
+        """RQ's command that stops `job_id` on `worker_name`: `stop-execution` for the
+        execution `worker` (as read) names on an RQ 3 worker, else `stop-job` (see
+        stop_command). The payloads are those RQ's send_stop_execution_command and
+        send_stop_job_command send (rq/command.py); published by us so that we learn how
+        many workers received it: 0 means nobody listens."""
+        command, args = stop_command(worker, job_id)
+        payload = json.dumps({"command": command, **args})
         try:
-            return int(await self.client.publish(PUBSUB_CHANNEL_TEMPLATE % worker_name, payload))
+            return int(await self.client.publish(self.keys.channel(worker_name), payload))
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
 
 def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) -> WorkerRecord:
+    """A WorkerRecord from the worker hash's birth, last_heartbeat, pid, hostname, death,
+    current_job (and version) values alone: an RQ 2 worker unless its version says other."""
     if all(v is None for v in vals):
         return WorkerRecord(name, exists=False, subscribers=subscribers)
+    return worker_from_reply(name, [*vals[:6], vals[6] if len(vals) > 6 else b"2", 0, [], []],
+                             subscribers)
+
+
+def _major(version: str) -> int | None:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) < 4 else None
+
+
+def layout_of(version: str, has_current_job: bool, executions_set: int) -> Layout:
+    """A worker's layout from its hash's `version`, checked against the evidence:
+    `executions_set` is the size of its RQ 3 executions set (-1 if that key is not a set
+    RQ could have written). Contradicting evidence makes it UNKNOWN, as does any other
+    version: what such a worker says about its job cannot be trusted to prove a horse."""
+    major = _major(version)
+    if major == 2 and executions_set == 0:
+        return Layout.RQ2  # RQ 2 keeps no executions set (rq 2.12 rq/executions.py)
+    if major == 3 and executions_set >= 0 and not has_current_job:
+        return Layout.RQ3  # RQ 3 never writes current_job (rq 3.0 rq/worker/base.py serialize)
+    return Layout.UNKNOWN
+
+
+def _exec_time(value: Any) -> datetime | None:
+    """An execution's created_at: seconds since the epoch, as RQ's Execution.serialize
+    writes it (rq/executions.py)."""
+    try:
+        return datetime.fromtimestamp(float(_text(value)), UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
+    """A WorkerRecord from one worker's reply of _READ_WORKERS_LUA."""
+    if not isinstance(vals, list) or len(vals) < 10 or vals[0] == b"!ERR":
+        return WorkerRecord(name, exists=True, unreadable=True, subscribers=subscribers)
+    fields: list[Any] = vals[:7]
+    if all(v is None for v in fields):
+        return WorkerRecord(name, exists=False, subscribers=subscribers)
+    set_size = vals[7] if isinstance(vals[7], int) else -1
+    live3: list[Any] = vals[8] if isinstance(vals[8], list) else []
+    live2: list[Any] = vals[9] if isinstance(vals[9], list) else []
     pid: int | None
     try:
-        pid = int(_text(vals[2])) if vals[2] else None
+        pid = int(_text(fields[2])) if fields[2] else None
     except ValueError:
         pid = None
+    version = _text(fields[6])[:64]
+    field_job = _text(fields[5]) or None
+    layout = layout_of(version, field_job is not None, set_size)
+    execution_id: str | None = None
+    created: datetime | None = None
+    if layout is Layout.RQ3:
+        # Several live executions (or a set too big to read): which one a child runs
+        # cannot be told, so none is named.
+        count = len(live3) // 3 if 0 < set_size <= MAX_EXECUTIONS else set_size
+        current = None
+        if count == 1 and len(live3) == 3:
+            current, execution_id, created = _text(live3[0]), _text(live3[1]), _exec_time(live3[2])
+    else:
+        count = len(live2) // 2
+        current = field_job
+        if layout is Layout.RQ2 and count == 1:
+            execution_id, created = _text(live2[0]), _exec_time(live2[1])
     return WorkerRecord(
         name=name,
         exists=True,
-        birth=parse_time(vals[0]),
-        last_heartbeat=parse_time(vals[1]),
+        birth=parse_time(fields[0]),
+        last_heartbeat=parse_time(fields[1]),
         pid=pid,
-        hostname=_text(vals[3]),
-        death=bool(vals[4]),
-        current_job=_text(vals[5]) or None,
+        hostname=_text(fields[3]),
+        death=bool(fields[4]),
+        current_job=current,
         subscribers=subscribers,
+        version=version,
+        layout=layout,
+        execution_id=execution_id,
+        execution_created_at=created,
+        executions=count,
     )
+
+
+# Each worker as one atomic step: its hash, its RQ 3 executions set with each live
+# execution's created_at, and (for RQ 2's current_job) the live executions in that job's
+# execution registry. Read apart, the hash could name a job whose execution had already
+# been replaced by the next one. Read-only (HMGET, SCARD, SMEMBERS, ZRANGEBYSCORE).
+# ARGV[1] = worker names joined by "\n", ARGV[2] = the worker hash prefix, ARGV[3] = the
+# executions set's suffix, ARGV[4] = the execution hash prefix, ARGV[5] = the job
+# execution registry prefix, ARGV[6] = now, ARGV[7] = the most executions read per worker.
+# Reply per worker: {"!ERR", msg} if its hash cannot be read, else the 7 hash values, the
+# executions set's size (-1: not a set RQ wrote, or a member that is no `<job>:<execution>`),
+# {job, execution, created_at, ...} of its live executions and {execution, created_at, ...}
+# of current_job's. An execution is live while its hash exists: RQ deletes it when the
+# execution ends, and it expires when its worker died.
+_READ_WORKERS_LUA = """
+local out = {}
+local wp, es, xp, rp = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now, cap = ARGV[6], tonumber(ARGV[7])
+local function created(job, ex)
+  local e = redis.pcall('HMGET', xp .. job .. ':' .. ex, 'created_at')
+  if type(e) == 'table' and e[1] and #e[1] <= 64 then return e[1] end
+  return false
+end
+local i = 0
+for name in string.gmatch(ARGV[1], '[^\\n]+') do
+  i = i + 1
+  local h = redis.pcall('HMGET', wp .. name, 'birth', 'last_heartbeat', 'pid', 'hostname',
+                        'death', 'current_job', 'version')
+  local long = false
+  if not h.err then
+    for j = 1, 7 do
+      if h[j] and #h[j] > 1024 then long = true end
+    end
+  end
+  if h.err then
+    out[i] = {'!ERR', h.err}
+  elseif long then
+    out[i] = {'!ERR', 'a field is longer than any RQ writes'}
+  else
+    local size = redis.pcall('SCARD', wp .. name .. es)
+    local live3, live2 = {}, {}
+    if type(size) ~= 'number' then
+      size = -1
+    elseif size > 0 and size <= cap then
+      for _, m in ipairs(redis.pcall('SMEMBERS', wp .. name .. es)) do
+        local job, ex = string.match(m, '^([%w_-]+):([%w_-]+)$')
+        if not job or #m > 256 then
+          size = -1
+        else
+          local c = created(job, ex)
+          if c then
+            live3[#live3 + 1] = job
+            live3[#live3 + 1] = ex
+            live3[#live3 + 1] = c
+          end
+        end
+      end
+    end
+    if h[6] and #h[6] <= 256 then
+      local ids = redis.pcall('ZRANGEBYSCORE', rp .. h[6], now, '+inf', 'LIMIT', 0, cap)
+      if type(ids) == 'table' and not ids.err then
+        for _, ex in ipairs(ids) do
+          local c = created(h[6], ex)
+          if c then
+            live2[#live2 + 1] = ex
+            live2[#live2 + 1] = c
+          end
+        end
+      end
+    end
+    out[i] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], size, live3, live2}
+  end
+end
+return out
+"""
+_READ_WORKERS_SHA = hashlib.sha1(_READ_WORKERS_LUA.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
 
 # One round trip and one reply per chunk of jobs instead of one command each: per-command
 # packing and parsing in redis-py dominated a sweep. Read-only (HMGET, XREVRANGE, LPOS,
-# ZCOUNT, HGET): it changes nothing in RQ. ARGV[1] = the chunk's job ids joined by "\n",
-# ARGV[2] = the job hash prefix, ARGV[3] = the results stream prefix, ARGV[4..7] = the
-# intermediate list and execution registry keys around a queue name / job id, ARGV[8] =
-# the worker hash prefix, ARGV[9] = now. The ids travel as one argument, not as KEYS:
+# ZCOUNT, HGET, SCARD, SMEMBERS): it changes nothing in RQ. ARGV[1] = the chunk's job ids
+# joined by "\n", ARGV[2] = the job hash prefix, ARGV[3] = the results stream prefix,
+# ARGV[4..7] = the intermediate list and execution registry keys around a queue name / job
+# id, ARGV[8] = the worker hash prefix, ARGV[9] = now, ARGV[13] = the suffix of RQ 3's
+# worker executions set, ARGV[14] = the most members of it worth reading. The ids travel
+# as one argument, not as KEYS:
 # packing 2,000 key arguments in redis-py cost more than running the script. That needs a
 # standalone Redis (a cluster requires declared keys); so does RQ itself.
 # Reply per job: 0 if its hash does not exist, else the HMGET values, [7] the failure text
@@ -582,7 +909,8 @@ def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) 
 # Why [8] is read here, in the same atomic step as the status: RQ's Job.cancel() does not
 # stop a worker that dequeued the job a moment earlier. The job sits in its queue's
 # intermediate list (BLMOVE) or has an execution record until the horse writes "started"
-# over "canceled"; or the horse already runs it and its worker's current_job names it.
+# over "canceled"; or the horse already runs it and its worker names it (RQ 2's
+# current_job, or a `<id>:<execution>` member of RQ 3's executions set).
 # Read in a second round trip, the horse could take the job out of the intermediate list
 # in between, while the worker name read with the status was still empty: the job would
 # look canceled and idle, the row would be cancelled, and the job would then run to its end.
@@ -641,6 +969,15 @@ for id in string.gmatch(ARGV[1], '[^\\n]+') do
         local cj = redis.pcall('HGET', wp .. v[2], 'current_job')
         if cj == id then held = 1 end
       end
+      if held == 0 and v[2] then
+        local xs = wp .. v[2] .. ARGV[13]
+        local n = redis.pcall('SCARD', xs)
+        if type(n) == 'number' and n > 0 and n <= tonumber(ARGV[14]) then
+          for _, m in ipairs(redis.pcall('SMEMBERS', xs)) do
+            if string.sub(m, 1, #id + 1) == id .. ':' then held = 1 end
+          end
+        end
+      end
       v[7] = false
       v[8] = held
     end
@@ -650,7 +987,6 @@ end
 return out
 """
 _ID_SEP = "\n"
-_RESULTS_PREFIX: str = Result.get_key("")  # type: ignore[no-untyped-call]
 
 
 def _pack_ids(chunk: Sequence[str]) -> tuple[list[str], str]:
@@ -663,18 +999,10 @@ def _pack_ids(chunk: Sequence[str]) -> tuple[list[str], str]:
     return readable, _ID_SEP.join(readable)
 
 
-def _around(key: str) -> tuple[str, str]:
-    """(prefix, suffix) of an RQ key built around a NUL marker name."""
-    pre, _, suf = key.partition("\0")
-    return pre, suf
-
-
-# Key layout taken from RQ itself, split around the queue name / job id.
-_IN_FLIGHT_KEYS: tuple[str, ...] = (
-    *_around(IntermediateQueue.get_intermediate_queue_key(QUEUE_PREFIX + "\0")),
-    *_around(ExecutionRegistry.key_template.format("\0")),
-)
 READ_CHUNK = 1000
+# Executions read per worker: an RQ worker runs one at a time; a set larger than this is
+# not one RQ keeps, and says only "several" (no horse is proven under it).
+MAX_EXECUTIONS = 16
 # Compressed exception text returned per job (bytes, multiples of 4: see _READ_JOBS_LUA),
 # and per chunk before the smaller cap applies. Ordinary tracebacks compress to 1-3 KB.
 EXC_READ_MAX = 256 * 1024
@@ -710,14 +1038,15 @@ def _reply_error(value: Any) -> str:
     return str(value) if isinstance(value, redis.exceptions.ResponseError) else ""
 
 
-def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime) -> str:
+def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime,
+                       keys: Keys = DEFAULT_KEYS) -> str:
     """Why RQ's own records say the worker is gone, or '' if they say it is alive.
 
     The local pid check (the only fast signal after a SIGKILL: the orphaned horse keeps
     the pub/sub socket, and the hash outlives the worker by its TTL) is the caller's.
     """
     if rec is None or not rec.exists:
-        return f"worker hash {WORKER_PREFIX}{name} is missing"
+        return f"worker hash {keys.worker}{name} is missing"
     if rec.unreadable:
         return ""  # garbage under the worker's key: skip, never read it as a death
     if rec.death:
@@ -727,5 +1056,52 @@ def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime) -> st
         if age > HEARTBEAT_STALE_SECONDS:
             return f"last heartbeat {int(age)} s ago"
     if rec.subscribers == 0:
-        return f"nobody subscribed to {PUBSUB_CHANNEL_TEMPLATE % name}"
+        return f"nobody subscribed to {keys.channel(name)}"
     return ""
+
+
+def stop_command(worker: WorkerRecord | None, job_id: str) -> tuple[str, dict[str, str]]:
+    """The command (and its arguments) that makes the worker stop `job_id`'s horse.
+
+    An RQ 3 worker whose record names the execution of `job_id` gets `stop-execution`: it
+    stops that execution only, so a stop meant for a run that has ended cannot hit a later
+    run of the same job id (RQ 3 rq/command.py handle_stop_execution_command; RQ 2 workers
+    ignore the command). Everyone else gets `stop-job`, which both versions obey for the
+    job they run (handle_stop_job_command)."""
+    if (worker is not None and worker.layout is Layout.RQ3 and worker.current_job == job_id
+            and worker.execution_id):
+        return "stop-execution", {"job_id": job_id, "execution_id": worker.execution_id}
+    return "stop-job", {"job_id": job_id}
+
+
+class RefusingSerializer:
+    """The serializer RQ's API gets for our writes. Job hashes carry pickles (data, meta,
+    results) that anyone with write access to Redis can craft; loading one would run code
+    in a process that holds the database credentials. Job.cancel() loads and dumps
+    nothing (rq 2.12 and 3.0: it writes the status and registry entries only), and a
+    failed load leaves RQ's `meta` as raw bytes it never writes back."""
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        raise ValueError("rq-reconciler never deserializes job data")
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        raise ValueError("rq-reconciler never serializes into a job")
+
+
+class _RawJob(Job):
+    """RQ's Job, restored without its `data`: RQ inflates it whole on every fetch (zlib,
+    whatever it claims to unpack to), and cancelling never needs it."""
+
+    def restore(self, raw_data: Any) -> Any:
+        fields = dict(raw_data)
+        fields[b"data"] = b""
+        return super().restore(fields)
+
+
+class _ExecutionGone(Exception):
+    """An execution ended while RQ's Job.cancel() was reading it; nothing was written."""
+
+
+CANCEL_ATTEMPTS = 3

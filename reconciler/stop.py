@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable
 from reconciler.model import RqStatus
 from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
-from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+from reconciler.rq_state import RqState, WorkerRecord, stop_command, worker_gone_reason
 from reconciler.workers import Workers
 
 log = structlog.get_logger("reconciler.stop")
@@ -77,6 +77,9 @@ class Stopper:
         self.procs = procs
         self.workers = workers
         self.tasks = tasks
+        # The live replica that can see a worker on its host (replicas.py), if any: stops
+        # the event path asks for on such a worker are left to it.
+        self.owner_of: Callable[[str], Awaitable[str | None]] | None = None
         self._running: dict[str, asyncio.Task[StopResult]] = {}
         # How the last few stops ended: the event path may stop a horse for a cancel
         # request a moment before the request's own flow gets to it.
@@ -134,21 +137,27 @@ class Stopper:
             return await self._await_reap(target, res, horse=True)
         if target.gone:
             return self._orphan_unknown(target)
-        # A worker on another host (or a horse we could not prove): RQ's stop-job.
+        # A worker on another host (or a horse we could not prove): RQ's stop-job (or
+        # stop-execution, for an RQ 3 worker: stop_command).
         res = StopResult()
-        n = await self.rq.send_stop_job(worker_name, rq_id)
-        res.signals.append("stop-job")
+        command = stop_command(target.worker, rq_id)[0]
+        n = await self.rq.send_stop_job(worker_name, rq_id, target.worker)
+        res.signals.append(command)
         if n == 0:
             res.orphan = res.stopped = True
-            res.message = f"worker {worker_name} did not receive stop-job: it is gone"
+            res.message = f"worker {worker_name} did not receive {command}: it is gone"
             return res
         return await self._await_reap(target, res, horse=False)
+
+    async def where(self, rq_id: str, worker_name: str) -> Target:
+        """Where `rq_id` runs, read now: its worker, whether it is local, whether gone."""
+        return await self._target(rq_id, worker_name)
 
     async def _target(self, rq_id: str, worker_name: str) -> Target:
         workers = await self.rq.read_workers([worker_name]) if worker_name else {}
         rec = workers.get(worker_name)
-        gone = worker_gone_reason(rec, worker_name, datetime.now(UTC)) if worker_name \
-            else "job has no worker"
+        gone = worker_gone_reason(rec, worker_name, datetime.now(UTC), self.rq.keys) \
+            if worker_name else "job has no worker"
         local = rec is not None and self.procs.is_local(rec)
         if rec is not None and local:
             gone = self.procs.local_worker_gone(rec) or gone
@@ -182,9 +191,10 @@ class Stopper:
             res.signals.append("SIGTERM")
         exited = await self.procs.wait_exit(horse, self.cfg.cancel.grace_seconds)
         if not exited and not t.gone and t.worker_name:
-            n = await self.rq.send_stop_job(t.worker_name, t.rq_id)
-            res.signals.append("stop-job")
-            log.info("stop_job_sent", rq_id=t.rq_id, worker=t.worker_name, receivers=n)
+            n = await self.rq.send_stop_job(t.worker_name, t.rq_id, t.worker)
+            res.signals.append(stop_command(t.worker, t.rq_id)[0])
+            log.info("stop_job_sent", rq_id=t.rq_id, worker=t.worker_name, receivers=n,
+                     command=res.signals[-1])
             exited = await self.procs.wait_exit(horse, KILL_AFTER_STOP_JOB_SECONDS)
         if not exited:
             if self.procs.signal_horse(horse, SIGKILL):
@@ -193,6 +203,12 @@ class Stopper:
         res.stopped = exited
         if not exited:
             res.message = f"horse pid {horse.pid} of job {t.rq_id} survived SIGKILL"
+            return res
+        # Whatever the job spawned into its group must not outlive the cancel.
+        left = await self.procs.kill_leftovers(horse)
+        if left:
+            res.signals.append("SIGKILL:leftovers")
+            log.warning("horse_leftovers_killed", rq_id=t.rq_id, pids=left)
         return res
 
     def _orphan_unknown(self, t: Target) -> StopResult:
@@ -237,8 +253,24 @@ class Stopper:
     async def _stop_quietly(self, hs: HorseStop) -> None:
         try:
             job = (await self.rq.read_jobs([hs.rq_id]))[hs.rq_id]
-            if job.status is not RqStatus.STARTED:
+            # A worker that holds a job RQ says is canceled has not always written its
+            # name on it yet: give it the moment it takes.
+            deadline = time.monotonic() + WORKER_REAP_SECONDS
+            while job.in_flight and not job.worker_name and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_SECONDS)
+                job = (await self.rq.read_jobs([hs.rq_id]))[hs.rq_id]
+            if job.status is not RqStatus.STARTED and not (job.in_flight and job.worker_name):
                 return
+            if hs.rq_id not in self._running and self.owner_of is not None and job.worker_name:
+                t = await self.where(hs.rq_id, job.worker_name)
+                if not t.local and not t.gone:
+                    owner = await self.owner_of(job.worker_name)
+                    if owner is not None:
+                        # Its own host's replica stops it gracefully; a stop-job from here
+                        # would SIGKILL it inside that replica's grace period.
+                        log.info("stop_left_to_owner", rq_id=hs.rq_id, worker=job.worker_name,
+                                 owner=owner, why=hs.why)
+                        return
             res = await self.stop(hs.rq_id, job.worker_name, job.started_at)
             log.info("horse_stopped", job_id=str(hs.job_id), rq_id=hs.rq_id, why=hs.why,
                      signals=res.signals, stopped=res.stopped)

@@ -80,7 +80,7 @@ _SCHEMA_CLASSES = frozenset({"42", "3D", "3F", "28"})
 
 log = structlog.get_logger("reconciler.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Attempts of one guarded batch UPDATE that PostgreSQL failed to break a deadlock.
 APPLY_ATTEMPTS = 5
 # Set on every pool connection: one application transaction holding one row's lock, or a
@@ -90,7 +90,9 @@ STATEMENT_TIMEOUT_MS = 30000
 # Free text read from the cancel-request table (who, why): the error column gets a few
 # hundred characters of it; a 300 MB reason is never read whole.
 REQUEST_TEXT_MAX = 1000
-MIGRATIONS = ("001_initial.sql", "002_owner_only.sql")
+# A replica whose heartbeat is older than this is not alive (it beats every third of it).
+REPLICA_STALE_SECONDS = 15.0
+MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
 
 
 def translate(exc: BaseException) -> Exception:
@@ -221,6 +223,8 @@ class CancelRequest:
     requested_at: datetime
     requested_by: str
     reason: str
+    # The replica this request was handed to by another, if any.
+    handed_to: str | None = None
 
 
 class Store:
@@ -247,6 +251,7 @@ class Store:
         self.req = quote_ident(cfg.cancel.requests_table)
         self.events = quote_ident(cfg.events_table)
         self.first_seen = quote_ident(cfg.first_seen_table)
+        self.replicas = quote_ident(cfg.replicas_table)
         self._sql: dict[str, str] = {}
 
     # -- connection ---------------------------------------------------------------------
@@ -322,11 +327,21 @@ class Store:
                 (self.cfg.cancel.requests_table, self.req),
                 (self.cfg.events_table, self.events),
                 (self.cfg.first_seen_table, self.first_seen),
+                (self.cfg.replicas_table, self.replicas),
             ]
             if await self._p().fetchval("SELECT to_regclass($1)", reg) is None
         ]
         if missing:
             raise SchemaError(f"{', '.join(missing)} missing: run `rq-reconciler migrate`")
+        version = self.cfg.cancel.requests_table.rpartition(".")[0]
+        version = f"{version}.rq_reconciler_schema" if version else "rq_reconciler_schema"
+        have = 0
+        if await self._p().fetchval("SELECT to_regclass($1)", quote_ident(version)) is not None:
+            have = int(await self._p().fetchval(
+                f"SELECT coalesce(max(version), 0) FROM {quote_ident(version)}") or 0)
+        if have < SCHEMA_VERSION:
+            raise SchemaError(f"our tables are at schema v{have}, this version needs "
+                              f"v{SCHEMA_VERSION}: run `rq-reconciler migrate`")
         j = self.cfg.jobs
         cols = {r["attname"] for r in await self._p().fetch(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
@@ -355,6 +370,11 @@ class Store:
         )
         self._sql["by_rq_ids"] = select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])"
         self._sql["by_ids"] = select + f"WHERE t.{cid} = ANY($1::{self.id_type}[])"
+        self._sql["recently_cancelled"] = select + (
+            f"WHERE t.{cid} IN (SELECT r.job_id FROM {self.req} r WHERE r.outcome = 'cancelled' "
+            f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
+            f"AND t.{crq} IS NOT NULL ORDER BY t.{cid} LIMIT $3"
+        )
         sets = [
             f"{cst} = u.to_s",
             f"{self.c_error} = CASE WHEN u.err = '' THEN t.{self.c_error} ELSE u.err END",
@@ -636,10 +656,14 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
     async def claim_requests(self, lease: float, limit: int = 100,
                              job_ids: Sequence[Any] | None = None) -> list[CancelRequest]:
         """Claim pending (or lease-expired) requests; SKIP LOCKED lets replicas share."""
-        where = "(state = 'pending' OR (state = 'claimed' AND claimed_until < now()))"
-        params: list[Any] = [self.cfg.instance.name, lease, limit]
+        # A request handed to a replica is that replica's until the hand-over times out.
+        where = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
+                 "AND (handed_to IS NULL OR handed_to = $1 "
+                 "OR handed_at < now() - make_interval(secs => $4))")
+        params: list[Any] = [self.cfg.instance.name, lease, limit,
+                             self.cfg.cancel.handover_seconds]
         if job_ids is not None:
-            where += f" AND job_id = ANY($4::{self.id_type}[])"
+            where += f" AND job_id = ANY($5::{self.id_type}[])"
             params.append(list(job_ids))
         sql = (
             f"UPDATE {self.req} r SET state = 'claimed', claimed_by = $1, "
@@ -648,12 +672,72 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
             f"RETURNING r.id, r.job_id, r.requested_at, "
             f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
-            f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why"
+            f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why, "
+            f"r.handed_to, r.handed_at"
         )
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
-        return [CancelRequest(r["id"], r["job_id"], r["requested_at"], r["who"], r["why"])
+        return [CancelRequest(r["id"], r["job_id"], r["requested_at"], r["who"], r["why"],
+                              r["handed_to"])
                 for r in sorted(recs, key=lambda r: r["id"])]
+
+    async def hand_over(self, ids: Sequence[int], to: str) -> int:
+        """Give our claimed requests to the replica `to` and wake it (NOTIFY): it alone may
+        claim them for cancel.handover_seconds."""
+        sql = (
+            f"WITH u AS (UPDATE {self.req} SET state = 'pending', claimed_by = NULL, "
+            f"claimed_until = NULL, handed_to = $3, handed_at = now() "
+            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
+            f"RETURNING id) SELECT count(*) FROM (SELECT pg_notify($4, u.id::text) FROM u) n"
+        )
+        async with translated(self.pool):
+            n = await self._p().fetchval(sql, list(ids), self.cfg.instance.name, to,
+                                         self.cfg.cancel.channel)
+        return int(n or 0)
+
+    # -- replicas -------------------------------------------------------------------------
+
+    async def register_replica(self, *, hostname: str, host_id: str, pid: int,
+                               workers: Sequence[str]) -> int:
+        """Our heartbeat (and the local workers we can see); returns how many replicas,
+        us included, are alive."""
+        sql = (
+            f"WITH up AS (INSERT INTO {self.replicas} "
+            f"(instance, hostname, host_id, pid, workers) VALUES ($1, $2, $3, $4, $5::text[]) "
+            f"ON CONFLICT (instance) DO UPDATE SET hostname = EXCLUDED.hostname, "
+            f"host_id = EXCLUDED.host_id, pid = EXCLUDED.pid, workers = EXCLUDED.workers, "
+            f"heartbeat_at = now(), started_at = CASE WHEN {self.replicas}.pid = EXCLUDED.pid "
+            f"THEN {self.replicas}.started_at ELSE now() END RETURNING 1) "
+            f"SELECT count(*) + 1 FROM {self.replicas} "
+            f"WHERE heartbeat_at > now() - make_interval(secs => $6) AND instance <> $1"
+        )
+        async with translated(self.pool):
+            n = await self._p().fetchval(sql, self.cfg.instance.name, hostname, host_id, pid,
+                                         list(workers), REPLICA_STALE_SECONDS)
+        return int(n or 1)
+
+    async def unregister_replica(self) -> None:
+        async with translated(self.pool):
+            await self._p().execute(f"DELETE FROM {self.replicas} WHERE instance = $1",
+                                    self.cfg.instance.name)
+
+    async def replica_for_worker(self, worker_name: str) -> str | None:
+        """The live replica (not us) that lists `worker_name` among its local workers."""
+        async with translated(self.pool):
+            found = await self._p().fetchval(
+                f"SELECT instance FROM {self.replicas} WHERE $1 = ANY(workers) "
+                f"AND instance <> $2 AND heartbeat_at > now() - make_interval(secs => $3) "
+                f"ORDER BY heartbeat_at DESC LIMIT 1",
+                worker_name, self.cfg.instance.name, REPLICA_STALE_SECONDS)
+        return None if found is None else str(found)
+
+    async def recently_cancelled(self, within: float, limit: int = 10_000) -> list[ActiveRow]:
+        """Rows a cancel request cancelled in the last `within` seconds (still cancelled):
+        a job enqueued after its cancel is looked for there by each sweep."""
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["recently_cancelled"], within,
+                                         self.cfg.jobs.statuses.cancelled, limit)
+        return [self._active(r) for r in recs]
 
     async def extend_lease(self, ids: Sequence[int], lease: float) -> None:
         async with translated(self.pool):
@@ -783,7 +867,12 @@ _DERIVED = (
     _Derived("requests_open_index", "_open_idx"),
     _Derived("requests_job_index", "_job_idx"),
     _Derived("trigger_name", "_notify"),
+    _Derived("requests_done_index", "_done_idx"),
 )
+
+
+# Names made only after names were kept short: no install has a cut one.
+_NEVER_CUT = frozenset({"requests_done_index"})
 
 
 def _legacy_names_sql(cfg: Config) -> str:
@@ -795,6 +884,8 @@ def _legacy_names_sql(cfg: Config) -> str:
     stmts: list[str] = []
     drop_fn = ""
     for d in _DERIVED:
+        if d.placeholder in _NEVER_CUT:
+            continue
         full = base + d.suffix
         legacy = full.encode("utf-8")[:MAX_IDENT_BYTES].decode("utf-8", "ignore")
         new = derived_ident(base, d.suffix)
@@ -839,6 +930,8 @@ def render_migrations(cfg: Config, id_type: str) -> str:
         "id_type": id_type,
         "requests_open_index": quote_ident(names["requests_open_index"]),
         "requests_job_index": quote_ident(names["requests_job_index"]),
+        "requests_done_index": quote_ident(names["requests_done_index"]),
+        "replicas_table": quote_ident(cfg.replicas_table),
         "trigger_fn": quote_ident(pre + names["trigger_name"]),
         "trigger_name": quote_ident(names["trigger_name"]),
         "channel_literal": _literal(cfg.cancel.channel),

@@ -25,9 +25,10 @@ from reconciler.config import Config, ConfigError, load, redact
 from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
 from reconciler.health import Health, Wakeups
 from reconciler.metrics import Metrics, MetricsServer
-from reconciler.passes import Aftercare, CancelLoop, EventPasses, Sweeps
+from reconciler.passes import Aftercare, CancelLoop, EventPasses, IntentWatch, Sweeps
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
+from reconciler.replicas import Replicas
 from reconciler.rq_state import RqState
 from reconciler.sources import CancelNotifications, KeyspaceEvents, LocalWorkerDeaths
 from reconciler.stop import Stopper
@@ -48,7 +49,7 @@ class Daemon:
         self.metrics = m = Metrics()
         self.store = Store(cfg, on_poison=m.count_poison)
         self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
-                          on_poison=m.count_poison)
+                          on_poison=m.count_poison, key_prefix=cfg.redis.key_prefix)
         self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc())
         self.health = Health(m)
         self.wake = Wakeups()
@@ -57,12 +58,18 @@ class Daemon:
         self.deaths = LocalWorkerDeaths(self.rq, self.health, self.queue, m)
         self.workers = Workers(self.rq, self.procs, on_local_exit=self.deaths.exited)
         self.deaths.workers = self.workers
+        self.replicas = Replicas(self.store, self.health, m, lambda: self.workers.local)
+        self.workers.on_local_change = self.replicas.workers_changed
         self.reconciler = Reconciler(cfg, self.store, self.rq, self.workers, m)
         self.followups = TaskSet("followup")
         self.stopper = Stopper(cfg, self.rq, self.procs, self.workers, self.followups)
+        self.stopper.owner_of = self.replicas.owner_of
+        self.intents = IntentWatch(cfg, self.store, self.queue, self.health)
         self.cancels = CancelProcessor(cfg, self.store, self.rq, self.stopper, self.reconciler,
-                                       m, on_cancelled=self.wake.request_orphan_scan)
-        self.after = Aftercare(self.workers, self.stopper, self.followups, self.queue)
+                                       m, on_cancelled=self.wake.request_orphan_scan,
+                                       watch=self.intents.watch)
+        self.cancels._slot_free = self.wake.cancel.set
+        self.after = Aftercare(self.rq, self.workers, self.stopper, self.followups, self.queue)
         self.notifications = CancelNotifications(cfg, self.health, self.wake, m)
         self.keyspace = KeyspaceEvents(cfg, self.rq, self.health, self.wake, self.queue,
                                        self.workers, m)
@@ -157,6 +164,8 @@ class Daemon:
                 tg.create_task(self.deaths.run(), name="local-worker-deaths"),
                 tg.create_task(self.passes.run(), name="event-passes"),
                 tg.create_task(self.cancel_loop.run(), name="cancel"),
+                tg.create_task(self.intents.run(), name="intent-watch"),
+                tg.create_task(self.replicas.run(), name="replica-registry"),
                 tg.create_task(self.sweeps.run(), name="sweep"),
                 tg.create_task(watchdog(lambda: self.ready, watchdog_interval()), name="watchdog"),
             ]
@@ -189,6 +198,7 @@ class Daemon:
             released = await self.store.release_claims()
             if released:
                 log.info("claims_released", count=released)
+            await self.replicas.leave()
 
     async def _drain_work(self) -> None:
         await self.cancels.drain(DRAIN_SECONDS)

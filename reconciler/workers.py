@@ -33,6 +33,14 @@ class Pending(NamedTuple):
     started_at: datetime | None
 
 
+class Candidate(NamedTuple):
+    """A child that may be a job's horse, and the execution its worker named when found."""
+
+    worker_name: str
+    ident: ProcIdentity
+    execution_id: str | None
+
+
 class Workers:
     def __init__(self, rq: RqState, procs: Processes,
                  on_local_exit: Callable[[str], None] | None = None) -> None:
@@ -46,8 +54,22 @@ class Workers:
         self.remote: set[str] = set()
         self._jobs: dict[str, set[str]] = {}
         self._untracked: dict[str, Pending] = {}
+        # Told when the set of local workers changes (the replica registry lists them).
+        self.on_local_change: Callable[[], None] | None = None
 
     # -- queries --------------------------------------------------------------------------
+
+    def _add_local(self, name: str, rec: WorkerRecord) -> None:
+        new = name not in self.local
+        self.local[name] = rec
+        if new and self.on_local_change is not None:
+            self.on_local_change()
+
+    def _drop_local(self, name: str) -> WorkerRecord | None:
+        rec = self.local.pop(name, None)
+        if rec is not None and self.on_local_change is not None:
+            self.on_local_change()
+        return rec
 
     def jobs_of(self, name: str) -> set[str]:
         """The started jobs `name` held when last read."""
@@ -64,13 +86,13 @@ class Workers:
         """Is `name` alive? For a local worker the pid check wins over everything Redis
         says: it is the fresh signal (a SIGKILLed worker's hash lives on for its TTL)."""
         local = self.procs.is_local(rec)
-        gone = worker_gone_reason(rec, name, now)
+        gone = worker_gone_reason(rec, name, now, self.rq.keys)
         if local and rec.exists:
             gone = self.procs.local_worker_gone(rec) or gone
             if gone:
-                self.local.pop(name, None)
+                self._drop_local(name)
             else:
-                self.local[name] = rec
+                self._add_local(name, rec)
         horse_alive = False
         if gone and local and rec.current_job:
             horse_alive = self.procs.tracked_horse(rec.current_job) is not None
@@ -83,7 +105,7 @@ class Workers:
         """Learn from one fresh reading: each worker's state, which jobs each holds, and
         the horses of started local jobs (proven now, or queued for `track()`)."""
         states = {name: self.state(name, rec, now) for name, rec in workers.items()}
-        candidates: dict[str, tuple[str, ProcIdentity]] = {}
+        candidates: dict[str, Candidate] = {}
         for j in jobs.values():
             if j.status is not RqStatus.STARTED:
                 self._job_left(j)
@@ -97,7 +119,7 @@ class Workers:
                 continue
             cand = self.procs.find_horse(rec, j.id, j.started_at)
             if cand is not None:
-                candidates[j.id] = (j.worker_name, cand)
+                candidates[j.id] = Candidate(j.worker_name, cand, rec.execution_id)
             else:
                 # Not forked yet, or just gone: look again shortly, so that the horse is
                 # known if its worker dies later.
@@ -130,19 +152,21 @@ class Workers:
 
     # -- horses ----------------------------------------------------------------------------
 
-    async def confirm_horses(self, candidates: dict[str, tuple[str, ProcIdentity]]) -> None:
+    async def confirm_horses(self, candidates: dict[str, Candidate]) -> None:
         """Complete the proof of horse candidates with one fresh read of their workers.
 
         A candidate was found under a worker record read *before* the worker's children
         were listed; meanwhile the worker may have finished the job and forked the next
-        one's horse. RQ clears current_job before it forks again, so a worker that still
-        names the job after the listing means the child seen is that job's horse.
+        one's horse. RQ clears current_job (RQ 2) or ends the execution (RQ 3) before it
+        forks again, so a worker that still names the job, and the same execution, after
+        the listing means the child seen is that run's horse: the execution id also tells
+        a re-run of the same job id, which the job id alone cannot.
         """
-        fresh = await self.rq.read_workers({name for name, _ in candidates.values()})
-        for job_id, (name, ident) in candidates.items():
+        fresh = await self.rq.read_workers({c.worker_name for c in candidates.values()})
+        for job_id, (name, ident, execution_id) in candidates.items():
             rec = fresh.get(name)
-            if rec is not None and rec.exists and rec.current_job == job_id \
-                    and identity_alive(ident):
+            if rec is not None and rec.exists and rec.current_job == job_id and rec.provable \
+                    and rec.execution_id == execution_id and identity_alive(ident):
                 self.procs.remember(job_id, ident)
                 self._untracked.pop(job_id, None)
 
@@ -155,7 +179,7 @@ class Workers:
         cand = self.procs.find_horse(rec, job_id, started_at)
         if cand is None:
             return None
-        await self.confirm_horses({job_id: (worker_name, cand)})
+        await self.confirm_horses({job_id: Candidate(worker_name, cand, rec.execution_id)})
         return cand if self.procs.horses.get(job_id) == cand else None
 
     async def track(self) -> None:
@@ -179,7 +203,7 @@ class Workers:
                     continue
                 cand = self.procs.find_horse(rec, rq_id, started_at)
                 if cand is not None:
-                    candidates[rq_id] = (name, cand)
+                    candidates[rq_id] = Candidate(name, cand, rec.execution_id)
             if candidates:
                 try:
                     await self.confirm_horses(candidates)
@@ -195,7 +219,7 @@ class Workers:
         recs = await self.rq.read_workers(await self.rq.worker_names())
         for name, rec in recs.items():
             if rec.exists and not rec.death and self.procs.is_local(rec):
-                self.local[name] = rec
+                self._add_local(name, rec)
         self.watch_local()
 
     async def learn(self, name: str) -> None:
@@ -205,7 +229,7 @@ class Workers:
         if rec is None or not rec.exists or rec.death:
             return
         if self.procs.is_local(rec):
-            self.local[name] = rec
+            self._add_local(name, rec)
             self.watch_local()
         elif len(self.remote) < MAX_REMOTE:
             self.remote.add(name)
@@ -228,7 +252,7 @@ class Workers:
     def local_exited(self, name: str) -> set[str]:
         """Forget the local worker `name`, which just died; the jobs it held."""
         jobs = self.jobs_of(name)
-        rec = self.local.pop(name, None)
+        rec = self._drop_local(name)
         if rec is not None and rec.current_job:
             jobs.add(rec.current_job)
         return jobs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,11 @@ from reconciler import devstack
 from reconciler.devstack import PostgresServer, RedisServer, WorkerPool
 
 _db_counter = itertools.count(1)
+
+# Every test that starts rq workers runs once with RQ 2 workers and once with RQ 3 workers
+# (each from a venv of its own series, built on first use: reconciler/devstack/rqvenv.py),
+# whatever rq the package itself imports. RQ_WORKER_VERSIONS=3 runs one series only.
+RQ_WORKER_VERSIONS = [v for v in os.environ.get("RQ_WORKER_VERSIONS", "2,3").split(",") if v]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,14 +91,22 @@ def own_pg() -> Iterator[PostgresServer]:
     srv.cleanup()
 
 
+@pytest.fixture(params=RQ_WORKER_VERSIONS, ids=lambda v: f"rq{v}")
+def rq_version(request: pytest.FixtureRequest) -> str:
+    """The RQ series ("2" or "3") of the workers this test starts."""
+    return str(request.param)
+
+
 @pytest.fixture
-def workers(redis_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
-    """Factory for real ``rq worker`` processes on ``redis_url``; all stopped at teardown.
+def workers(redis_url: str, tmp_path: Path, rq_version: str) -> Iterator[WorkerPool]:
+    """Factory for real ``rq worker`` processes of RQ ``rq_version`` on ``redis_url``; all
+    stopped at teardown.
 
     ``workers()`` / ``workers.start(name=None, queues=("default",), extra_env=None,
-    wait=True)`` returns a registered ``devstack.Worker``.  Logs go to ``tmp_path``.
+    wait=True, rq_version=None, worker_class=None)`` returns a registered
+    ``devstack.Worker``.  Logs go to ``tmp_path``.
     """
-    pool = WorkerPool(redis_url, log_dir=tmp_path)
+    pool = WorkerPool(redis_url, log_dir=tmp_path, rq_version=rq_version)
     yield pool
     pool.stop_all()
 

@@ -101,3 +101,16 @@ def touch_and_sleep(seconds: float, marker: str) -> float:
     _mark(marker, f"STARTED {os.getpid()} {time.time():.6f}")
     _sleep_until(time.monotonic() + seconds)
     return seconds
+
+
+def stubborn_child(seconds: float, marker: str) -> float:
+    """Start a child in the horse's process group that ignores SIGTERM (as a data loader
+    might), log "CHILD <pid>", then behave as ``trap_sigterm``."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                              " time.sleep(600)"])
+    _mark(marker, f"CHILD {child.pid}")
+    return trap_sigterm(seconds, marker)

@@ -48,12 +48,24 @@ from reconciler.devstack.procs import (
 )
 from reconciler.devstack.prom_text import histogram, metric_value
 from reconciler.devstack.redis_server import RedisServer, redis_client
+from reconciler.devstack.rqvenv import RQ_SERIES, worker_python
 from reconciler.devstack.sync_pg import Pg, pg_fetch
 from reconciler.devstack.wait import wait_until
-from reconciler.devstack.workers import Worker, WorkerPool, enqueue, rq_status, start_worker
+from reconciler.devstack.workers import (
+    FORK_WORKER,
+    SPAWN_WORKER,
+    Worker,
+    WorkerPool,
+    enqueue,
+    rq_status,
+    start_worker,
+)
 
 __all__ = [
+    "FORK_WORKER",
     "REPO_ROOT",
+    "RQ_SERIES",
+    "SPAWN_WORKER",
     "DaemonProc",
     "Pg",
     "PostgresServer",
@@ -87,5 +99,6 @@ __all__ = [
     "wait_request",
     "wait_status",
     "wait_until",
+    "worker_python",
     "write_config",
 ]

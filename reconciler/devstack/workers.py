@@ -1,16 +1,18 @@
-"""``rq worker`` subprocesses (forking ``rq.worker.Worker``), and enqueueing through RQ.
+"""``rq worker`` subprocesses (forking ``rq.worker.Worker`` by default), and enqueueing.
 
 Each worker and everything it forks carries its own token (``RQ_HARNESS_WORKER``), so a
 horse orphaned by a SIGKILLed worker is still found and killed by ``Worker.stop()``.
+A worker runs RQ 2 or RQ 3 (``rq_version``: a venv of that series, see rqvenv.py), or the
+rq this package imports (None); under RQ 3 it may use another key prefix (RQ_KEY_PREFIX).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +22,6 @@ from typing import Any, Self
 import psutil
 import redis
 from rq import Queue
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
-from rq.worker import Worker as RQWorker
 
 from reconciler.devstack.procs import (
     HARNESS_TOKEN,
@@ -40,16 +39,16 @@ from reconciler.devstack.procs import (
     unregister,
 )
 from reconciler.devstack.redis_server import redis_client
+from reconciler.devstack.rqvenv import worker_python
 from reconciler.devstack.wait import wait_until
+from reconciler.rq_state import IMPORTED_PREFIX, WORKER_EXECUTIONS_SUFFIX, Keys
 
-
-def _worker_key(name: str) -> str:
-    prefix: str = RQWorker.redis_worker_namespace_prefix
-    return prefix + name
+FORK_WORKER = "rq.worker.Worker"
+SPAWN_WORKER = "rq.worker.SpawnWorker"  # the same path in RQ 2.12 and 3.0 (rq/worker/__init__.py)
 
 
 class Worker:
-    """An ``rq worker`` subprocess (forking ``rq.worker.Worker``).  Create via ``start_worker``."""
+    """An ``rq worker`` subprocess.  Create via ``start_worker``."""
 
     def __init__(
         self,
@@ -58,12 +57,16 @@ class Worker:
         proc: subprocess.Popen[bytes],
         log_path: Path,
         token: str,
+        rq_version: str | None = None,
+        key_prefix: str = "rq",
     ) -> None:
         self.redis_url = redis_url
         self.name = name
         self.proc = proc
         self.log_path = log_path
         self._token = token
+        self.rq_version = rq_version
+        self.keys = Keys(key_prefix)
 
     @property
     def pid(self) -> int:
@@ -72,7 +75,12 @@ class Worker:
     @property
     def key(self) -> str:
         """The worker's Redis hash key (``rq:worker:<name>``)."""
-        return _worker_key(self.name)
+        return self.keys.worker + self.name
+
+    @property
+    def executions_key(self) -> str:
+        """RQ 3's set of the worker's running executions (``rq:worker:<name>:executions``)."""
+        return self.key + WORKER_EXECUTIONS_SUFFIX
 
     def is_alive(self) -> bool:
         return self.proc.poll() is None
@@ -103,12 +111,22 @@ class Worker:
         wait_until(registered, timeout=timeout, interval=0.05, what=f"rq worker {self.name} ready")
 
     def current_job_id(self) -> str | None:
-        """The ``current_job`` field of the worker hash (None when idle)."""
+        """The job the worker runs (None when idle): RQ 2's ``current_job`` field, or the
+        job of RQ 3's one execution."""
+        return self.current_execution()[0]
+
+    def current_execution(self) -> tuple[str | None, str | None]:
+        """(job id, execution id) of what the worker runs; (None, None) when idle. RQ 2
+        names no execution in the worker hash: its execution id is None."""
         with self._redis() as r:
             v = r.hget(self.key, "current_job")
-        if v is None:
-            return None
-        return v.decode() if isinstance(v, bytes) else str(v)
+            members = sorted(r.smembers(self.executions_key))
+        if v is not None:
+            return (v.decode() if isinstance(v, bytes) else str(v)), None
+        if len(members) == 1:
+            job, _, execution = members[0].decode().partition(":")
+            return job, execution
+        return None, None
 
     def horse_pids(self) -> list[int]:
         """PIDs of live work horses: children of the worker that lead their own process group."""
@@ -196,10 +214,10 @@ class Worker:
         return f"Worker(name={self.name!r}, pid={self.pid}, alive={self.is_alive()})"
 
 
-def _rq_cli_argv() -> list[str]:
-    # ``python -m rq.cli`` works with rq 2.x (rq/cli/__main__.py); it avoids depending on
-    # where the ``rq`` console script was installed.
-    return [sys.executable, "-m", "rq.cli"]
+def _rq_cli_argv(rq_version: str | None) -> list[str]:
+    # ``python -m rq.cli`` works with rq 2.x and 3.x (rq/cli/__main__.py); it avoids
+    # depending on where the ``rq`` console script was installed.
+    return [worker_python(rq_version), "-m", "rq.cli"]
 
 
 def start_worker(
@@ -209,8 +227,13 @@ def start_worker(
     extra_env: dict[str, str] | None = None,
     log_path: Path | None = None,
     extra_args: Sequence[str] = (),
+    rq_version: str | None = None,
+    worker_class: str = FORK_WORKER,
+    key_prefix: str = "rq",
 ) -> Worker:
-    """Start ``rq worker`` (forking ``rq.worker.Worker``) listening on ``queues``.
+    """Start ``rq worker`` (``worker_class``, forking ``rq.worker.Worker`` by default) of
+    RQ ``rq_version`` ("2", "3", or None: the rq this package imports) listening on
+    ``queues``, with RQ 3's ``key_prefix``.
 
     The worker runs with cwd and PYTHONPATH at the repo root (so ``tests.jobs`` imports)
     and logs to ``log_path`` (default: a file in the harness temp dir).  It is not waited
@@ -224,16 +247,20 @@ def start_worker(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     token = f"{HARNESS_TOKEN}-{name}-{uuid.uuid4().hex[:8]}"
     argv = [
-        *_rq_cli_argv(),
+        *_rq_cli_argv(rq_version),
         "worker",
         "--url", redis_url,
         "--name", name,
-        "--worker-class", "rq.worker.Worker",
+        "--worker-class", worker_class,
         "--logging_level", "INFO",
         *extra_args,
         *queues,
     ]  # fmt: skip
     env = harness_env({WORKER_TOKEN_ENV: token, **(extra_env or {})})
+    if key_prefix != "rq":
+        env["RQ_KEY_PREFIX"] = key_prefix
+    else:
+        env.pop("RQ_KEY_PREFIX", None)
     with log_path.open("ab") as logf:
         proc = subprocess.Popen(
             argv,
@@ -244,7 +271,7 @@ def start_worker(
             env=env,
             start_new_session=True,
         )
-    worker = Worker(redis_url, name, proc, log_path, token)
+    worker = Worker(redis_url, name, proc, log_path, token, rq_version, key_prefix)
     register(worker)
     return worker
 
@@ -255,9 +282,15 @@ class WorkerPool:
     Callable: ``pool(name=None, queues=("default",))`` is ``pool.start(...)``.
     """
 
-    def __init__(self, redis_url: str, log_dir: Path | None = None) -> None:
+    def __init__(self, redis_url: str, log_dir: Path | None = None, *,
+                 rq_version: str | None = None, worker_class: str = FORK_WORKER,
+                 key_prefix: str = "rq") -> None:
+        """`rq_version`, `worker_class`, `key_prefix`: what `start()` uses unless told."""
         self.redis_url = redis_url
         self.log_dir = log_dir
+        self.rq_version = rq_version
+        self.worker_class = worker_class
+        self.key_prefix = key_prefix
         self.workers: list[Worker] = []
         self._n = 0
 
@@ -268,14 +301,18 @@ class WorkerPool:
         extra_env: dict[str, str] | None = None,
         wait: bool = True,
         extra_args: Sequence[str] = (),
+        rq_version: str | None = None,
+        worker_class: str | None = None,
     ) -> Worker:
-        """Start a worker (named ``w<n>-<hex>`` if not given); wait for registration by default."""
+        """Start a worker (named ``w<n>-<hex>`` if not given); wait for registration by
+        default. `rq_version` / `worker_class` override the pool's for this worker."""
         self._n += 1
         name = name or f"w{self._n}-{uuid.uuid4().hex[:6]}"
         log_path = self.log_dir / f"worker-{name}.log" if self.log_dir is not None else None
         w = start_worker(
             self.redis_url, name, queues, extra_env=extra_env, log_path=log_path,
-            extra_args=extra_args,
+            extra_args=extra_args, rq_version=rq_version or self.rq_version,
+            worker_class=worker_class or self.worker_class, key_prefix=self.key_prefix,
         )  # fmt: skip
         self.workers.append(w)
         if wait:
@@ -302,23 +339,51 @@ def enqueue(
     *args: Any,
     queue: str = "default",
     job_id: str | None = None,
+    key_prefix: str = "rq",
     **kw: Any,
 ) -> str:
     """Enqueue ``func(*args, **kw)`` (``func`` a dotted path) on ``queue``; return the job id.
 
     ``kw`` goes through rq's ``Queue.enqueue``, so rq options such as ``job_timeout``,
     ``result_ttl``, ``meta`` work; pass ``kwargs={...}`` for function kwargs that clash.
+    Under another ``key_prefix`` than the imported rq's, RQ 3 enqueues it in a subprocess
+    (RQ fixes its prefix at import); ``args`` and ``kw`` must then be JSON.
     """
+    if key_prefix != IMPORTED_PREFIX:
+        return _enqueue_elsewhere(redis_url, func, args, queue, job_id, key_prefix, kw)
     with redis_client(redis_url) as conn:
         job = Queue(queue, connection=conn).enqueue(func, *args, job_id=job_id, **kw)
         return str(job.id)
 
 
-def rq_status(redis_url: str, job_id: str) -> str | None:
-    """RQ's status string for ``job_id`` ("queued", "started", "failed", ...), None if gone."""
+_ENQUEUE_SCRIPT = """
+import json, sys
+from redis import Redis
+from rq import Queue
+a = json.loads(sys.argv[1])
+job = Queue(a["queue"], connection=Redis.from_url(a["url"])).enqueue(
+    a["func"], *a["args"], job_id=a["job_id"], **a["kw"])
+print(job.id)
+"""
+
+
+def _enqueue_elsewhere(redis_url: str, func: str, args: Sequence[Any], queue: str,
+                       job_id: str | None, key_prefix: str, kw: dict[str, Any]) -> str:
+    payload = json.dumps({"url": redis_url, "func": func, "args": list(args), "queue": queue,
+                          "job_id": job_id, "kw": kw})
+    done = subprocess.run([worker_python("3"), "-c", _ENQUEUE_SCRIPT, payload],
+                          env=harness_env({"RQ_KEY_PREFIX": key_prefix}), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"enqueue under prefix {key_prefix!r} failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+def rq_status(redis_url: str, job_id: str, key_prefix: str = "rq") -> str | None:
+    """RQ's status word for ``job_id`` ("queued", "started", "failed", ...), None if gone.
+    Read raw: it works for any RQ version's words and never loads the job's pickles."""
     with redis_client(redis_url) as conn:
-        try:
-            status = Job.fetch(job_id, connection=conn).get_status()
-        except (NoSuchJobError, InvalidJobOperation):
-            return None
-        return str(getattr(status, "value", status))
+        status = conn.hget(Keys(key_prefix).job + job_id, "status")
+    if status is None:
+        return None
+    return status.decode() if isinstance(status, bytes) else str(status)

@@ -37,7 +37,13 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
-from reconciler.processes import Processes, ProcIdentity, child_processes, identity_alive
+from reconciler.processes import (
+    Processes,
+    ProcIdentity,
+    child_processes,
+    identity_alive,
+    proc_start,
+)
 from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
 from reconciler.workers import Workers
 from tests.faults.common import insert_requests
@@ -72,7 +78,10 @@ class Impostor:
         wait_until(lambda: self.marker.read_text().count("\n") >= 1 + children, 10,
                    what="impostor up")
         self.pid = self.proc.pid
-        self.create_time = psutil.Process(self.pid).create_time()
+        self.create_time = psutil.Process(self.pid).create_time()  # wall clock, for births
+        start = proc_start(self.pid)  # after boot, for identities
+        assert start is not None
+        self.start = start
         self.children = [int(ln.split()[1]) for ln in self.marker.read_text().splitlines()
                          if ln.startswith("CHILD")]
 
@@ -113,7 +122,8 @@ def test_a_recycled_pid_is_never_signalled(tmp_path: Path, impostors: list[Impos
     procs = Processes()
     first = subprocess.Popen([sys.executable, "-c", "pass"])
     first.wait()
-    old = ProcIdentity(first.pid, time.time() - 5)  # what we recorded while it lived
+    # what we recorded while it lived
+    old = ProcIdentity(first.pid, time.clock_gettime(time.CLOCK_BOOTTIME) - 5)
     if os.access("/proc/sys/kernel/ns_last_pid", os.W_OK):
         # Make the kernel hand out that very pid again, to a process that traps SIGTERM.
         for _ in range(20):
@@ -128,7 +138,7 @@ def test_a_recycled_pid_is_never_signalled(tmp_path: Path, impostors: list[Impos
     else:  # not root: a live unrelated process under an identity with another create time
         imp = Impostor(tmp_path)
         impostors.append(imp)
-        old = ProcIdentity(imp.pid, imp.create_time - 5)
+        old = ProcIdentity(imp.pid, imp.start - 5)
     assert imp.pid == old.pid
     assert not identity_alive(old)
     assert procs.signal_horse(old, signal.SIGTERM) is False
@@ -138,7 +148,7 @@ def test_a_recycled_pid_is_never_signalled(tmp_path: Path, impostors: list[Impos
     time.sleep(0.2)
     assert imp.all_alive() and not imp.signalled()
     # and the same process under its true identity *is* signalled: the check is not vacuous
-    true = ProcIdentity(imp.pid, imp.create_time)
+    true = ProcIdentity(imp.pid, imp.start)
     assert identity_alive(true)
 
 
@@ -148,9 +158,10 @@ def test_a_live_unrelated_pid_with_another_create_time(tmp_path: Path,
     impostors.append(imp)
     procs = Processes()
     child = imp.children[0]
-    ct = psutil.Process(child).create_time()
+    ct = proc_start(child)
+    assert ct is not None
     for ident in (ProcIdentity(child, ct + 0.5), ProcIdentity(child, ct - 3600),
-                  ProcIdentity(imp.pid, imp.create_time + 1)):
+                  ProcIdentity(imp.pid, imp.start + 1)):
         assert procs.signal_horse(ident, signal.SIGTERM) is False
     time.sleep(0.2)
     assert imp.all_alive() and not imp.signalled()

@@ -141,7 +141,7 @@ def test_cancel_running_job_gets_sigterm_first_and_worker_is_ready(
 
 def test_cancel_escalates_to_stop_job_then_sigkill(tmp_path: Path, redis_url: str, pg_dsn: str,
                                                    workers: Any, daemon_factory: Any,
-                                                   tmp_marker: Path) -> None:
+                                                   tmp_marker: Path, rq_version: str) -> None:
     cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 1.0})
     d = daemon_factory(cfg)
     w = workers()
@@ -151,8 +151,10 @@ def test_cancel_escalates_to_stop_job_then_sigkill(tmp_path: Path, redis_url: st
     horse = w.wait_horse()
     req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
     assert req["outcome"] == "cancelled", req
-    # SIGTERM was ignored; RQ's stop-job (the worker's SIGKILL) finished it
-    assert req["detail"]["horse_signals"][:2] == ["SIGTERM", "stop-job"]
+    # SIGTERM was ignored; RQ's command (the worker's SIGKILL) finished it: an RQ 3 worker
+    # is told which execution to stop
+    command = "stop-execution" if rq_version == "3" else "stop-job"
+    assert req["detail"]["horse_signals"][:2] == ["SIGTERM", command]
     assert "SIGTERM-IGNORED" in tmp_marker.read_text()
     assert not pid_alive(horse)
     assert row(pg_dsn, jid)["status"] == "cancelled"

@@ -27,11 +27,15 @@ SENDS = {
     "psubscribe": {"PSUBSCRIBE"},
     # redis-py's Script: EVALSHA, and SCRIPT LOAD when the server does not know it.
     "register_script": {"EVALSHA", "SCRIPT|LOAD"},
+    # The same by hand, for a script run inside a pipeline.
+    "evalsha": {"EVALSHA"},
+    "script_load": {"SCRIPT|LOAD"},
     # RQ's Job.fetch() and Job.cancel() (queued / deferred / scheduled jobs only).
     "Job.fetch": {"HGETALL"},
     "job.cancel": {"HGET", "MULTI", "HSET", "LREM", "ZREM", "ZADD", "EXEC"},
 }
 SENDS["Job.cancel"] = SENDS["job.cancel"]  # as comments name it
+SENDS["_RawJob.fetch"] = SENDS["Job.fetch"]  # RQ's Job, restored without its data
 # Calls on the same objects that send no command of their own.
 NOT_COMMANDS = {"pipeline", "execute", "execute_command", "aclose", "close", "pubsub",
                 "get_message", "get_status", "connection_pool", "from_url"}
@@ -43,8 +47,8 @@ def sent_by_rq_state() -> set[str]:
         found.add(cmd)
     for a, b in re.findall(r'execute_command\("([A-Z]+)",\s*"([A-Z]+)"', SOURCE):
         found.add(f"{a}|{b}")
-    for obj, method in re.findall(r"\b(client|pipe|pubsub|Job|job)\.([a-z_]+)\(", SOURCE):
-        key = f"{obj}.{method}" if obj in ("Job", "job") else method
+    for obj, method in re.findall(r"\b(client|pipe|pubsub|Job|job|_RawJob)\.([a-z_]+)\(", SOURCE):
+        key = f"{obj}.{method}" if obj in ("Job", "job", "_RawJob") else method
         if key in SENDS:
             found |= SENDS[key]
         elif method not in NOT_COMMANDS:

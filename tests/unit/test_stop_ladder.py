@@ -15,7 +15,7 @@ from reconciler.aio import TaskSet
 from reconciler.config import from_mapping
 from reconciler.model import RqJob, RqStatus
 from reconciler.processes import ProcIdentity
-from reconciler.rq_state import WorkerRecord
+from reconciler.rq_state import DEFAULT_KEYS, WorkerRecord
 from reconciler.stop import HorseStop, Stopper
 
 HORSE = ProcIdentity(4242, 1.0)
@@ -29,6 +29,7 @@ class FakeRq:
     sent: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     on_stop_job: Any = None
+    keys: Any = DEFAULT_KEYS
 
     async def read_workers(self, names: Any) -> dict[str, WorkerRecord]:
         return {n: self.worker for n in names if self.worker is not None and n == self.worker.name}
@@ -36,7 +37,7 @@ class FakeRq:
     async def read_jobs(self, ids: Any) -> dict[str, RqJob]:
         return {i: RqJob(i, self.status, worker_name="w1") for i in ids}
 
-    async def send_stop_job(self, worker: str, job_id: str) -> int:
+    async def send_stop_job(self, worker: str, job_id: str, rec: WorkerRecord | None = None) -> int:
         self.sent.append(f"stop-job:{worker}:{job_id}")
         if self.on_stop_job is not None:
             self.on_stop_job()
@@ -60,6 +61,7 @@ class FakeProcs:
     signals: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)
     reap: bool = True
+    leftovers: tuple[int, ...] = ()
 
     def is_local(self, rec: WorkerRecord) -> bool:
         return self.local
@@ -89,6 +91,10 @@ class FakeProcs:
 
     def forget(self, job_id: str) -> None:
         self.forgotten.append(job_id)
+
+    async def kill_leftovers(self, leader: ProcIdentity) -> list[int]:
+        self.signals.append("SIGKILL:group")
+        return list(self.leftovers)
 
 
 class FakeWorkers:
@@ -128,6 +134,7 @@ async def test_a_horse_that_obeys_sigterm_gets_nothing_else() -> None:
     res = await s.stop("j1", "w1", None)
     assert res.signals == ["SIGTERM"] and res.stopped and not res.wedged and not res.orphan
     assert rq.sent == [] and procs.forgotten == ["j1"]
+    assert procs.signals == ["SIGTERM", "SIGKILL:group"]  # the group is swept once it ended
     assert s.recent["j1"] is res
 
 
@@ -137,7 +144,7 @@ async def test_sigterm_ignored_then_stop_job_then_nothing_more() -> None:
     procs.dies_on = ()
     res = await s.stop("j1", "w1", None)
     assert res.signals == ["SIGTERM", "stop-job"] and res.stopped
-    assert procs.signals == ["SIGTERM"]
+    assert procs.signals == ["SIGTERM", "SIGKILL:group"]
 
 
 async def test_every_step_for_a_horse_that_ignores_all_but_sigkill() -> None:
@@ -190,4 +197,16 @@ async def test_stops_for_reconcile_are_owned_tasks() -> None:
     s.stop_for_reconcile([HorseStop(1, "j1", "w1", "cancelled row's job started anyway")])
     assert len(s.tasks) == 1
     assert await s.tasks.drain(1)
-    assert procs.signals == ["SIGTERM"] and rq.cancelled == ["j1"]
+    assert procs.signals[0] == "SIGTERM" and rq.cancelled == ["j1"]
+
+
+async def test_leftovers_of_the_group_are_reported() -> None:
+    s, _rq, _procs = make({"leftovers": (777,)})
+    res = await s.stop("j1", "w1", None)
+    assert res.signals == ["SIGTERM", "SIGKILL:leftovers"] and res.stopped
+
+
+async def test_a_surviving_horse_leaves_its_group_alone() -> None:
+    s, _rq, procs = make({"dies_on": ()})
+    await s.stop("j1", "w1", None)
+    assert "SIGKILL:group" not in procs.signals

@@ -1,0 +1,224 @@
+"""Several hosts on one machine: each "host" is a UTS + PID namespace of its own (root and
+`unshare` needed; CI runs as root). Replica A runs on host-a; replica B runs on host-b
+beside the workers. A cancel gets the graceful stop on the worker's own host whichever
+replica claims it; without B it still ends, by stop-job; and a replica that shares the
+workers' hostname but not their PID namespace never takes their jobs for orphans."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from reconciler.devstack import (
+    Pg,
+    enqueue,
+    harness_env,
+    migrate,
+    rq_status,
+    wait_until,
+    write_config,
+)
+from tests.faults.common import log_events
+from tests.support import wait_request
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a UTS + PID namespace per host")
+
+JOB = "tests.jobs.trap_sigterm"
+
+
+class Host:
+    """`python -m tests.faults.host` as PID 1 of its own UTS + PID namespace."""
+
+    def __init__(self, tmp: Path, hostname: str, redis_url: str, *, workers: int = 0,
+                 config: Path | None = None) -> None:
+        self.hostname = hostname
+        self.control = tmp / f"control-{hostname}-{time.monotonic_ns()}"
+        self.logs = tmp / f"logs-{hostname}"
+        argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
+                sys.executable, "-m", "tests.faults.host", "--hostname", hostname,
+                "--redis-url", redis_url, "--workers", str(workers),
+                "--control", str(self.control), "--logs", str(self.logs)]
+        if config is not None:
+            argv += ["--config", str(config)]
+        self.proc = subprocess.Popen(argv, env=harness_env(), cwd=Path(__file__).parents[2])
+
+    def wait_ready(self, timeout: float = 120) -> list[str]:
+        wait_until(lambda: (self.control / "ready").exists() or self.proc.poll() is not None,
+                   timeout, f"host {self.hostname} to be ready")
+        assert self.proc.poll() is None, f"host {self.hostname} exited {self.proc.returncode}"
+        return [ln.split()[1] for ln in (self.control / "ready").read_text().splitlines()]
+
+    def daemon_pid(self) -> int:
+        """The replica's pid as this (the parent) PID namespace sees it."""
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            if "reconciler" in p.cmdline() and "run" in p.cmdline():
+                return p.pid
+        raise AssertionError(f"no replica runs on {self.hostname}")
+
+    def kill_daemon(self) -> None:
+        (self.control / "kill-daemon").touch()
+
+    def daemon_log(self) -> Path:
+        return self.logs / "daemon.log"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.control.mkdir(parents=True, exist_ok=True)
+            (self.control / "stop").touch()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[list[Host]]:
+    started: list[Host] = []
+    yield started
+    for h in started:
+        h.stop()
+
+
+def _config(tmp: Path, name: str, redis_url: str, pg_dsn: str, **extra: Any) -> Path:
+    return write_config(tmp / f"{name}.toml", redis_url, pg_dsn, instance={"name": name},
+                        cancel={"grace_seconds": 5.0, "lease_seconds": 20.0,
+                                "handover_seconds": 2.0, **extra.pop("cancel", {})},
+                        sweep={"min_age_seconds": 60.0, **extra.pop("sweep", {})}, **extra)
+
+
+def _running_jobs(pg: Pg, redis_url: str, tmp: Path, n: int) -> list[tuple[int, str, Path]]:
+    out = []
+    for i in range(n):
+        marker = tmp / f"job-{i}-{time.monotonic_ns()}.txt"
+        marker.touch()
+        rq_id = enqueue(redis_url, JOB, 120, str(marker))
+        jid = int(pg.val("INSERT INTO training_jobs (rq_job_id, status, started_at) "
+                         "VALUES ($1, 'running', now()) RETURNING id", rq_id))
+        out.append((jid, rq_id, marker))
+    wait_until(lambda: all("STARTED" in m.read_text() for _, _, m in out), 120,
+               "every job to run in its horse")
+    return out
+
+
+def _cancel_all(pg: Pg, jobs: list[tuple[int, str, Path]]) -> list[int]:
+    rows = pg.fetch("INSERT INTO rq_reconciler_cancel_requests (job_id, requested_by, reason) "
+                    "SELECT u, 'web:alice', 'clicked Cancel' FROM unnest($1::bigint[]) AS u "
+                    "RETURNING id", [j for j, _, _ in jobs])
+    return [int(r["id"]) for r in rows]
+
+
+def test_cancels_across_hosts_all_start_with_sigterm(tmp_path: Path, redis_url: str,
+                                                     pg_dsn: str, hosts: list[Host]) -> None:
+    cfg_a = _config(tmp_path, "replica-a", redis_url, pg_dsn)
+    cfg_b = _config(tmp_path, "replica-b", redis_url, pg_dsn)
+    migrate(cfg_a)
+    b = Host(tmp_path, "host-b", redis_url, workers=20, config=cfg_b)
+    a = Host(tmp_path, "host-a", redis_url, config=cfg_a)
+    hosts += [a, b]
+    b.wait_ready()
+    a.wait_ready()
+    with Pg(pg_dsn) as pg:
+        # B lists its workers in the registry: A can hand over to it.
+        wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
+                                  "WHERE instance = 'replica-b'") == 20, 30, "B's registry row")
+        jobs = _running_jobs(pg, redis_url, tmp_path, 20)
+        # Round 1: both replicas hear every NOTIFY; whichever claims first.
+        # Round 2: B is paused while the requests arrive, so A claims them all and must
+        # hand each to B, which takes them once it runs again (within handover_seconds).
+        first, second = jobs[:10], jobs[10:]
+        rids = _cancel_all(pg, first)
+        b_pid = b.daemon_pid()
+        os.kill(b_pid, signal.SIGSTOP)
+        try:
+            rids += _cancel_all(pg, second)
+            wait_until(lambda: pg.val(
+                "SELECT count(*) FROM rq_reconciler_cancel_requests WHERE id = ANY($1::bigint[]) "
+                "AND handed_to = 'replica-b'", rids[10:]) == 10, 20, "A to hand round 2 to B")
+        finally:
+            os.kill(b_pid, signal.SIGCONT)
+        reqs = [wait_request(pg, rid, timeout=60) for rid in rids]
+        assert [r["detail"]["path"] for r in reqs[10:]] == ["handed-over"] * 10
+        for req, (jid, rq_id, marker) in zip(reqs, jobs, strict=True):
+            assert req["outcome"] == "cancelled", req
+            detail = req["detail"]
+            assert detail["horse_signals"][0] == "SIGTERM", detail
+            assert detail["instance"] == "replica-b", detail
+            assert detail["path"] in ("local", "handed-over"), detail
+            assert "SIGTERM" in marker.read_text(), f"job {jid}: its handler never ran"
+            assert "stop-job" not in detail["horse_signals"], detail
+            assert rq_status(redis_url, rq_id) == "canceled"
+            assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid) == "cancelled"
+        events_a = log_events([a.daemon_log()])
+        handed = [e for e in events_a if e.get("event") == "cancel_handed_over"]
+        assert len(handed) >= 10  # each request A claimed went to B
+        assert not [e for e in events_a if e.get("event") == "stop_job_sent"]
+        assert "stop-job" not in a.daemon_log().read_text()
+
+
+def test_without_the_hosts_replica_cancels_fall_back_to_stop_job(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host]) -> None:
+    cfg_a = _config(tmp_path, "replica-a", redis_url, pg_dsn)
+    cfg_b = _config(tmp_path, "replica-b", redis_url, pg_dsn)
+    migrate(cfg_a)
+    b = Host(tmp_path, "host-b", redis_url, workers=3, config=cfg_b)
+    a = Host(tmp_path, "host-a", redis_url, config=cfg_a)
+    hosts += [a, b]
+    b.wait_ready()
+    a.wait_ready()
+    with Pg(pg_dsn) as pg:
+        wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
+                                  "WHERE instance = 'replica-b'") == 3, 30, "B's registry row")
+        jobs = _running_jobs(pg, redis_url, tmp_path, 3)
+        b.kill_daemon()  # B's heartbeat is fresh for a while yet: A will hand over to it
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        rids = _cancel_all(pg, jobs)
+        reqs = [wait_request(pg, rid, timeout=60) for rid in rids]
+        elapsed = time.monotonic() - t0
+        for req, (jid, rq_id, _marker) in zip(reqs, jobs, strict=True):
+            assert req["outcome"] == "cancelled", req
+            detail = req["detail"]
+            assert detail["instance"] == "replica-a" and detail["path"] == "stop-job", detail
+            assert "replica-b" in detail["handover"], detail
+            assert "stop-job" in detail["horse_signals"], detail
+            assert rq_status(redis_url, rq_id) in ("canceled", "stopped")
+            assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid) == "cancelled"
+        assert elapsed >= 2.0  # not before the hand-over had its chance
+
+
+def test_a_replica_in_another_pid_namespace_never_fails_a_live_workers_job(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host]) -> None:
+    """Same hostname as the workers, another PID namespace (a container): the workers'
+    pids mean nothing there. Their jobs must stay running, not fail as orphaned."""
+    cfg_c = _config(tmp_path, "replica-c", redis_url, pg_dsn, sweep={"min_age_seconds": 0.0})
+    migrate(cfg_c)
+    workers_host = Host(tmp_path, "host-b", redis_url, workers=3)
+    hosts.append(workers_host)
+    workers_host.wait_ready()
+    with Pg(pg_dsn) as pg:
+        jobs = _running_jobs(pg, redis_url, tmp_path, 3)
+        c = Host(tmp_path, "host-b", redis_url, config=cfg_c)  # the same hostname
+        hosts.append(c)
+        c.wait_ready()  # READY=1 comes after its first sweep
+        time.sleep(3.0)  # worker heartbeats and keyspace events come and go meanwhile
+        statuses = {r["status"] for r in pg.fetch(
+            "SELECT status FROM training_jobs WHERE id = ANY($1::bigint[])",
+            [j for j, _, _ in jobs])}
+        assert statuses == {"running"}
+        assert pg.val("SELECT count(*) FROM rq_reconciler_events") == 0
+        assert all("SIGTERM" not in m.read_text() for _, _, m in jobs)
+        text = c.daemon_log().read_text()
+        assert "local_worker_exited" not in text and "Orphaned:" not in text
