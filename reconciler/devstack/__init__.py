@@ -23,6 +23,7 @@ this package.
 
 from reconciler.devstack.cli_proc import migrate, run_cli, write_config
 from reconciler.devstack.daemon_proc import DaemonProc
+from reconciler.devstack.hosts import Host
 from reconciler.devstack.jobs_table import (
     create_jobs_table,
     insert_job,
@@ -67,6 +68,7 @@ __all__ = [
     "RQ_SERIES",
     "SPAWN_WORKER",
     "DaemonProc",
+    "Host",
     "Pg",
     "PostgresServer",
     "RedisServer",

@@ -9,20 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from reconciler.devstack import (
+    Host,
     Pg,
     enqueue,
-    harness_env,
     migrate,
     rq_status,
     wait_until,
@@ -36,52 +33,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs root and unshare(1) for a UTS + PID namespace per host")
 
 JOB = "tests.jobs.trap_sigterm"
-
-
-class Host:
-    """`python -m tests.faults.host` as PID 1 of its own UTS + PID namespace."""
-
-    def __init__(self, tmp: Path, hostname: str, redis_url: str, *, workers: int = 0,
-                 config: Path | None = None) -> None:
-        self.hostname = hostname
-        self.control = tmp / f"control-{hostname}-{time.monotonic_ns()}"
-        self.logs = tmp / f"logs-{hostname}"
-        argv = ["unshare", "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
-                sys.executable, "-m", "tests.faults.host", "--hostname", hostname,
-                "--redis-url", redis_url, "--workers", str(workers),
-                "--control", str(self.control), "--logs", str(self.logs)]
-        if config is not None:
-            argv += ["--config", str(config)]
-        self.proc = subprocess.Popen(argv, env=harness_env(), cwd=Path(__file__).parents[2])
-
-    def wait_ready(self, timeout: float = 120) -> list[str]:
-        wait_until(lambda: (self.control / "ready").exists() or self.proc.poll() is not None,
-                   timeout, f"host {self.hostname} to be ready")
-        assert self.proc.poll() is None, f"host {self.hostname} exited {self.proc.returncode}"
-        return [ln.split()[1] for ln in (self.control / "ready").read_text().splitlines()]
-
-    def daemon_pid(self) -> int:
-        """The replica's pid as this (the parent) PID namespace sees it."""
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            if "reconciler" in p.cmdline() and "run" in p.cmdline():
-                return p.pid
-        raise AssertionError(f"no replica runs on {self.hostname}")
-
-    def kill_daemon(self) -> None:
-        (self.control / "kill-daemon").touch()
-
-    def daemon_log(self) -> Path:
-        return self.logs / "daemon.log"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.control.mkdir(parents=True, exist_ok=True)
-            (self.control / "stop").touch()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A "host" of its own for multi-host tests: run as PID 1 of a new UTS + PID namespace,
 
-    unshare --uts --pid --fork --mount-proc -- python -m tests.faults.host --hostname NAME ...
+    unshare --uts --pid --fork --mount-proc -- python -m reconciler.devstack.host_main ...
 
 it takes the hostname, starts real `rq worker` processes and (optionally) a daemon
 replica, reaps whatever is reparented to it (it is this namespace's init), and obeys
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from reconciler.devstack import harness_env, start_worker
+from reconciler.devstack.procs import harness_env
+from reconciler.devstack.workers import start_worker
 
 
 def _reap() -> None:
