@@ -190,3 +190,37 @@ def test_a_lost_race_asks_for_a_fresh_read_at_once(tmp_path: Path, redis_url: st
     retry_now, lost = asyncio.run(go())
     assert lost == 1 and retry_now == [rq_id]
     assert row(pg_dsn, jid)["status"] == "running"
+
+
+def test_a_cancel_is_not_completed_on_a_replica_that_lost_its_master(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """Pointed at a replica that cannot vouch for its keyspace, a pending cancel of a job
+    it does not show must wait (its claim expires and is retried), not end `cancelled`
+    on a "missing" job with nothing stopped."""
+    dead_master_port = RedisServer().port
+    replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(dead_master_port)]).start()
+    try:
+        cfg = write_config(tmp_path / "c.toml", replica.url, pg_dsn,
+                           cancel={"lease_seconds": 2.0})
+        migrate(cfg)
+        jid = insert_job(pg_dsn, "runs-on-the-real-master", "running")
+        with Pg(pg_dsn) as pg:
+            rid = int(pg.val("INSERT INTO rq_reconciler_cancel_requests (job_id, reason) "
+                             "VALUES ($1, 'test') RETURNING id", jid))
+            d = DaemonProc(cfg, tmp_path / "d.log")
+            try:
+                d.start(wait_ready=False)
+                wait_until(lambda: any(e.get("event") == "cancel_interrupted"
+                                       for e in log_events([d.log_path])), 20,
+                           "the cancel to be interrupted")
+                time.sleep(3.0)  # a lease period: it is tried again, and again waits
+                req = pg.fetch("SELECT state, outcome FROM rq_reconciler_cancel_requests "
+                               "WHERE id = $1", rid)[0]
+                assert req["outcome"] is None and req["state"] != "done", dict(req)
+                assert row(pg_dsn, jid)["status"] == "running"
+                assert d.proc is not None and d.proc.poll() is None
+            finally:
+                d.stop()
+                d.close()
+    finally:
+        replica.cleanup()

@@ -92,3 +92,25 @@ def test_a_read_only_database_is_waited_out_at_start_up_and_mid_run(
             admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = off')
             d.stop()
             d.close()
+
+
+def test_a_nul_in_a_real_exception_text_does_not_stop_the_daemon_starting(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any) -> None:
+    """It used to exit 1 at start-up, and again at every restart: the start-up sweep met
+    the row and PostgreSQL refused the text."""
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    migrate(cfg)
+    workers()
+    bad = enqueue(redis_url, "tests.jobs.fail", "bad\x00byte here")
+    wait_until(lambda: redis.Redis.from_url(redis_url).hget(f"rq:job:{bad}", "status")
+               == b"failed", 20, "the job to fail in RQ")
+    jid = insert_job(pg_dsn, bad, "running")
+    d = DaemonProc(cfg, tmp_path / "d.log")
+    try:
+        d.start()  # READY=1 comes after the start-up sweep
+        got = wait_status(pg_dsn, jid, "failed", timeout=10)
+        assert "\x00" not in got["error_message"] and "byte here" in got["error_message"]
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        d.stop()
+        d.close()
