@@ -259,7 +259,7 @@ class _ChangeOutput:
 
 
 async def _migrate(cfg: Config, *, print_only: bool) -> int:
-    from reconciler.store import migrate
+    from reconciler.migrations import migrate
 
     sql = await migrate(cfg, print_only=print_only)
     if print_only:
@@ -270,7 +270,7 @@ async def _migrate(cfg: Config, *, print_only: bool) -> int:
 
 
 async def _print_grants(cfg: Config, role: str) -> int:
-    from reconciler.store import print_grants
+    from reconciler.migrations import print_grants
 
     if not role or len(role.encode()) > 63 or not role.isprintable():
         print("rq-reconciler: --print-grants needs a role name of 1 to 63 bytes, "

@@ -16,19 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from operator import itemgetter
 from typing import Any, NamedTuple, NoReturn
 
 import asyncpg
 import structlog
 
-from reconciler.config import MAX_IDENT_BYTES, Config, derived_ident, quote_ident
+from reconciler.config import Config, quote_ident
 from reconciler.errors import (
     DataRejected,
     InvalidJobId,
@@ -80,7 +78,6 @@ _SCHEMA_CLASSES = frozenset({"42", "3D", "3F", "28"})
 
 log = structlog.get_logger("reconciler.store")
 
-SCHEMA_VERSION = 3
 # Attempts of one guarded batch UPDATE that PostgreSQL failed to break a deadlock.
 APPLY_ATTEMPTS = 5
 # Set on every pool connection: one application transaction holding one row's lock, or a
@@ -92,7 +89,6 @@ STATEMENT_TIMEOUT_MS = 30000
 REQUEST_TEXT_MAX = 1000
 # A replica whose heartbeat is older than this is not alive (it beats every third of it).
 REPLICA_STALE_SECONDS = 15.0
-MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
 
 
 def translate(exc: BaseException) -> Exception:
@@ -339,6 +335,8 @@ class Store:
         if await self._p().fetchval("SELECT to_regclass($1)", quote_ident(version)) is not None:
             have = int(await self._p().fetchval(
                 f"SELECT coalesce(max(version), 0) FROM {quote_ident(version)}") or 0)
+        from reconciler.migrations import SCHEMA_VERSION
+
         if have < SCHEMA_VERSION:
             raise SchemaError(f"our tables are at schema v{have}, this version needs "
                               f"v{SCHEMA_VERSION}: run `rq-reconciler migrate`")
@@ -823,211 +821,6 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
                 f"SELECT {self.c_status} FROM {self.t} WHERE {self.c_id} = $1::{self.id_type}",
                 job_id,
             )
-
-
-# -- migrations -------------------------------------------------------------------------------
-
-
-def _bare(name: str) -> str:
-    return name.rpartition(".")[2]
-
-
-def _schema_prefix(name: str) -> str:
-    schema, dot, _ = name.rpartition(".")
-    return f"{schema}{dot}"
-
-
-def _fill(text: str, subs: dict[str, str]) -> str:
-    def one(m: re.Match[str]) -> str:
-        if m.group(1) not in subs:
-            raise KeyError(f"migration placeholder {m.group(0)} has no value")
-        return subs[m.group(1)]
-
-    return re.sub(r"\{([a-z_]+)\}", one, text)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _quote_role(role: str) -> str:
-    # A role name is one identifier, dots and all (quote_ident would split it).
-    return '"' + role.replace('"', '""') + '"'
-
-
-class _Derived(NamedTuple):
-    """A name we make from the request table's, kept within 63 bytes."""
-
-    placeholder: str
-    suffix: str
-
-
-# In creation order: where two legacy (cut) names coincided, the first one made exists.
-_DERIVED = (
-    _Derived("requests_open_index", "_open_idx"),
-    _Derived("requests_job_index", "_job_idx"),
-    _Derived("trigger_name", "_notify"),
-    _Derived("requests_done_index", "_done_idx"),
-)
-
-
-# Names made only after names were kept short: no install has a cut one.
-_NEVER_CUT = frozenset({"requests_done_index"})
-
-
-def _legacy_names_sql(cfg: Config) -> str:
-    """Installs made before names were kept within 63 bytes have PostgreSQL's cut names
-    (for a request table name of 55+ characters): rename such an index to its new name and
-    drop the old trigger and function (v1 re-creates them), instead of building twins."""
-    req = cfg.cancel.requests_table
-    base, pre = _bare(req), _schema_prefix(req)
-    stmts: list[str] = []
-    drop_fn = ""
-    for d in _DERIVED:
-        if d.placeholder in _NEVER_CUT:
-            continue
-        full = base + d.suffix
-        legacy = full.encode("utf-8")[:MAX_IDENT_BYTES].decode("utf-8", "ignore")
-        new = derived_ident(base, d.suffix)
-        if legacy == new:
-            continue
-        if d.suffix == "_notify":
-            # The function had the trigger's cut name; it goes once its trigger has gone.
-            stmts.append(f"        DROP TRIGGER IF EXISTS {quote_ident(legacy)} ON {quote_ident(req)};")
-            drop_fn = f"DROP FUNCTION IF EXISTS {quote_ident(pre + legacy)}();\n"
-            continue
-        rename = f"ALTER INDEX {quote_ident(pre + legacy)} RENAME TO {quote_ident(new)}"
-        stmts.append(
-            "        IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid\n"
-            f"                   WHERE i.indrelid = {_literal(quote_ident(req))}::regclass\n"
-            f"                     AND c.relname = {_literal(legacy)})\n"
-            f"           AND to_regclass({_literal(quote_ident(pre + new))}) IS NULL THEN\n"
-            f"            EXECUTE {_literal(rename)};\n"
-            "        END IF;"
-        )
-    if not stmts:
-        return ""
-    return (
-        "-- Names PostgreSQL cut to 63 bytes before rq-reconciler kept them short itself.\n"
-        "DO $legacy_names$\nBEGIN\n"
-        f"    IF to_regclass({_literal(quote_ident(req))}) IS NOT NULL THEN\n"
-        + "\n".join(stmts)
-        + "\n    END IF;\nEND\n$legacy_names$;\n"
-        + drop_fn
-    )
-
-
-def render_migrations(cfg: Config, id_type: str) -> str:
-    req = cfg.cancel.requests_table
-    base = _bare(req)
-    pre = _schema_prefix(req)
-    names = {d.placeholder: derived_ident(base, d.suffix) for d in _DERIVED}
-    subs = {
-        "requests_table": quote_ident(req),
-        "requests_table_literal": _literal(quote_ident(req)),
-        "jobs_table": quote_ident(cfg.jobs.table),
-        "jobs_id": quote_ident(cfg.jobs.id_column),
-        "id_type": id_type,
-        "requests_open_index": quote_ident(names["requests_open_index"]),
-        "requests_job_index": quote_ident(names["requests_job_index"]),
-        "requests_done_index": quote_ident(names["requests_done_index"]),
-        "replicas_table": quote_ident(cfg.replicas_table),
-        "trigger_fn": quote_ident(pre + names["trigger_name"]),
-        "trigger_name": quote_ident(names["trigger_name"]),
-        "channel_literal": _literal(cfg.cancel.channel),
-        "events_table": quote_ident(cfg.events_table),
-        "events_table_literal": _literal(quote_ident(cfg.events_table)),
-        "events_job_index": quote_ident(derived_ident(_bare(cfg.events_table), "_job_idx")),
-        "first_seen_table": quote_ident(cfg.first_seen_table),
-        "version_table": quote_ident(f"{pre}rq_reconciler_schema"),
-    }
-    legacy = _legacy_names_sql(cfg)
-    parts = [legacy] if legacy else []
-    for name in MIGRATIONS:
-        text = resources.files("reconciler").joinpath("sql", name).read_text(encoding="utf-8")
-        parts.append(_fill(text, subs))
-    version = subs["version_table"]
-    versions = ", ".join(f"({n})" for n in range(1, SCHEMA_VERSION + 1))
-    parts.append(
-        f"CREATE TABLE IF NOT EXISTS {version} (version int PRIMARY KEY, "
-        "applied_at timestamptz NOT NULL DEFAULT now());\n"
-        f"REVOKE ALL ON {version} FROM PUBLIC;\n"
-        f"INSERT INTO {version} (version) VALUES {versions} ON CONFLICT DO NOTHING;\n"
-    )
-    return "\n".join(parts)
-
-
-# The columns an application reads to learn what became of its request.
-OUTCOME_COLUMNS = ("id", "job_id", "requested_at", "requested_by", "reason", "state", "outcome",
-                   "detail", "done_at")
-# The columns it writes; `requested_by` defaults to its role name.
-REQUEST_COLUMNS = ("job_id", "requested_by", "reason")
-
-
-def render_grants(cfg: Config, role: str, *, schema: str, sequence: str) -> str:
-    """What an application role needs to ask for cancels and read their outcomes, and no
-    more: it can never write state, outcome, claimed_by or the audit tables. `schema` is
-    the request table's schema, `sequence` its id sequence (already quoted, as
-    pg_get_serial_sequence() gives it)."""
-    req = quote_ident(cfg.cancel.requests_table)
-    r = _quote_role(role)
-    # A line break in the role's name must not end the comment it is shown in.
-    shown = "".join(c if c.isprintable() else "?" for c in r)
-    return (
-        f"-- rq-reconciler: what role {shown} needs to request cancels "
-        f"(`rq-reconciler migrate --print-grants`).\n"
-        f"-- LISTEN {cfg.done_channel} (to hear outcomes) needs no grant.\n"
-        f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r};\n"
-        f"GRANT INSERT ({', '.join(REQUEST_COLUMNS)}) ON {req} TO {r};\n"
-        f"GRANT USAGE ON SEQUENCE {sequence} TO {r};\n"
-        f"GRANT SELECT ({', '.join(OUTCOME_COLUMNS)}) ON {req} TO {r};\n"
-    )
-
-
-async def print_grants(cfg: Config, role: str) -> str:
-    """render_grants() for the tables as they are in the database (run `migrate` first)."""
-    async with translated():
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
-    try:
-        async with translated():
-            rec = await conn.fetchrow(
-                "SELECT n.nspname, pg_get_serial_sequence($1, 'id') AS seq FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
-                quote_ident(cfg.cancel.requests_table),
-            )
-        if rec is None or rec["seq"] is None:
-            raise SchemaError(f"{cfg.cancel.requests_table} does not exist here: run "
-                              "`rq-reconciler migrate` first")
-        return render_grants(cfg, role, schema=str(rec["nspname"]), sequence=str(rec["seq"]))
-    finally:
-        await conn.close()
-
-
-async def migrate(cfg: Config, *, print_only: bool = False) -> str:
-    """Create/upgrade our tables in one transaction, serialized by an advisory lock."""
-    async with translated():
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
-    try:
-        async with translated():
-            id_type = await conn.fetchval(
-                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                quote_ident(cfg.jobs.table), cfg.jobs.id_column,
-            )
-        if id_type is None:
-            raise SchemaError(
-                f"jobs table {cfg.jobs.table!r} with id column {cfg.jobs.id_column!r} not found "
-                "(jobs.table / jobs.id_column); migrate needs it for the foreign key"
-            )
-        sql = render_migrations(cfg, str(id_type))
-        if print_only:
-            return sql
-        async with translated(), conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
-            await conn.execute(sql)
-        return sql
-    finally:
-        await conn.close()
 
 
 # -- LISTEN ---------------------------------------------------------------------------------

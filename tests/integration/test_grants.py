@@ -13,9 +13,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from reconciler import store
+from reconciler import migrations
 from reconciler.config import from_mapping
-from reconciler.store import SCHEMA_VERSION
+from reconciler.migrations import SCHEMA_VERSION
 from tests.support import run_cli, write_config
 
 DUMMY_REDIS = "redis://127.0.0.1:1/0"  # migrate and cancel never talk to Redis
@@ -149,16 +149,16 @@ async def test_tables_are_owner_only_even_where_public_had_default_privileges(
         await owner.execute("ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO PUBLIC")
         await owner.execute("ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO PUBLIC")
         with monkeypatch.context() as m:
-            m.setattr(store, "MIGRATIONS", ("001_initial.sql",))
-            m.setattr(store, "SCHEMA_VERSION", 1)
-            await store.migrate(cfg)
+            m.setattr(migrations, "MIGRATIONS", ("001_initial.sql",))
+            m.setattr(migrations, "SCHEMA_VERSION", 1)
+            await migrations.migrate(cfg)
         assert await owner.fetchval(
             "SELECT column_default FROM information_schema.columns "
             "WHERE table_name = $1 AND column_name = 'requested_by'", REQ) is None
         assert await owner.fetchval("SELECT has_table_privilege($1, $2, 'INSERT')",
                                     app_role, REQ) is True  # through PUBLIC
 
-        await store.migrate(cfg)  # the upgrade to v2
+        await migrations.migrate(cfg)  # the upgrade to v2
 
         for table in (REQ, "rq_reconciler_events", "rq_reconciler_first_seen",
                       "rq_reconciler_schema"):

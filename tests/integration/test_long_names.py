@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from reconciler.config import MAX_IDENT_BYTES, Config, from_mapping
-from reconciler.store import migrate
+from reconciler.migrations import migrate
 
 LONG = "r" * 63
 

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from reconciler.config import from_mapping
-from reconciler.store import migrate
+from reconciler.migrations import migrate
 from reconciler.supervisor import Daemon
 from tests.support import insert_job, row
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reconciler.config import MAX_IDENT_BYTES, ConfigError, derived_ident, from_mapping
-from reconciler.store import render_grants, render_migrations
+from reconciler.migrations import render_grants, render_migrations
 
 _ident = st.from_regex(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", fullmatch=True)
 _suffix = st.sampled_from(["_open_idx", "_job_idx", "_notify", "_done", "_x"])
