@@ -97,10 +97,12 @@ _password = st.text(min_size=6, max_size=30).filter(lambda s: s.strip() == s)
 @given(_password)
 def test_percent_encoded_userinfo_password_never_shows(pw: str) -> None:
     enc = quote(pw, safe="")
-    for url in (f"redis://user:{enc}@host.example:6379/0",
-                f"postgresql://user:{enc}@db.example:5432/app?sslmode=require",
-                f"unix:///run/redis.sock?db=0&password={enc}"):
-        assert enc not in redact(url)
+    for template in ("redis://user:{}@host.example:6379/0",
+                     "postgresql://user:{}@db.example:5432/app?sslmode=require",
+                     "unix:///run/redis.sock?db=0&password={}"):
+        if enc in template.format(""):
+            continue  # a "password" that is part of the rest of the URL proves nothing
+        assert enc not in redact(template.format(enc))
 
 
 # What people paste unencoded: base64 alphabets, `@`, `:`, `.`, `-`.
@@ -111,7 +113,8 @@ _raw = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 @given(_raw)
 def test_unencoded_userinfo_password_never_shows(pw: str) -> None:
     shown = redact(f"redis://user:{pw}@host.example:6379/0")
-    assert pw not in shown
+    if pw not in "redis://user:***@host.example:6379/0":  # else it proves nothing
+        assert pw not in shown
     assert shown.endswith("@host.example:6379/0")
 
 
