@@ -290,9 +290,28 @@ async def _check(cfg: Config) -> int:
 
 
 async def _cancel(cfg: Config, job_id: str, reason: str, by: str, wait: float | None) -> int:
-    from reconciler.client import request_and_wait
+    import asyncpg
 
-    outcome, detail = await request_and_wait(cfg, job_id, reason=reason, by=by, wait=wait)
-    if detail is not None:
-        print(json.dumps(detail, indent=2, default=str))
-    return 0 if outcome == "cancelled" or (wait is None and outcome == "pending") else 1
+    from reconciler.client import CancelTimeout, cancel_async
+    from reconciler.store import translated
+
+    async with translated():
+        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+    try:
+        async with translated():
+            try:
+                out = await cancel_async(conn, job_id, reason=reason, requested_by=by, wait=wait,
+                                         requests_table=cfg.cancel.requests_table,
+                                         channel=cfg.cancel.channel)
+            except CancelTimeout as exc:  # a TimeoutError: not to be taken for an outage
+                print(json.dumps({"request_id": exc.request_id, "state": exc.state,
+                                  "outcome": None, "message": str(exc)}, indent=2))
+                return 1
+    finally:
+        await conn.close()
+    shown = {**out.detail, "request_id": out.request_id} if out.done else {
+        "request_id": out.request_id, "state": out.state}
+    if out.done:
+        shown["outcome"] = out.outcome
+    print(json.dumps(shown, indent=2, default=str))
+    return 0 if out.success or (wait is None and not out.done) else 1
