@@ -1,0 +1,1 @@
+"""Examples of an application's side of rq-reconciler (see examples/README.md)."""
