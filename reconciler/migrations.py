@@ -12,6 +12,7 @@ import asyncpg
 
 from reconciler.config import MAX_IDENT_BYTES, Config, derived_ident, quote_ident
 from reconciler.errors import SchemaError
+from reconciler.indexes import advise, print_sql_section
 from reconciler.store import translated
 
 MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
@@ -211,7 +212,13 @@ async def migrate(cfg: Config, *, print_only: bool = False) -> str:
             )
         sql = render_migrations(cfg, str(id_type))
         if print_only:
-            return sql
+            # For the DBA: the indexes our queries need on the app's table, as comments
+            # (migrate never builds an index on a table that is not ours).
+            try:
+                section = print_sql_section(await advise(conn, cfg), cfg)
+            except asyncpg.PostgresError as exc:  # a column the config names is missing
+                section = f"-- Indexes on {cfg.jobs.table} not checked: {exc}\n"
+            return f"{sql}\n{section}"
         async with translated(), conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
             await conn.execute(sql)

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from operator import itemgetter
+from types import MappingProxyType
 from typing import Any, NamedTuple, NoReturn
 
 import asyncpg
@@ -142,6 +143,24 @@ def _connection_lost(exc: BaseException) -> bool:
         return True
     state = str(getattr(exc, "sqlstate", "") or "")
     return (state[:2] in ("08", "57") and state != "57014") or state == "25006"
+
+
+def _string_constant(text: str) -> str:
+    """An SQL string constant for `text` that reads the same whatever
+    standard_conforming_strings says (a backslash is an escape only in E'' form)."""
+    quoted = text.replace("'", "''")
+    if "\\" in text:
+        return "E'" + quoted.replace("\\", "\\\\") + "'"
+    return "'" + quoted + "'"
+
+
+def active_predicate(cfg: Config, alias: str = "t") -> str:
+    """`<alias>.status IN ('queued', 'running')` with the configured words as constants:
+    the sweep's page condition, and the predicate of the partial index `check`
+    recommends (the planner matches the two)."""
+    words = ", ".join(_string_constant(w) for w in cfg.jobs.statuses.active)
+    col = quote_ident(cfg.jobs.status_column)
+    return f"{alias}.{col} IN ({words})" if alias else f"{col} IN ({words})"
 
 
 class RowChange(NamedTuple):
@@ -350,6 +369,17 @@ class Store:
             if col and col not in cols:
                 raise SchemaError(f"jobs.{key}: column {col!r} not found in {j.table}")
 
+    def build_queries(self, id_type: str) -> Mapping[str, str]:
+        """Every statement on the jobs table this store runs, by name, for an id column of
+        `id_type` (`check` and the tests EXPLAIN them)."""
+        self.id_type = id_type
+        self._build_sql()
+        return MappingProxyType(self._sql)
+
+    def active_predicate(self, alias: str = "t") -> str:
+        """`status IN ('queued', 'running')`, the words written out: see _build_sql."""
+        return active_predicate(self.cfg, alias)
+
     def _build_sql(self) -> None:
         t, cid, crq, cst = self.t, self.c_id, self.c_rq, self.c_status
         started = f"t.{self.c_started}" if self.c_started else "NULL::timestamptz"
@@ -359,13 +389,26 @@ class Store:
             f"extract(epoch FROM now() - coalesce({started}, f.first_seen, now()))::float8 AS age "
             f"FROM {t} t LEFT JOIN {self.first_seen} f ON f.job_id = t.{cid}::text "
         )
-        self._sql["page_first"] = select + (
-            f"WHERE t.{cst} = ANY($1::text[]) ORDER BY t.{cid} LIMIT $2"
+        # The active statuses are written into the statement, not bound: a jobs table
+        # holds years of finished rows, and only a partial index on the active ones (the
+        # one `check` recommends) keeps a page from reading them. The planner can use a
+        # partial index only if it can prove the query's condition implies the index's,
+        # which it cannot do for a parameter once asyncpg's prepared statement switches
+        # to a generic plan (after five runs). The words come from the config, as quoted
+        # literals.
+        active = self.active_predicate()
+        # A page is limited first and joined after: with the join inside, the planner may
+        # hash the (small) first-seen table and then sort every active row after the
+        # cursor to take 1,000 of them, for each page: quadratic in the active rows.
+        page = (
+            f"SELECT p.id, p.rq_id, p.status, p.started_at, f.first_seen, "
+            f"extract(epoch FROM now() - coalesce(p.started_at, f.first_seen, now()))::float8 AS age "
+            f"FROM (SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
+            f"{started} AS started_at FROM {t} t WHERE {{where}} ORDER BY t.{cid} LIMIT $1) p "
+            f"LEFT JOIN {self.first_seen} f ON f.job_id = p.id::text ORDER BY p.id"
         )
-        self._sql["page_next"] = select + (
-            f"WHERE t.{cst} = ANY($1::text[]) AND t.{cid} > $3::{self.id_type} "
-            f"ORDER BY t.{cid} LIMIT $2"
-        )
+        self._sql["page_first"] = page.format(where=active)
+        self._sql["page_next"] = page.format(where=f"{active} AND t.{cid} > $2::{self.id_type}")
         self._sql["by_rq_ids"] = select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])"
         self._sql["by_ids"] = select + f"WHERE t.{cid} = ANY($1::{self.id_type}[])"
         self._sql["recently_cancelled"] = select + (
@@ -442,10 +485,14 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
             "ON CONFLICT (job_id) DO NOTHING"
         )
+        # The ids compared in the id column's own type, so that each lookup is one probe of
+        # the jobs table's primary key (or of the partial index on its active rows):
+        # `t.id::text = f.job_id` read the whole table. Only ids we wrote are in there.
         self._sql["prune_first_seen"] = (
             f"DELETE FROM {self.first_seen} f WHERE NOT EXISTS (SELECT 1 FROM {t} t "
-            f"WHERE t.{cid}::text = f.job_id AND t.{cst} = ANY($1::text[]))"
+            f"WHERE t.{cid} = f.job_id::{self.id_type} AND {active})"
         )
+        self._sql["job_status"] = f"SELECT {cst} FROM {t} WHERE {cid} = $1::{self.id_type}"
         self._sql["intents"] = (
             f"SELECT DISTINCT ON (job_id) job_id, "
             f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
@@ -465,12 +512,11 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
         )
 
     async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
-        active = list(self.cfg.jobs.statuses.active)
         async with translated(self.pool):
             if after is None:
-                recs = await self._p().fetch(self._sql["page_first"], active, limit)
+                recs = await self._p().fetch(self._sql["page_first"], limit)
             else:
-                recs = await self._p().fetch(self._sql["page_next"], active, limit, after)
+                recs = await self._p().fetch(self._sql["page_next"], limit, after)
         return [self._active(r) for r in recs]
 
     async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
@@ -498,8 +544,7 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
 
     async def prune_first_seen(self) -> None:
         async with translated(self.pool):
-            await self._p().execute(self._sql["prune_first_seen"],
-                                    list(self.cfg.jobs.statuses.active))
+            await self._p().execute(self._sql["prune_first_seen"])
 
     async def cancel_intents(self, job_ids: Sequence[Any]) -> dict[Any, CancelIntent]:
         if not job_ids:
@@ -818,9 +863,7 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
     async def job_status(self, job_id: Any) -> str | None:
         async with translated(self.pool):
             return await self._p().fetchval(  # type: ignore[no-any-return]
-                f"SELECT {self.c_status} FROM {self.t} WHERE {self.c_id} = $1::{self.id_type}",
-                job_id,
-            )
+                self._sql["job_status"], job_id)
 
 
 # -- LISTEN ---------------------------------------------------------------------------------
