@@ -13,11 +13,14 @@ import json
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler import __version__
 from reconciler.config import Config, ConfigError, load
 from reconciler.errors import ReconcilerError
+
+if TYPE_CHECKING:  # the sweep's modules are imported only by the command that sweeps
+    from reconciler.reconcile import PassReport
 
 GC_THRESHOLD = 10_000
 
@@ -152,17 +155,21 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         await rq.ping()
         rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
         if dry_run:
-            report = await rec.sweep(dry_run=True, force=force, on_changes=out.write)
+            report = await rec.sweep(dry_run=True, force=force, on_page=out.page)
         else:
             async with store.sweep_lock() as got:
                 if not got:
                     print("rq-reconciler: another sweep holds the lock (a daemon replica is "
                           "sweeping); try again in a moment", file=sys.stderr)
                     return 1
-                report = await rec.sweep(force=force, on_changes=out.write)
-                for rid in report.rq_cancels:
-                    # A cancelled row's job waits in RQ: the intent holds, cancel it now.
-                    await rq.cancel_job(rid, only_from=WAITING)
+
+                async def page(part: PassReport) -> None:
+                    await out.page(part)
+                    for rid in part.rq_cancels:
+                        # A cancelled row's job waits in RQ: the intent holds, cancel it now.
+                        await rq.cancel_job(rid, only_from=WAITING)
+
+                report = await rec.sweep(force=force, on_page=page)
     except ReconcilerError as exc:
         out.abort(str(exc))  # what was applied before the failure has been printed
         raise
@@ -173,15 +180,8 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         "checked": report.checked, "changed": report.changed, "lost_races": report.lost_races,
         "breaker_open": report.breaker_open, "not_found": report.not_found_held,
         "active": report.counts, "stuck": report.stuck,
-        "horse_stops": [{"job_id": str(h.job_id), "rq_id": h.rq_id, "worker": h.worker_name,
-                         "why": h.why} for h in report.horse_stops],
-        "rq_cancels": report.rq_cancels,
         "duration_seconds": round(report.duration, 3),
     })
-    if not as_json:
-        for h in report.horse_stops:
-            print(f"note: job {h.job_id} ({h.rq_id}) has a horse to stop on worker "
-                  f"{h.worker_name}: {h.why} (the daemon does this)")
     if report.breaker_open:
         print(f"rq-reconciler: mass-orphan breaker open: {report.not_found_held} of "
               f"{report.checked} rows have no RQ job; none were failed. Is redis.url the right "
@@ -191,9 +191,11 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
 
 
 class _ChangeOutput:
-    """A sweep's changes, printed page by page as they are applied (a first sweep over a
-    neglected table can change 100,000 rows: nothing is kept), as a table or as one JSON
-    document whose "changes" array is streamed."""
+    """A sweep's output, written page by page as the sweep applies them; nothing grows with
+    the number of rows (a first sweep over a neglected table can change a million). As a
+    table: the changes, then a note per horse to stop. As one JSON document: the
+    "changes" array streamed, then the summary with its "horse_stops" and "rq_cancels"
+    arrays, which wait in temporary files (in memory up to a megabyte) until then."""
 
     CLIP = 70
 
@@ -207,6 +209,8 @@ class _ChangeOutput:
         self._w_status = max(len("FROM"), *(len(w) for w in words))
         self._w_reason = max(len("REASON"), *(len(r.value) for r in Reason))
         self._w_id = len("JOB_ID")  # grows with the ids seen: ids are not known up front
+        self._horse_stops = _Spool()
+        self._rq_cancels = _Spool()
 
     def _start(self) -> None:
         if self._started:
@@ -214,6 +218,21 @@ class _ChangeOutput:
         self._started = True
         if self.as_json:
             sys.stdout.write(f'{{\n  "dry_run": {json.dumps(self.dry_run)},\n  "changes": [')
+
+    async def page(self, report: PassReport) -> None:
+        """One page's report."""
+        if report.changes:
+            self.write(report.changes)
+        for h in report.horse_stops:
+            if self.as_json:
+                self._horse_stops.add(json.dumps({"job_id": str(h.job_id), "rq_id": h.rq_id,
+                                                  "worker": h.worker_name, "why": h.why}))
+            else:
+                self._horse_stops.add(f"note: job {h.job_id} ({h.rq_id}) has a horse to stop on "
+                                      f"worker {h.worker_name}: {h.why} (the daemon does this)")
+        if self.as_json:
+            for rid in report.rq_cancels:
+                self._rq_cancels.add(json.dumps(rid))
 
     def write(self, changes: Sequence[Any]) -> None:
         self._start()
@@ -241,11 +260,19 @@ class _ChangeOutput:
     def finish(self, summary: dict[str, Any]) -> None:
         if self.as_json:
             self._start()
-            tail = json.dumps(summary, indent=2)
-            sys.stdout.write(("\n  ],\n" if self.count else "],\n") + tail[2:] + "\n")
+            out = sys.stdout
+            out.write("\n  ],\n" if self.count else "],\n")
+            out.write(json.dumps(summary, indent=2)[2:-2])  # its members, without braces
+            for key, spool in (("horse_stops", self._horse_stops), ("rq_cancels", self._rq_cancels)):
+                out.write(f',\n  "{key}": [')
+                spool.copy_to(out, sep=",\n    ", first="\n    ", last="\n  ")
+                out.write("]")
+            out.write("\n}\n")
             return
         if not self.count:
             print("nothing to change" if not self.dry_run else "nothing would change")
+        self._horse_stops.copy_to(sys.stdout, sep="\n", first="", last="\n")
+        self._rq_cancels.close()
         verb = "would change" if self.dry_run else "changed"
         print(f"\nchecked {summary['checked']} active rows, {verb} {summary['changed']} "
               f"in {summary['duration_seconds']:.2f} s")
@@ -254,8 +281,45 @@ class _ChangeOutput:
         """Close the JSON document of a sweep that failed midway (still valid JSON)."""
         if self.as_json:
             self.finish({"error": error, "completed": False, "changed": self.count})
-        elif self.count:
-            print(f"\nstopped after {self.count} changes: the sweep could not complete")
+        else:
+            if self.count:
+                print(f"\nstopped after {self.count} changes: the sweep could not complete")
+            self._horse_stops.close()
+            self._rq_cancels.close()
+
+
+class _Spool:
+    """Lines kept for the end of the output: in memory up to a megabyte, then in an
+    unnamed temporary file."""
+
+    def __init__(self) -> None:
+        self._file: Any = None
+        self.count = 0
+
+    def add(self, line: str) -> None:
+        if self._file is None:
+            import tempfile
+
+            self._file = tempfile.SpooledTemporaryFile(max_size=1 << 20, mode="w+",  # noqa: SIM115
+                                                       encoding="utf-8")
+        self._file.write(line.replace("\n", " ") + "\n")
+        self.count += 1
+
+    def copy_to(self, out: Any, *, sep: str, first: str, last: str) -> None:
+        """Write the lines to `out`, joined by `sep`, between `first` and `last` (nothing at
+        all if there are none)."""
+        if self._file is None:
+            return
+        self._file.seek(0)
+        for i, line in enumerate(self._file):
+            out.write((first if i == 0 else sep) + line.rstrip("\n"))
+        out.write(last)
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 async def _migrate(cfg: Config, *, print_only: bool) -> int:

@@ -230,6 +230,9 @@ class Sweeps:
         self.health.outage(exc)
         self.metrics.sweeps.labels(result="failed").inc()
 
+    async def _page_done(self, page: PassReport) -> None:
+        self.after(page)
+
     async def one_round(self) -> None:
         if not await self.wake.sweep_due(self.interval()):
             self.metrics.events.labels(source="timer").inc()
@@ -247,7 +250,10 @@ class Sweeps:
                 self.on_swept()
                 return None
             await self.workers.discover()
-            report = await self.reconciler.sweep(on_changes=self.after.forget_ended)
+            # Each page's follow-ups (horses to stop, RQ jobs to cancel, rows to read again)
+            # are started as the page is applied, not gathered: a sweep over a million rows
+            # keeps none of them.
+            report = await self.reconciler.sweep(on_page=self._page_done)
             # Reported while still under the lock: whoever takes the lock next (a replica,
             # an operator's one-shot sweep) finds this sweep's log line and metrics out.
             self.health.set_up("postgres", True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -50,9 +51,12 @@ RECENTLY_CANCELLED_SECONDS = 3600.0
 
 @dataclass
 class PassReport:
+    """What one pass did. A sweep with an `on_page` sink hands each page's report there
+    and keeps only the counters: its lists (changes, horse stops, RQ cancels, retries)
+    never grow past a page, however many rows the sweep changes."""
+
     checked: int = 0
-    # Applied (or, in a dry run, decided) changes: `changed` counts them all; `changes`
-    # lists them unless a sweep handed them to its `on_changes` sink page by page.
+    # Applied (or, in a dry run, decided) changes: `changed` counts them all.
     changed: int = 0
     changes: list[RowChange] = field(default_factory=list)
     lost_races: int = 0
@@ -97,7 +101,8 @@ class Reading(NamedTuple):
 
 # (from_status, to_status, reason) of a RowChange: what the transitions counter counts.
 _KIND = itemgetter(1, 2, 4)
-ChangeSink = Callable[[Sequence[RowChange]], None]
+# Takes one page's report (its lists are emptied once it returns).
+PageSink = Callable[[PassReport], Awaitable[None]]
 
 
 class Reconciler:
@@ -300,15 +305,18 @@ class Reconciler:
         return report
 
     async def sweep(self, *, dry_run: bool = False, force: bool = False,
-                    on_changes: ChangeSink | None = None) -> PassReport:
+                    on_page: PageSink | None = None) -> PassReport:
         """Every active row, page by page. Raises BackendUnavailable if a backend fails.
 
-        With `on_changes`, each page's changes go there as soon as they are applied and are
-        not kept: a sweep's memory stays bounded by the page size, not by what it changed.
+        With `on_page`, each page's report (its changes, horses to stop, RQ jobs to cancel,
+        ids to read again) goes there as soon as the page is applied, and is not kept: a
+        sweep's memory stays bounded by the page size, not by the rows it changes. Rows
+        held for the mass-orphan breaker are kept as bare ids (8 bytes each for bigint
+        ids) and read afresh at the end.
         """
         t0 = time.monotonic()
         total = PassReport()
-        held: list[Evaluated] = []
+        held = _HeldIds()
         counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
         stuck_after = self.cfg.sweep.stuck_after_seconds
         size = self.cfg.sweep.page_size
@@ -346,7 +354,7 @@ class Reconciler:
                     done, writing = writing, None
                     await done  # raises the previous page's error, if it had one
                 writing = asyncio.create_task(self._apply_page(
-                    page, evaluated, total, held, counts, stuck_after, dry_run, on_changes))
+                    page, evaluated, total, held, counts, stuck_after, dry_run, on_page))
                 page = following
             if writing is not None:
                 done, writing = writing, None
@@ -372,14 +380,15 @@ class Reconciler:
                 if trips:
                     log.warning("orphan_breaker_forced", not_found=n, checked=checked)
                 await self._apply_not_found(held, total, counts, stuck_after, dry_run=dry_run,
-                                            on_changes=on_changes)
-        await self._recheck_cancelled(total, dry_run=dry_run)
+                                            on_page=on_page)
+        await self._recheck_cancelled(total, dry_run=dry_run, on_page=on_page)
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
         return total
 
-    async def _recheck_cancelled(self, total: PassReport, *, dry_run: bool) -> None:
+    async def _recheck_cancelled(self, total: PassReport, *, dry_run: bool,
+                                 on_page: PageSink | None) -> None:
         """Rows cancelled on request lately: a job enqueued (or an RQ id stored) after the
         cancel shows up here even if its keyspace event was lost. Only actions come of
         it (cancel the waiting RQ job, stop a horse); a cancelled row never changes."""
@@ -387,8 +396,9 @@ class Reconciler:
         if not rows:
             return
         report, _ = await self.apply(await self.evaluate(rows), dry_run=dry_run)
-        total.horse_stops += report.horse_stops
-        total.rq_cancels += report.rq_cancels
+        report.checked = 0  # not active rows
+        await _hand_over(report, on_page)
+        total.merge(report)
 
     async def _read_page(self, page: list[ActiveRow], dry_run: bool) -> Reading:
         if not dry_run:
@@ -398,8 +408,8 @@ class Reconciler:
         return await self.read(page)
 
     async def _apply_page(self, page: list[ActiveRow], evaluated: list[Evaluated], total: PassReport,
-                          held: list[Evaluated], counts: dict[str, int], stuck_after: float,
-                          dry_run: bool, on_changes: ChangeSink | None) -> None:
+                          held: _HeldIds, counts: dict[str, int], stuck_after: float,
+                          dry_run: bool, on_page: PageSink | None) -> None:
         report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
         # The gauges describe the table as this sweep leaves it.
         now_status = {c.job_id: c.to_status for c in report.changes}
@@ -411,42 +421,47 @@ class Reconciler:
             total.oldest_age = max(total.oldest_age, r.age_seconds)
             if r.age_seconds > stuck_after:
                 total.stuck += 1
-        _hand_over(report, on_changes)
+        held.add(ev.row.row.id for ev in page_held)
+        await _hand_over(report, on_page)
         total.merge(report)
-        held += page_held
 
-    async def _apply_not_found(self, held: list[Evaluated], total: PassReport,
+    async def _apply_not_found(self, held: _HeldIds, total: PassReport,
                                counts: dict[str, int], stuck_after: float, *, dry_run: bool,
-                               on_changes: ChangeSink | None) -> None:
-        """Re-check existence right before failing rows as "not found" (they were read up to
-        a whole sweep ago; a job may have been enqueued since). One chunk is written while
-        the next is checked."""
-        size = self.cfg.sweep.page_size
+                               on_page: PageSink | None) -> None:
+        """The rows held as "not found", read afresh (rows and RQ, a chunk at a time) right
+        before failing them: they were read up to a whole sweep ago, and a job may have
+        been enqueued, or a row changed, since. What the fresh reading decides is applied,
+        "not found" included (the breaker has judged). One chunk is written while the
+        next is read."""
         writing: asyncio.Task[None] | None = None
 
-        async def write(still: list[Evaluated]) -> None:
-            report, _ = await self.apply(still, dry_run=dry_run)
+        async def write(evaluated: list[Evaluated]) -> None:
+            report, _ = await self.apply(evaluated, dry_run=dry_run)
             report.checked = 0
-            # They were counted as active when their page was read; they are not any more.
-            # (The oldest age stays: it is a maximum, and a lower bound is not worth a pass.)
-            age = {ev.row.row.id: ev.row.age_seconds for ev in still}
+            # They were counted as active when their page was read; what changed them moves
+            # them. (The oldest age stays: it is a maximum, and a lower bound is not worth
+            # a pass.)
+            age = {ev.row.row.id: ev.row.age_seconds for ev in evaluated}
             for ch in report.changes:
                 if ch.from_status in counts:
                     counts[ch.from_status] -= 1
-                if age.get(ch.job_id, 0.0) > stuck_after:
-                    total.stuck -= 1
-            _hand_over(report, on_changes)
+                    if age.get(ch.job_id, 0.0) > stuck_after:
+                        total.stuck -= 1
+                if ch.to_status in counts:
+                    counts[ch.to_status] += 1
+                    if age.get(ch.job_id, 0.0) > stuck_after:
+                        total.stuck += 1
+            await _hand_over(report, on_page)
             total.merge(report)
 
         try:
-            for i in range(0, len(held), size):
-                chunk = held[i:i + size]
-                exists = await self.rq.jobs_exist([ev.rq_job.id for ev in chunk if ev.rq_job])
-                still = [ev for ev in chunk if ev.rq_job is not None and not exists.get(ev.rq_job.id)]
+            for chunk in held.chunks(self.cfg.sweep.page_size):
+                rows = await self.store.rows_by_ids(chunk)
+                evaluated = await self.evaluate(rows) if rows else []
                 if writing is not None:
                     done, writing = writing, None
                     await done
-                writing = asyncio.create_task(write(still))
+                writing = asyncio.create_task(write(evaluated))
             if writing is not None:
                 done, writing = writing, None
                 await done
@@ -454,14 +469,46 @@ class Reconciler:
             await _settle(writing)
 
 
+class _HeldIds:
+    """Job ids, compactly: 64-bit integer ids in an array (8 bytes each, where a list of
+    ints costs about 36), any other id type in a list."""
+
+    def __init__(self) -> None:
+        self._ints = array("q")
+        self._other: list[Any] = []
+
+    def add(self, ids: Iterable[Any]) -> None:
+        for i in ids:
+            if type(i) is int and -(2 ** 63) <= i < 2 ** 63:
+                self._ints.append(i)
+            else:
+                self._other.append(i)
+
+    def __len__(self) -> int:
+        return len(self._ints) + len(self._other)
+
+    def chunks(self, size: int) -> Iterator[list[Any]]:
+        for i in range(0, len(self._ints), size):
+            yield self._ints[i:i + size].tolist()
+        for i in range(0, len(self._other), size):
+            yield self._other[i:i + size]
+
+
 def _rq_ids(changes: Iterable[RowChange]) -> list[str]:
     return [rid for c in changes if isinstance(rid := c.detail.get("rq_id"), str)]
 
 
-def _hand_over(report: PassReport, sink: ChangeSink | None) -> None:
-    if sink is not None and report.changes:
-        sink(report.changes)
-        report.changes = []
+async def _hand_over(report: PassReport, sink: PageSink | None) -> None:
+    """Give a page's report to the sweep's sink, then empty its lists (the counters stay
+    for the sweep's totals)."""
+    if sink is None:
+        return
+    await sink(report)
+    report.changes = []
+    report.horse_stops = []
+    report.rq_cancels = []
+    report.retry_now = []
+    report.retry_later = []
 
 
 async def _settle(task: asyncio.Task[Any] | None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from reconciler.devstack import (
 from reconciler.errors import BackendUnavailable, RedisUnavailable
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
-from reconciler.reconcile import Reconciler
+from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
 from reconciler.store import RowChange, Store
 from reconciler.workers import Workers
@@ -203,13 +202,13 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
         await store.connect()
         rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), Metrics())
 
-        def sink(changes: Sequence[RowChange]) -> None:
-            handed.extend(str(c.job_id) for c in changes)
-            if own_redis.is_running():
+        async def sink(page: PassReport) -> None:
+            handed.extend(str(c.job_id) for c in page.changes)
+            if page.changes and own_redis.is_running():
                 own_redis.stop()  # right after the first page is written
 
         try:
-            await rec.sweep(on_changes=sink)
+            await rec.sweep(on_page=sink)
         except BackendUnavailable as exc:
             return exc
         finally:
@@ -226,6 +225,47 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
     assert sorted(handed) == completed
     audited = pg_fetch(pg_dsn, "SELECT job_id FROM rq_reconciler_events")
     assert sorted(str(r["job_id"]) for r in audited) == completed
+
+
+def test_a_sweep_with_a_page_sink_keeps_no_lists(tmp_path: Path, redis_url: str,
+                                                 pg_dsn: str) -> None:
+    """Every page's report goes to the sink and nothing is gathered: the sweep's own report
+    holds counters only, the rows held for the breaker (failed at the end, read afresh)
+    included. A million-row sweep then needs the memory of a page."""
+    cfg_path = migrated(tmp_path, redis_url, pg_dsn, sweep={"page_size": 5})
+    with redis.Redis.from_url(redis_url) as r:
+        for i in range(10):
+            r.hset(f"rq:job:done-{i}", mapping={"status": "finished"})
+            r.hset(f"rq:job:wait-{i}", mapping={"status": "queued"})
+    ids = [insert_job(pg_dsn, f"{kind}-{i}") for i in range(10)
+           for kind in ("done", "gone", "wait")]
+    pages: list[list[RowChange]] = []
+
+    async def sweep() -> PassReport:
+        cfg = load(str(cfg_path))
+        store = Store(cfg)
+        rq = RqState(cfg.redis.url)
+        await store.connect()
+        try:
+            async def sink(page: PassReport) -> None:
+                pages.append(list(page.changes))
+
+            return await Reconciler(cfg, store, rq, Workers(rq, Processes()), None).sweep(
+                on_page=sink)
+        finally:
+            await rq.close()
+            await store.close()
+
+    report = asyncio.run(sweep())
+    assert (report.checked, report.changed, report.not_found_held) == (30, 20, 10)
+    assert (report.changes, report.horse_stops, report.rq_cancels, report.retry_now,
+            report.retry_later) == ([], [], [], [], [])
+    assert max(len(p) for p in pages) <= 5
+    handed = {str(c.job_id): c.error for p in pages for c in p}
+    got = statuses(pg_dsn, ids)
+    assert handed.keys() == {str(i) for i, s in got.items() if s != "running"}
+    assert sorted(handed.values()) == ["Orphaned: RQ job not found"] * 10 + ["Synced: RQ finished"] * 10
+    assert report.counts == {"queued": 0, "running": 10}
 
 
 def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
