@@ -163,6 +163,11 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
         AclProbe("ZADD", ("ZADD", k.rebase(CanceledJobRegistry.key_template.format(_PROBE)), "1",
                                   _PROBE), cancel),
         AclProbe("EXEC", ("EXEC",), cancel),
+        # Job.cancel() of a job a worker started meanwhile reads its executions (RQ cleans
+        # that registry as it reads it); a refusal there would fail every retry of it.
+        AclProbe("ZRANGE", ("ZRANGE", k.job_executions + _PROBE, "0", "-1"), cancel),
+        AclProbe("ZREMRANGEBYSCORE", ("ZREMRANGEBYSCORE", k.job_executions + _PROBE, "0", "0"),
+                 cancel),
         AclProbe("CONFIG|GET", ("CONFIG", "GET", "notify-keyspace-events"),
                  "reads notify-keyspace-events (without it: sweeps only)",
                  optional=cfg.redis.keyspace_events != "require"),

@@ -21,8 +21,8 @@ from tests.support import run_cli, write_config
 
 # What README's "Redis ACL user" section tells operators to give the daemon.
 COMMANDS = ("+ping +info +evalsha +script|load +hmget +exists +xrevrange +lpos +zcount +hget "
-            "+pubsub|numsub +smembers +publish +hgetall +multi +exec +hset +lrem +zrem +zadd "
-            "+config|get +psubscribe")
+            "+scard +zrangebyscore +pubsub|numsub +smembers +publish +hgetall +multi +exec +hset "
+            "+lrem +zrem +zadd +zrange +zremrangebyscore +config|get +psubscribe")
 CHANNELS = "&rq:pubsub:* &__keyspace@0__:rq:job:* &__keyspace@0__:rq:worker:*"
 
 

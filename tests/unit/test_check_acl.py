@@ -32,7 +32,9 @@ SENDS = {
     "script_load": {"SCRIPT|LOAD"},
     # RQ's Job.fetch() and Job.cancel() (queued / deferred / scheduled jobs only).
     "Job.fetch": {"HGETALL"},
-    "job.cancel": {"HGET", "MULTI", "HSET", "LREM", "ZREM", "ZADD", "EXEC"},
+    "job.cancel": {"HGET", "MULTI", "HSET", "LREM", "ZREM", "ZADD", "EXEC",
+                   # a job that started meanwhile: RQ reads (and cleans) its executions
+                   "ZRANGE", "ZREMRANGEBYSCORE"},
 }
 SENDS["Job.cancel"] = SENDS["job.cancel"]  # as comments name it
 SENDS["_RawJob.fetch"] = SENDS["Job.fetch"]  # RQ's Job, restored without its data
