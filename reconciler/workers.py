@@ -24,6 +24,10 @@ from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
 log = structlog.get_logger("reconciler.workers")
 
 MAX_REMOTE = 100_000
+# Started jobs remembered per worker, for its key events to wake. A worker runs one job at
+# a time; thousands of "started" jobs naming one worker are stale leftovers (a sweep reads
+# them anyway), and remembering them all would grow with the table.
+MAX_JOBS_PER_WORKER = 1000
 # Rounds of looking for a just-started job's horse (it may not have forked yet).
 TRACK_DELAYS = (0.01, 0.05, 0.2, 1.0)
 
@@ -112,10 +116,15 @@ class Workers:
                 continue
             if not j.worker_name:
                 continue
-            self._jobs.setdefault(j.worker_name, set()).add(j.id)
+            held = self._jobs.setdefault(j.worker_name, set())
+            if len(held) < MAX_JOBS_PER_WORKER:
+                held.add(j.id)
             rec = workers.get(j.worker_name)
-            if (rec is None or not states[j.worker_name].alive or not self.procs.is_local(rec)
-                    or self.procs.horses.get(j.id) is not None):
+            if (rec is None or rec.current_job != j.id or not states[j.worker_name].alive
+                    or not self.procs.is_local(rec) or self.procs.horses.get(j.id) is not None):
+                # (A job its worker does not name as its current one has no horse there to
+                # prove, now or later: a stale "started" left behind, which only the
+                # worker's death changes.)
                 continue
             cand = self.procs.find_horse(rec, j.id, j.started_at)
             if cand is not None:
