@@ -15,7 +15,7 @@ VENV3 := .venv-rq3
 BIN3 := $(VENV3)/bin
 STAMP3 := $(VENV3)/.installed
 
-.PHONY: demo test lint test-fast test-slow test-rq3 worker-venvs bench clean
+.PHONY: demo test test-embedded lint test-fast test-slow test-rq3 worker-venvs bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,7 @@ demo: $(STAMP3)
 
 lint: $(STAMP) $(STAMP3)
 	$(BIN)/ruff check .
+	$(BIN)/mypy --strict examples
 	$(BIN)/mypy --strict reconciler
 	$(BIN3)/mypy --strict reconciler
 
@@ -59,6 +60,12 @@ test-fast: $(STAMP) lint worker-venvs
 
 test-slow: $(STAMP) worker-venvs
 	$(BIN)/pytest -q -m slow
+
+# CI's second leg: the integration suite once more on the servers that the `embedded`
+# extra's wheels ship (Valkey 9, PostgreSQL 18) instead of the machine's, so that RQ on
+# Valkey and our SQL on PostgreSQL 18 are covered, and so is a fresh machine's demo.
+test-embedded: $(STAMP)
+	RQ_DEVSTACK_SERVERS=wheels RQ_WORKER_VERSIONS=3 $(BIN)/pytest -q -m "not slow" tests/integration
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.sweep_vs_naive

@@ -184,9 +184,12 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
 def _denial(exc: redis.exceptions.ResponseError, probe: AclProbe) -> tuple[str, str]:
     """(what is missing, the ACL rule that grants it) from a refusal."""
     text = str(exc)
-    if "keys" in text and isinstance(exc, redis.exceptions.NoPermissionError):
+    # Redis says "... to access one of the keys (channels) used as arguments", Valkey "No
+    # permissions to access a key (channel)"; a command refusal says "to run the 'x' command".
+    access = "to access" in text
+    if access and "key" in text and isinstance(exc, redis.exceptions.NoPermissionError):
         return f"key {probe.argv[1]} ({probe.name})", "~" + probe.argv[1].split(":")[0] + ":*"
-    if "channels" in text and isinstance(exc, redis.exceptions.NoPermissionError):
+    if access and "channel" in text and isinstance(exc, redis.exceptions.NoPermissionError):
         chans = probe.argv[1:] if probe.name == "PSUBSCRIBE" else (probe.argv[1],)
         rules = " ".join("&" + (c if probe.name == "PSUBSCRIBE" else c.rsplit(":", 1)[0] + ":*")
                          for c in chans)

