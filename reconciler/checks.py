@@ -7,7 +7,10 @@ check queues each command the daemon sends inside a MULTI that is never executed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -40,6 +43,7 @@ async def run_checks(cfg: Config) -> list[Line]:
     out = [Line("OK", "config", f"{cfg.source} is valid")]
     out += await _check_redis(cfg)
     out += await _check_postgres(cfg)
+    out += await _check_postgres_session(cfg)
     return out
 
 
@@ -337,7 +341,9 @@ def _bounded_text_line(cfg: Config, key: str, col: str, typ: str, n: int) -> Lin
 async def _check_postgres(cfg: Config) -> list[Line]:
     shown = redact(cfg.postgres.dsn)
     try:
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+        # No statement cache: dsn may be a transaction-mode pooler (PgBouncer), which
+        # loses named prepared statements between transactions (check says so below).
+        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10, statement_cache_size=0)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         return [Line("FAIL", "postgres", f"cannot connect to {shown}: {exc}. Is PostgreSQL "
                      "running, and is postgres.dsn (or $RQ_RECONCILER_POSTGRES_DSN) right?")]
@@ -409,3 +415,87 @@ async def _check_postgres(cfg: Config) -> list[Line]:
         return lines
     finally:
         await conn.close()
+
+
+# -- PostgreSQL behind a pooler -----------------------------------------------------------------
+
+# How long a NOTIFY may take to reach the LISTEN probe: milliseconds on a direct session.
+_NOTIFY_WAIT_SECONDS = 2.0
+_POOLER_FIX = ("if postgres.dsn goes through a transaction-mode pooler (PgBouncer), set "
+               "postgres.pooler = \"transaction\" and postgres.listen_dsn to a direct (or "
+               "session-pooled) DSN")
+
+
+async def _check_postgres_session(cfg: Config) -> list[Line]:
+    """What a transaction-mode pooler (PgBouncer) breaks, tried for real: startup parameters
+    on the pool's connections, and LISTEN, which the daemon does on the session DSN
+    (listen_dsn, else dsn) and hears a NOTIFY sent through dsn (as the app's INSERT
+    trigger sends it)."""
+    pg = cfg.postgres
+    pooled = pg.pooler == "transaction"
+    lines: list[Line] = []
+    # The pool's own connection options (store.py Store.connect).
+    options: dict[str, Any] = ({"statement_cache_size": 0} if pooled else
+                               {"server_settings": {"lock_timeout": "2000"}})
+    try:
+        sender = await asyncpg.connect(pg.dsn, timeout=10, **options)
+    except asyncpg.ProtocolViolationError as exc:
+        return [Line("FAIL", "postgres pooler", f"{redact(pg.dsn)} refused the pool's startup "
+                     f"parameters ({exc}): {_POOLER_FIX}")]
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return []  # unreachable: the postgres line above says so
+    try:
+        if pooled:
+            lines += await _pooled_timeouts(sender)
+        lines += await _listen_probe(cfg, sender)
+    finally:
+        await sender.close()
+    return lines
+
+
+async def _pooled_timeouts(conn: asyncpg.Connection) -> list[Line]:
+    """Behind a pooler the pool sets no timeouts at connect: they must be the role's."""
+    row = await conn.fetchrow("SELECT current_setting('lock_timeout') AS l, "
+                              "current_setting('statement_timeout') AS s, current_user AS u")
+    unset = [name for name, value in (("lock_timeout", row["l"]), ("statement_timeout", row["s"]))
+             if value in ("0", "")]
+    if not unset:
+        return [Line("OK", "postgres pooler", f"pooler = \"transaction\": no prepared-statement "
+                     f"cache; the role's lock_timeout={row['l']}, statement_timeout={row['s']}")]
+    fix = "; ".join(f"ALTER ROLE {quote_ident(row['u'])} SET {name} = '{want}'"
+                    for name, want in (("lock_timeout", "2s"), ("statement_timeout", "30s"))
+                    if name in unset)
+    return [Line("WARN", "postgres pooler", f"{' and '.join(unset)} not set for role "
+                 f"{row['u']!r}, and a pooler lets no client set them at connect: one app "
+                 f"transaction holding a row lock can stall the daemon. Fix: {fix}")]
+
+
+async def _listen_probe(cfg: Config, sender: asyncpg.Connection) -> list[Line]:
+    pg = cfg.postgres
+    key = "listen_dsn" if pg.listen_dsn else "dsn"
+    channel = f"rq_reconciler_check_{uuid.uuid4().hex[:12]}"
+    try:
+        listener = await asyncpg.connect(pg.session_dsn, timeout=10, statement_cache_size=0)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        return [Line("FAIL", "postgres listen", f"cannot connect to postgres.{key} "
+                     f"{redact(pg.session_dsn)}: {exc}")]
+    heard = asyncio.Event()
+    try:
+        await listener.add_listener(channel, lambda *_a: heard.set())
+        started = time.monotonic()
+        await sender.execute("SELECT pg_notify($1, 'probe')", channel)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_NOTIFY_WAIT_SECONDS):
+                await heard.wait()
+        took = time.monotonic() - started
+    finally:
+        await listener.close()
+    if heard.is_set():
+        return [Line("OK", "postgres listen", f"LISTEN on postgres.{key} hears a NOTIFY sent "
+                     f"through postgres.dsn ({took * 1000:.0f} ms)")]
+    fix = (_POOLER_FIX if not pg.listen_dsn else
+           "postgres.listen_dsn must be a direct (or session-pooled) connection to the "
+           "database the app writes to")
+    return [Line("FAIL", "postgres listen", f"a NOTIFY sent through postgres.dsn did not reach "
+                 f"a LISTEN on postgres.{key} ({redact(pg.session_dsn)}) within "
+                 f"{_NOTIFY_WAIT_SECONDS:g} s: cancels would wait for a sweep. Fix: {fix}")]

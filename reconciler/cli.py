@@ -360,7 +360,8 @@ async def _cancel(cfg: Config, job_id: str, reason: str, by: str, wait: float | 
     from reconciler.store import translated
 
     async with translated():
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+        # A session of its own: it LISTENs for the outcome (a pooler would lose the NOTIFY).
+        conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
     try:
         async with translated():
             try:

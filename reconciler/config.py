@@ -21,8 +21,10 @@ DEFAULT_CONFIG_PATH = "/etc/rq-reconciler/config.toml"
 ENV_CONFIG = "RQ_RECONCILER_CONFIG"
 ENV_REDIS_URL = "RQ_RECONCILER_REDIS_URL"
 ENV_POSTGRES_DSN = "RQ_RECONCILER_POSTGRES_DSN"
+ENV_POSTGRES_LISTEN_DSN = "RQ_RECONCILER_POSTGRES_LISTEN_DSN"
 
 KeyspaceMode = Literal["auto", "require", "off"]
+Pooler = Literal["none", "transaction"]
 OrphanedHorse = Literal["kill", "let-finish"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -164,6 +166,16 @@ class RedisConfig:
 class PostgresConfig:
     dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     pool_size: int = 4
+    # What needs a session of its own (LISTEN, the sweep's advisory lock) connects here;
+    # "" = dsn. Set it when dsn goes through a transaction-mode pooler (PgBouncer).
+    listen_dsn: str = ""
+    # "transaction": dsn is a transaction-mode pooler: no prepared-statement cache and no
+    # startup parameters (PgBouncer refuses both); listen_dsn is then required.
+    pooler: Pooler = "none"
+
+    @property
+    def session_dsn(self) -> str:
+        return self.listen_dsn or self.dsn
 
 
 @dataclass(frozen=True)
@@ -272,6 +284,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "redis.keyspace_events": ("auto", "require", "off"),
+    "postgres.pooler": ("none", "transaction"),
     "cancel.orphaned_horse": ("kill", "let-finish"),
     "log.format": ("json", "console"),
     "log.level": ("debug", "info", "warning", "error"),
@@ -360,6 +373,8 @@ def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>",
         cfg = replace(cfg, redis=replace(cfg.redis, url=env[ENV_REDIS_URL]))
     if env.get(ENV_POSTGRES_DSN):
         cfg = replace(cfg, postgres=replace(cfg.postgres, dsn=env[ENV_POSTGRES_DSN]))
+    if env.get(ENV_POSTGRES_LISTEN_DSN):
+        cfg = replace(cfg, postgres=replace(cfg.postgres, listen_dsn=env[ENV_POSTGRES_LISTEN_DSN]))
     _validate(cfg)
     return cfg
 
@@ -395,9 +410,16 @@ def _validate(cfg: Config) -> None:
     if u.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis.url", f"scheme must be redis://, rediss:// or unix://, got "
                                        f"{redact(cfg.redis.url)!r}")
-    dsn = cfg.postgres.dsn
-    if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):
-        raise ConfigError("postgres.dsn", "scheme must be postgresql://")
+    for key in ("dsn", "listen_dsn"):
+        dsn = getattr(cfg.postgres, key)
+        if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):
+            raise ConfigError(f"postgres.{key}", "scheme must be postgresql://")
+    if cfg.postgres.pooler == "transaction" and not cfg.postgres.listen_dsn:
+        # Through such a pooler a LISTEN hears nothing and a session lock is held by
+        # whichever client gets that server connection next.
+        raise ConfigError("postgres.listen_dsn", "required with pooler = \"transaction\": "
+                          "LISTEN and the sweep lock need a session; give a direct (or "
+                          "session-pooled) DSN")
     try:
         _host, port = cfg.metrics.host_port
         if not 0 <= port <= 65535:

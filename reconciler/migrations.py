@@ -178,7 +178,9 @@ def render_grants(cfg: Config, role: str, *, schema: str, sequence: str) -> str:
 async def print_grants(cfg: Config, role: str) -> str:
     """render_grants() for the tables as they are in the database (run `migrate` first)."""
     async with translated():
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+        # A session (listen_dsn, if dsn is a transaction pooler): asyncpg's prepared
+        # statements do not survive a pooler's switch of server connection.
+        conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
     try:
         async with translated():
             rec = await conn.fetchrow(
@@ -197,7 +199,9 @@ async def print_grants(cfg: Config, role: str) -> str:
 async def migrate(cfg: Config, *, print_only: bool = False) -> str:
     """Create/upgrade our tables in one transaction, serialized by an advisory lock."""
     async with translated():
-        conn = await asyncpg.connect(cfg.postgres.dsn, timeout=10)
+        # A session (listen_dsn, if dsn is a transaction pooler): asyncpg's prepared
+        # statements do not survive a pooler's switch of server connection.
+        conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
     try:
         async with translated():
             id_type = await conn.fetchval(

@@ -43,7 +43,7 @@ class CancelNotifications:
                             on_outage=self.health.outage)
 
     async def _listen_once(self) -> None:
-        await listen(self.cfg.postgres.dsn, self.cfg.cancel.channel, self._notified,
+        await listen(self.cfg.postgres.session_dsn, self.cfg.cancel.channel, self._notified,
                      on_listening=self._listening)
 
     def _listening(self) -> None:

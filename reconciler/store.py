@@ -272,6 +272,10 @@ class Store:
     # -- connection ---------------------------------------------------------------------
 
     async def connect(self, *, min_size: int = 1) -> None:
+        # A transaction-mode pooler (PgBouncer) refuses startup parameters and loses named
+        # prepared statements between transactions: then neither is used, and the timeouts
+        # are the role's (README, "Behind PgBouncer"; `check` says if they are not set).
+        pooled = self.cfg.postgres.pooler == "transaction"
         async with translated(self.pool):
             self.pool = await asyncpg.create_pool(
                 self.cfg.postgres.dsn,
@@ -280,7 +284,8 @@ class Store:
                 command_timeout=60,
                 timeout=10,
                 reset=_keep_session,
-                server_settings={
+                statement_cache_size=0 if pooled else 100,
+                server_settings={} if pooled else {
                     "lock_timeout": str(LOCK_TIMEOUT_MS),
                     "statement_timeout": str(STATEMENT_TIMEOUT_MS),
                 },
@@ -671,8 +676,12 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
     async def sweep_lock(self) -> AsyncIterator[bool]:
         """Session advisory lock: one sweeper per jobs table across replicas."""
         key = f"rq-reconciler:sweep:{self.cfg.jobs.table}"
+        # Behind a transaction pooler a session lock would stay on whichever server
+        # connection took it, for the next client to hold: a session of its own instead.
+        own = self.cfg.postgres.pooler == "transaction"
         async with translated(self.pool):
-            conn = await self._p().acquire()
+            conn = await (asyncpg.connect(self.cfg.postgres.session_dsn, timeout=10) if own
+                          else self._p().acquire())
         unlocked = False
         try:
             async with translated(self.pool):
@@ -692,7 +701,7 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
                 # may still hold the lock must not go back to the pool.
                 conn.terminate()
             with suppress(*_OUTAGE):
-                await self._p().release(conn)
+                await (conn.close() if own else self._p().release(conn))
 
     # -- cancel requests --------------------------------------------------------------------
 

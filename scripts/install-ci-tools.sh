@@ -2,9 +2,11 @@
 # Install the external tools tests/test_deploy.py needs, from Debian's packages:
 #   promtool        (package `prometheus`)  - check/test the alert rules and the exposition
 #   systemd-analyze (package `systemd`)     - verify the unit and score its sandboxing
+#   pgbouncer       (package `pgbouncer`)   - tests/integration/test_pooler.py starts its
+#                                             own, on a free port (never the service)
 #
 # Idempotent: a tool already on PATH is left alone, and apt is not touched at all when
-# both are present. Needs root (CI and the dev machines run as root).
+# all are present. Needs root (CI and the dev machines run as root).
 #
 # The `prometheus` package also ships the Prometheus *server* (listens on :9090) and a
 # service for it. We only want promtool, so the install runs with a policy-rc.d that
@@ -26,9 +28,11 @@ fi
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# Debian installs it in /usr/sbin, which may not be on PATH.
+command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgbouncer)
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    log "promtool and systemd-analyze already present; nothing to do"
+    log "promtool, systemd-analyze and pgbouncer already present; nothing to do"
 else
     log "installing: ${missing[*]}"
     POLICY=/usr/sbin/policy-rc.d
@@ -58,7 +62,12 @@ else
             log "warning: a prometheus server is running (pids: $(pgrep -x prometheus | tr '\n' ' '))"
         fi
     fi
+    if [[ " ${missing[*]} " == *" pgbouncer "* && -d /run/systemd/system ]]; then
+        # Only its binary is wanted; its service must not hold :6432 now or after a boot.
+        $SUDO systemctl disable --now pgbouncer.service >/dev/null 2>&1 || true
+    fi
 fi
 
 promtool --version 2>&1 | head -n 1
 systemd-analyze --version | head -n 1
+{ command -v pgbouncer >/dev/null 2>&1 && pgbouncer --version || /usr/sbin/pgbouncer --version; } | head -n 1
