@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import math
 import os
 import resource
@@ -18,11 +19,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import redis
@@ -144,13 +145,18 @@ class Env:
 
 
 @contextlib.contextmanager
-def bench_env(workdir: Path, dbname: str = "bench", **sections: dict[str, Any]) -> Iterator[Env]:
+def bench_env(workdir: Path, dbname: str = "bench", *,
+              prepare: Callable[[str], None] | None = None,
+              **sections: dict[str, Any]) -> Iterator[Env]:
     """Start redis + postgres, create `dbname` with training_jobs, migrate, yield an Env.
-    Everything is stopped and removed on exit (and by the harness's atexit hook)."""
+    `prepare(dsn)` runs on the new table before migrate (whose foreign key then refers
+    to it). Everything is stopped and removed on exit (and by the harness's atexit hook)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with RedisServer() as rs, PostgresServer() as pg:
         dsn = pg.create_database(dbname)
         create_jobs_table(dsn)
+        if prepare is not None:
+            prepare(dsn)
         config = workdir / "config.toml"
         env = Env(rs, pg, dbname, dsn, config, workdir, {k: dict(v) for k, v in sections.items()})
         env.write_config()
@@ -177,18 +183,23 @@ EXC_TEXT = (
 
 
 def create_rq_jobs(conn: redis.Redis, specs: Sequence[tuple[str, str]], *,
-                   func: str = "tests.jobs.succeed", batch: int = 1000) -> None:
+                   func: str = "tests.jobs.succeed", batch: int = 1000,
+                   worker_name: str = "") -> None:
     """Create RQ job hashes with RQ's API: Job.create + job.save, then set_status; failed ones
     get a failure Result (exc_string) in rq:results:<id>. `specs` is [(rq_id, status)] with
-    status one of queued/finished/failed/started/...; status "missing" creates nothing."""
+    status one of queued/finished/failed/started/...; status "missing" (or "no_rq_id")
+    creates nothing. A started job names `worker_name` as its worker."""
     pipe = conn.pipeline(transaction=False)
     pending = 0
     for rq_id, status in specs:
-        if status == "missing":
+        if status in ("missing", "no_rq_id"):
             continue
         job = Job.create(func, args=(1,), id=rq_id, connection=conn, result_ttl=-1)
-        if status in ("finished", "failed", "stopped", "canceled"):
+        if status in ("finished", "failed", "stopped", "canceled", "started"):
             job.started_at = datetime.now(UTC)
+        if status == "started":
+            job.worker_name = worker_name
+        elif status in ("finished", "failed", "stopped", "canceled"):
             job.ended_at = datetime.now(UTC)
         job.save(pipeline=pipe)
         job.set_status(JobStatus(status), pipeline=pipe)
@@ -199,6 +210,137 @@ def create_rq_jobs(conn: redis.Redis, specs: Sequence[tuple[str, str]], *,
             pipe.execute()
             pending = 0
     pipe.execute()
+
+
+# The active rows of issue 13's sweep fixture, by what RQ says of their job: started on a
+# live, idle local worker (they stay running), finished, failed (an exception in RQ's
+# results stream), stopped or canceled, gone from Redis, and rows that never got an RQ id.
+SWEEP_MIX = (("started", 0.50), ("finished", 0.20), ("failed", 0.10), ("stopped", 0.025),
+             ("canceled", 0.025), ("missing", 0.10), ("no_rq_id", 0.05))
+
+
+def mixed_kinds(n: int, rng: Any) -> list[str]:
+    """`n` kinds in SWEEP_MIX's shares (any remainder goes to "started"), shuffled by `rng`."""
+    kinds: list[str] = []
+    for kind, share in SWEEP_MIX:
+        kinds += [kind] * int(n * share)
+    kinds += ["started"] * (n - len(kinds))
+    rng.shuffle(kinds)
+    return kinds
+
+
+def clone_rq_jobs(conn: redis.Redis, specs: Sequence[tuple[str, str]], *,
+                  worker_name: str = "", batch: int = 2000) -> None:
+    """What create_rq_jobs makes, for many jobs quickly: one job of each status is made
+    with RQ's API, and its keys (the job hash; a failed job's results stream) are copied
+    to every other id with DUMP / RESTORE. RQ keeps no job id inside these keys, so each
+    copy is the job RQ would have written under that id."""
+    templates: dict[str, list[tuple[str, bytes]]] = {}
+    for status in sorted({st for _, st in specs} - {"missing", "no_rq_id"}):
+        tid = f"template-{status}"
+        create_rq_jobs(conn, [(tid, status)], worker_name=worker_name)
+        keys = [f"rq:job:{tid}", f"rq:results:{tid}"]
+        templates[status] = []
+        for key in keys:
+            dumped = conn.dump(key)
+            if dumped is not None:
+                templates[status].append((key.rsplit(tid, 1)[0], cast(bytes, dumped)))
+        conn.delete(*keys)
+    pipe = conn.pipeline(transaction=False)
+    for n, (rq_id, status) in enumerate(specs, 1):
+        for prefix, dumped in templates.get(status, ()):
+            pipe.restore(prefix + rq_id, 0, dumped, replace=True)
+        if n % batch == 0:
+            pipe.execute()
+    pipe.execute()
+
+
+def seed_mixed(env: Env, kinds: Sequence[str], *, prefix: str, worker_name: str,
+               table: str = "training_jobs", clone: bool = False) -> list[tuple[str | None, str]]:
+    """RQ jobs (RQ's API; `clone`: clone_rq_jobs) for `kinds` and one `running` row each,
+    started an hour ago, appended to `table` by COPY. Returns the rows' (rq_job_id, kind)
+    in id order."""
+    specs = [(f"{prefix}-{i:07d}", kind) for i, kind in enumerate(kinds)]
+    with env.redis_client() as r:
+        (clone_rq_jobs if clone else create_rq_jobs)(r, specs, worker_name=worker_name)
+    rows = [(None if kind == "no_rq_id" else rq_id, kind) for rq_id, kind in specs]
+    with Pg(env.dsn) as pg:
+        pg.copy_records(table, [(rq_id, "running", datetime.now(UTC) - timedelta(hours=1))
+                                for rq_id, _ in rows], ["rq_job_id", "status", "started_at"])
+    return rows
+
+
+def load_history(dsn: str, n: int, table: str = "training_jobs") -> None:
+    """`n` finished rows (completed, failed, cancelled; RQ ids of jobs long gone from Redis)
+    as ids 1..n of the seed-shaped table, the way years of history look: loaded by one
+    INSERT ... SELECT generate_series with the table's indexes dropped and built again
+    afterwards (an order of magnitude faster than inserting into them), then VACUUM
+    ANALYZE. The id sequence continues after them: rows added later are the newest."""
+    with Pg(dsn) as pg:
+        pg.execute("SET maintenance_work_mem = '512MB'")
+        pg.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey CASCADE")
+        pg.execute(f"DROP INDEX IF EXISTS {table}_rq_job_id_idx")
+        pg.execute(
+            f"INSERT INTO {table} (id, name, rq_job_id, status, error_message, created_at, "
+            "started_at, completed_at) "
+            "SELECT g, 'train', 'hist-' || g, "
+            "(ARRAY['completed', 'completed', 'completed', 'failed', 'cancelled'])[g % 5 + 1], "
+            "CASE g % 5 WHEN 3 THEN 'Synced: RQ failed: RuntimeError: CUDA out of memory' "
+            "WHEN 4 THEN 'Cancelled: web:alice / clicked Cancel' END, "
+            "ts, ts + interval '1 minute', ts + interval '30 minutes' "
+            f"FROM generate_series(1, {int(n)}) g, "
+            f"LATERAL (SELECT now() - interval '3 years' + g * (interval '3 years' / {int(n)})) AS x(ts)")
+        pg.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (id)")
+        pg.execute(f"CREATE INDEX {table}_rq_job_id_idx ON {table} (rq_job_id)")
+        pg.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {int(n)})")
+        pg.execute(f"VACUUM ANALYZE {table}")
+
+
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["out"], "wb") as out, open(job["err"], "wb") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(job["argv"], stdout=out, stderr=err, cwd=job["cwd"], env=job["env"])
+        print(json.dumps({"pid": proc.pid}), flush=True)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss": usage.ru_maxrss * 1024,
+                      "cpu": usage.ru_utime + usage.ru_stime, "wall": wall}), flush=True)
+"""
+
+
+class Launcher:
+    """Starts commands from a small process of its own and reports each one's exact peak
+    RSS (ru_maxrss from os.wait4). Started before a benchmark builds its data: the kernel
+    counts a child's memory from the moment it is forked, so a command forked straight
+    from a benchmark holding a million rows would report the benchmark's size, not its own."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self._proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+
+    def start(self, argv: Sequence[str], out: Path, err: Path, *, cwd: Path,
+              env: dict[str, str]) -> int:
+        """Start `argv` (stdout and stderr to files); returns its pid."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps({"argv": list(argv), "out": str(out), "err": str(err),
+                                           "cwd": str(cwd), "env": env}) + "\n")
+        self._proc.stdin.flush()
+        return int(json.loads(self._proc.stdout.readline())["pid"])
+
+    def wait(self) -> dict[str, Any]:
+        """The last command's exit code, peak RSS (bytes), CPU seconds and wall seconds."""
+        assert self._proc.stdout is not None
+        return dict(json.loads(self._proc.stdout.readline()))
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        self._proc.wait(timeout=10)
 
 
 # -- process sampling ---------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 `bench/sweep_vs_naive.py` runs `rq-reconciler sweep` against.
 
 For each running row: RQ's `Job.fetch` (NoSuchJobError -> orphaned; `latest_result()` for
-a failed job's text), then one UPDATE committed per row, awaited one at a time: one round
-trip per job. It imports only what such a script would (redis, rq, asyncpg), so that its
-start-up costs what the real script's would.
+a failed job's text; a row with no RQ id is failed without asking RQ), then one UPDATE
+committed per row, awaited one at a time: one round trip per job. It imports only what
+such a script would (redis, rq, asyncpg), so that its start-up costs what the real
+script's would.
 
 Usage: python bench/naive_cleanup.py DSN REDIS_URL
 Prints: rows changed, network round trips made, seconds spent on the rows (connected to
@@ -40,12 +41,17 @@ async def naive_cleanup(dsn: str, redis_url: str) -> tuple[int, int, float]:
             job_id, rq_id = row["id"], row["rq_job_id"]
             new_status: str | None = None
             error = ""
-            rtt += 1
-            try:
-                job = Job.fetch(rq_id, connection=r)
-            except NoSuchJobError:
-                new_status, error = "failed", "Orphaned: RQ job not found"
+            job: Job | None = None
+            if not rq_id:
+                # The seed: "Jobs with no RQ ID -> marked as failed".
+                new_status, error = "failed", "Orphaned: no RQ job id"
             else:
+                rtt += 1
+                try:
+                    job = Job.fetch(rq_id, connection=r)
+                except NoSuchJobError:
+                    new_status, error = "failed", "Orphaned: RQ job not found"
+            if job is not None:
                 status = job.get_status(refresh=False)
                 if status == JobStatus.FINISHED:
                     new_status, error = "completed", "Synced: RQ finished"

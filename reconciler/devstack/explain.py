@@ -38,6 +38,11 @@ class Explained:
         return [str(n.get("Alias", table)) for n in self.nodes()
                 if n.get("Node Type") == "Seq Scan" and n.get("Relation Name") == table]
 
+    def rows_discarded(self, table: str) -> int:
+        """Rows of `table` read and thrown away by a filter (EXPLAIN ANALYZE only)."""
+        return sum(int(n.get("Rows Removed by Filter", 0)) for n in self.nodes()
+                   if n.get("Relation Name") == table)
+
     def summary(self, table: str) -> str:
         """The scans of `table` and the indexes they use, one short line."""
         out = []
