@@ -44,8 +44,8 @@ from reconciler.processes import (
     identity_alive,
     proc_start,
 )
-from reconciler.rq_state import WorkerRecord, parse_time, worker_from_hash
-from reconciler.workers import Workers
+from reconciler.rq_state import WorkerRecord, parse_time
+from reconciler.workers import Candidate, Workers
 from tests.faults.common import insert_requests
 
 IMPOSTOR = r"""
@@ -226,17 +226,32 @@ def test_a_horse_must_be_a_fork_of_the_worker(tmp_path: Path, impostors: list[Im
         parent.wait()
 
 
+def read_worker(redis_url: str, name: str) -> WorkerRecord:
+    """The worker as the daemon reads it (its hash and, on RQ 3, its executions)."""
+    import asyncio
+
+    from reconciler.rq_state import RqState
+
+    async def go() -> WorkerRecord:
+        rq = RqState(redis_url)
+        try:
+            return (await rq.read_workers([name]))[name]
+        finally:
+            await rq.close()
+
+    return asyncio.run(go())
+
+
 def test_the_real_horse_is_found(tmp_path: Path, redis_url: str, workers: WorkerPool,
                                  tmp_marker: Path) -> None:
     """The positive control for the refusals above: same code, a real worker, a real horse."""
     w = workers()
     rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
     horse = w.wait_horse()
+    wait_until(lambda: w.current_job_id() == rq_id, 10, what="the worker names the job")
     with redis.Redis.from_url(redis_url) as r:
-        wait_until(lambda: r.hget(w.key, "current_job") == rq_id.encode(), 10, what="current_job")
-        vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death", "current_job"])
         started = r.hget(f"rq:job:{rq_id}", "started_at")
-    rec = worker_from_hash(w.name, vals, 1)
+    rec = read_worker(redis_url, w.name)
     procs = Processes()
     found = procs.find_horse(rec, rq_id, parse_time(started))
     assert found is not None and found.pid == horse
@@ -322,15 +337,14 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
 
     w = workers()
     a = enqueue(redis_url, "tests.jobs.sleep", 0.5)
+    wait_until(lambda: w.current_job_id() == a, 10, what="A running")
+    stale = read_worker(redis_url, w.name)
+    assert stale.current_job == a
     with redis.Redis.from_url(redis_url) as r:
-        wait_until(lambda: r.hget(w.key, "current_job") == a.encode(), 10, what="A running")
-        stale_vals = r.hmget(w.key, ["birth", "last_heartbeat", "pid", "hostname", "death",
-                                     "current_job"])
         a_started = parse_time(r.hget(f"rq:job:{a}", "started_at"))
-        b = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
-        wait_until(lambda: r.hget(w.key, "current_job") == b.encode(), 10, what="B running")
+    b = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
+    wait_until(lambda: w.current_job_id() == b, 10, what="B running")
     b_horse = w.wait_horse()
-    stale = worker_from_hash(w.name, stale_vals, 1)
     procs = Processes()
     cand = procs.find_horse(stale, a, a_started)
     # the hazard is real: half a proof picks B's horse for A
@@ -341,7 +355,7 @@ def test_a_stale_worker_record_never_proves_the_next_jobs_horse(
         rq = RqState(redis_url)
         try:
             rec = Workers(rq, procs)
-            await rec.confirm_horses({a: (w.name, cand)})
+            await rec.confirm_horses({a: Candidate(w.name, cand, stale.execution_id)})
             assert await rec.prove_horse(w.name, a, a_started) is None
             proven = await rec.prove_horse(w.name, b, None)
             assert proven is not None and proven.pid == b_horse
