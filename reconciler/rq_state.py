@@ -498,10 +498,14 @@ class RqState:
     async def read_workers(self, names: Iterable[str]) -> dict[str, WorkerRecord]:
         """Each worker as one atomic script reads it (its hash, its executions and their
         hashes, whatever its RQ version), with its command channel's subscriber count."""
-        # A name holding the script's separator is not one RQ could have registered.
-        name_list = [n for n in dict.fromkeys(names) if n and _ID_SEP not in n]
+        wanted = [n for n in dict.fromkeys(names) if n]
+        # A name holding the script's separator cannot be asked about in it: unreadable
+        # (it says nothing either way), never "missing", which would read as a death.
+        odd = {n: WorkerRecord(n, exists=True, unreadable=True, subscribers=-1)
+               for n in wanted if _ID_SEP in n}
+        name_list = [n for n in wanted if n not in odd]
         if not name_list:
-            return {}
+            return odd
         channels = [self.keys.channel(n) for n in name_list]
         try:
             replies = await self._read_workers_once(name_list, channels)
@@ -536,7 +540,7 @@ class RqState:
             if count == 0 and not settled:
                 count = -1
             out[n] = worker_from_reply(n, vals, count)
-        return out
+        return {**out, **odd}
 
     async def _read_workers_once(self, names: list[str], channels: list[str]) -> list[Any]:
         """One round trip: the workers script per chunk of names (EVALSHA, not redis-py's

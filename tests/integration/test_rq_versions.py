@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from reconciler.devstack import (
 )
 from reconciler.model import RqStatus
 from reconciler.processes import HORSE_SLACK_SECONDS, Processes
-from reconciler.rq_state import Layout, RqState
+from reconciler.rq_state import Layout, RqState, worker_gone_reason
 from reconciler.workers import Candidate, Workers
 from tests.decoy_worker import MARKER_ENV
 
@@ -116,6 +117,16 @@ def test_each_workers_layout_is_read_from_redis(redis_url: str, workers: WorkerP
     wait_until(lambda: rq_status(redis_url, rq_id) == "failed", 20, what="job failed")
     idle = in_redis(redis_url, lambda rq: rq.read_workers([w.name]))[w.name]
     assert idle.current_job is None and idle.execution_id is None
+
+
+def test_a_worker_name_the_read_cannot_carry_is_unreadable_not_gone(redis_url: str) -> None:
+    """Names travel to the read script joined by newlines: one holding a newline is not
+    asked about, and that must never read as a missing (dead) worker."""
+    recs = in_redis(redis_url, lambda rq: rq.read_workers(["bad\nname", "absent"]))
+    assert recs["bad\nname"].unreadable
+    assert worker_gone_reason(recs["bad\nname"], "bad\nname", datetime.now(UTC)) == ""
+    assert not recs["absent"].exists
+    assert worker_gone_reason(recs["absent"], "absent", datetime.now(UTC)) != ""
 
 
 def test_executions_key_events_wake_their_worker(redis_url: str) -> None:
