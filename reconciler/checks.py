@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRegistry
 
 from reconciler.config import Config, quote_ident, redact
 from reconciler.errors import BackendUnavailable
 from reconciler.indexes import advise
+from reconciler.redisconn import async_client, is_sentinel, parse_sentinel_url, sentinel_masters
 from reconciler.rq_state import WORKER_EXECUTIONS_SUFFIX, RqState, missing_keyspace_flags
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
@@ -41,6 +42,7 @@ class Line:
 
 async def run_checks(cfg: Config) -> list[Line]:
     out = [Line("OK", "config", f"{cfg.source} is valid")]
+    out += await _check_redis_route(cfg)
     out += await _check_redis(cfg)
     out += await _check_postgres(cfg)
     out += await _check_postgres_session(cfg)
@@ -214,9 +216,8 @@ async def _probe_replies(cfg: Config, argvs: list[tuple[str, ...]]) -> list[Any]
     Job.cancel()), unlike ACL DRYRUN or ACL GETUSER, which are admin commands a
     least-privilege user does not have (and DRYRUN needs Redis 7). It also judges keys,
     channels and read/write selectors exactly as the server will."""
-    client = aioredis.Redis.from_url(cfg.redis.url,
-                                     socket_timeout=cfg.redis.socket_timeout_seconds,
-                                     socket_connect_timeout=cfg.redis.socket_timeout_seconds)
+    client = async_client(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                          socket_connect_timeout=cfg.redis.socket_timeout_seconds)
     conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
     try:
         await conn.connect()
@@ -499,3 +500,75 @@ async def _listen_probe(cfg: Config, sender: asyncpg.Connection) -> list[Line]:
     return [Line("FAIL", "postgres listen", f"a NOTIFY sent through postgres.dsn did not reach "
                  f"a LISTEN on postgres.{key} ({redact(pg.session_dsn)}) within "
                  f"{_NOTIFY_WAIT_SECONDS:g} s: cancels would wait for a sweep. Fix: {fix}")]
+
+
+# -- Redis: Sentinel and TLS ----------------------------------------------------------------
+
+
+async def _check_redis_route(cfg: Config) -> list[Line]:
+    """How the daemon reaches Redis, before it talks to it: which master the sentinels name,
+    and whether a TLS connection can be verified (a CA file that cannot be read, a
+    certificate the CA did not sign or that names another host)."""
+    url = cfg.redis.url
+    lines: list[Line] = []
+    if is_sentinel(url):
+        lines.append(await _sentinel_line(cfg))
+    scheme = urlsplit(url).scheme
+    if scheme in ("rediss", "rediss+sentinel"):
+        lines.append(await _tls_line(cfg))
+    return lines
+
+
+async def _sentinel_line(cfg: Config) -> Line:
+    name = parse_sentinel_url(cfg.redis.url).master
+    said = await sentinel_masters(cfg.redis.url, cfg.redis.socket_timeout_seconds)
+    masters = sorted({a.master for a in said if a.master})
+    others = "; ".join(f"{a.sentinel} {a.error}" for a in said if not a.master)
+    if not masters:
+        return Line("FAIL", "redis sentinel", f"no sentinel names a master {name!r}: {others}. "
+                    "Are redis.url's sentinels and master name right?")
+    if len(masters) > 1:
+        return Line("WARN", "redis sentinel", f"the sentinels disagree on master {name!r} "
+                    f"({', '.join(masters)}): a failover is under way, or they are split; the "
+                    "daemon follows the one it asks")
+    agree = sum(1 for a in said if a.master)
+    line = (f"{agree} of {len(said)} sentinels name {masters[0]} as master {name!r} (the "
+            "daemon follows a failover)")
+    if others:
+        return Line("WARN", "redis sentinel", f"{line}; {others}")
+    return Line("OK", "redis sentinel", line)
+
+
+async def _tls_line(cfg: Config) -> Line:
+    query = dict(parse_qsl(urlsplit(cfg.redis.url).query))
+    ca = query.get("ssl_ca_certs")
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        path = query.get(key)
+        if path and not os.access(path, os.R_OK):
+            return Line("FAIL", "redis tls", f"{key}={path} cannot be read by this user")
+    if query.get("ssl_cert_reqs", "required").lower() in ("none", "optional"):
+        return Line("WARN", "redis tls", f"ssl_cert_reqs={query['ssl_cert_reqs']}: the server's "
+                    "certificate is not verified (anyone on the path can read the traffic)")
+    client = async_client(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                          socket_connect_timeout=cfg.redis.socket_timeout_seconds)
+    try:
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError) as exc:
+        text = str(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower():
+            return Line("FAIL", "redis tls", f"the server's certificate was refused ({text}). Fix: "
+                        "ssl_ca_certs=<the CA that signed it> in redis.url (and a certificate "
+                        "that names the host you connect to)")
+        if "SSL" in text or "TLS" in text or "wrong version number" in text:
+            return Line("FAIL", "redis tls", f"TLS handshake failed ({text}): is the server's "
+                        "port a TLS port (tls-port), and redis.url's scheme rediss://?")
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            # A plain Redis port answers a TLS hello with silence, not an error.
+            return Line("FAIL", "redis tls", f"TLS handshake failed: no answer within "
+                        f"{cfg.redis.socket_timeout_seconds:g} s. Is the port the server's "
+                        "tls-port (a plain port stays silent), and can it be reached?")
+        return Line("WARN", "redis tls", f"could not try TLS: {text}")
+    finally:
+        await client.aclose()
+    by = f"the CA in {ca}" if ca else "the system's CAs"
+    return Line("OK", "redis tls", f"the server's certificate is verified against {by}")

@@ -407,9 +407,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("redis.key_prefix", "only letters, digits and _ . : - { } are allowed "
                           f"(RQ's own rule for RQ_KEY_PREFIX), got {cfg.redis.key_prefix!r}")
     u = urlsplit(cfg.redis.url)
-    if u.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("redis.url", f"scheme must be redis://, rediss:// or unix://, got "
-                                       f"{redact(cfg.redis.url)!r}")
+    if u.scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+        raise ConfigError("redis.url", "scheme must be redis://, rediss://, unix:// or (Redis "
+                          f"Sentinel) redis+sentinel://, got {redact(cfg.redis.url)!r}")
+    if u.scheme.endswith("+sentinel"):
+        from reconciler.redisconn import RedisUrlError, parse_sentinel_url
+
+        try:
+            parse_sentinel_url(cfg.redis.url)
+        except RedisUrlError as exc:
+            raise ConfigError("redis.url", f"{exc} (redis+sentinel://host:port,host:port/"
+                              f"<master name>/<db>), got {redact(cfg.redis.url)!r}") from None
     for key in ("dsn", "listen_dsn"):
         dsn = getattr(cfg.postgres, key)
         if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):

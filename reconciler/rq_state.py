@@ -25,6 +25,7 @@ import contextlib
 import enum
 import hashlib
 import json
+import math
 import re
 import time
 import zlib
@@ -53,6 +54,7 @@ from rq.worker_registration import REDIS_WORKER_KEYS
 
 from reconciler.errors import RedisUnavailable
 from reconciler.model import BoundedMemory, PoisonCallback, RqJob, RqStatus, last_line
+from reconciler.redisconn import async_client, sync_client
 
 log = structlog.get_logger("reconciler.rq_state")
 
@@ -384,12 +386,16 @@ class RqState:
         self._poison_seen = BoundedMemory()
         # redis-py's default retries (10, with backoff) would hide an outage for seconds;
         # we retry at our own level, visibly, so one quick retry is all we want here.
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        self.client: aioredis.Redis = async_client(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
             health_check_interval=30,
             retry=AsyncRetry(ExponentialBackoff(cap=0.2, base=0.05), 1),
         )
         self._sync: redis.Redis | None = None
+        # The server that answered last (INFO run_id) and when another one took its place:
+        # a Sentinel failover keeps the uptime of the promoted replica (see read_workers).
+        self._server_run_id: str | None = None
+        self._server_changed_at = -math.inf
         self._script: Any = None
         self._exists_script: Any = None
 
@@ -529,6 +535,14 @@ class RqState:
         # within seconds (RQ retries its pub/sub connection every 2 s). Until then a count
         # of 0 says nothing about them: report it as unknown (-1), not as 0.
         settled = not isinstance(uptime, int) or uptime >= PUBSUB_SETTLE_SECONDS
+        # So has a replica just promoted by a Sentinel failover (its uptime is long): the
+        # workers follow within seconds. A change of server is one of run_id.
+        run_id, mono = info.get("run_id"), time.monotonic()
+        if isinstance(run_id, str) and run_id != self._server_run_id:
+            if self._server_run_id is not None:
+                self._server_changed_at = mono
+            self._server_run_id = run_id
+        settled = settled and mono - self._server_changed_at >= PUBSUB_SETTLE_SECONDS
         numsub_flat: list[Any] = raw[-2] if isinstance(raw[-2], list) else []
         subs: dict[str, int] = {}
         for i in range(0, len(numsub_flat) - 1, 2):
@@ -614,7 +628,7 @@ class RqState:
         # A client of its own, with no silent retry: redis-py would otherwise reconnect
         # and resubscribe behind our back, and a restarted Redis (which forgot its
         # notify-keyspace-events) would leave us subscribed to silence.
-        client: aioredis.Redis = aioredis.Redis.from_url(
+        client: aioredis.Redis = async_client(
             self.url, socket_connect_timeout=self._timeout, socket_timeout=None,
             retry=AsyncRetry(NoBackoff(), 0),
         )
@@ -657,7 +671,7 @@ class RqState:
 
     def _sync_client(self) -> redis.Redis:
         if self._sync is None:
-            self._sync = redis.Redis.from_url(
+            self._sync = sync_client(
                 self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
             )
         return self._sync

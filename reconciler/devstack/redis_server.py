@@ -32,6 +32,7 @@ from reconciler.devstack.procs import (
     unregister,
 )
 from reconciler.devstack.wait import wait_until
+from reconciler.redisconn import sync_client
 
 
 def _no_retry() -> Retry:
@@ -39,8 +40,9 @@ def _no_retry() -> Retry:
 
 
 def redis_client(url: str) -> redis.Redis:
-    """A sync client for ``url`` that fails fast (no retries); the caller closes it."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, retry=_no_retry())
+    """A sync client for ``url`` (a Sentinel URL too: the current master) that fails fast
+    (no retries); the caller closes it."""
+    return sync_client(url, socket_connect_timeout=5, retry=_no_retry())
 
 
 def _redis_server_bin() -> str:
