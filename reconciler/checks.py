@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -24,7 +27,12 @@ from reconciler.config import Config, quote_ident, redact
 from reconciler.errors import BackendUnavailable
 from reconciler.indexes import advise
 from reconciler.redisconn import async_client, is_sentinel, parse_sentinel_url, sentinel_masters
-from reconciler.rq_state import WORKER_EXECUTIONS_SUFFIX, RqState, missing_keyspace_flags
+from reconciler.rq_state import (
+    WORKER_EXECUTIONS_SUFFIX,
+    RqState,
+    missing_keyspace_flags,
+    worker_gone_reason,
+)
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
 _TIME_TYPES = {"timestamp with time zone", "timestamp without time zone"}
@@ -46,6 +54,7 @@ async def run_checks(cfg: Config) -> list[Line]:
     out += await _check_redis(cfg)
     out += await _check_postgres(cfg)
     out += await _check_postgres_session(cfg)
+    out.append(await _check_metrics_listen(cfg))
     return out
 
 
@@ -68,11 +77,7 @@ async def _check_redis(cfg: Config) -> list[Line]:
         lines += await _check_redis_acl(cfg, rq)
         if any(ln.level == "FAIL" for ln in lines):
             return lines  # what follows would fail on the same missing permissions
-        workers = await rq.worker_names()
-        lines.append(Line("OK" if workers else "WARN", "rq workers",
-                          f"{len(workers)} registered" if workers else
-                          "none registered in this Redis db: is redis.url's db number the one "
-                          "your workers use?"))
+        lines.append(await _workers_line(rq))
         mode = cfg.redis.keyspace_events
         try:
             flags = await rq.keyspace_flags()
@@ -101,6 +106,30 @@ async def _check_redis(cfg: Config) -> list[Line]:
         return lines
     finally:
         await rq.close()
+
+
+async def _workers_line(rq: RqState) -> Line:
+    """Workers alive by RQ's own records (a dead one's hash lives on for its TTL, or for
+    ever with `death` set, and stays in rq:workers until RQ cleans it)."""
+    names = await rq.worker_names()
+    if not names:
+        return Line("WARN", "rq workers", "none registered in this Redis db: is redis.url's db "
+                    "number the one your workers use?")
+    try:
+        records = await rq.read_workers(names)
+    except BackendUnavailable as exc:
+        return Line("WARN", "rq workers", f"{len(names)} registered; could not read them: {exc}")
+    now = datetime.now(UTC)
+    gone = {n: why for n in names if (why := worker_gone_reason(records.get(n), n, now, rq.keys))}
+    alive = len(names) - len(gone)
+    shown = "; ".join(f"{n} ({why})" for n, why in list(gone.items())[:5])
+    more = f" and {len(gone) - 5} more" if len(gone) > 5 else ""
+    if not gone:
+        return Line("OK", "rq workers", f"{alive} alive")
+    if not alive:
+        return Line("WARN", "rq workers", f"none alive: {len(gone)} registered but gone: "
+                    f"{shown}{more}. Are the workers running, and is redis.url's db theirs?")
+    return Line("OK", "rq workers", f"{alive} alive; {len(gone)} registered but gone: {shown}{more}")
 
 
 # -- Redis ACL ----------------------------------------------------------------------------
@@ -572,3 +601,30 @@ async def _tls_line(cfg: Config) -> Line:
         await client.aclose()
     by = f"the CA in {ca}" if ca else "the system's CAs"
     return Line("OK", "redis tls", f"the server's certificate is verified against {by}")
+
+
+# -- metrics.listen ------------------------------------------------------------------------------
+
+
+async def _check_metrics_listen(cfg: Config) -> Line:
+    """A second daemon on one host with the same metrics port cannot start: say so first."""
+    host, port = cfg.metrics.host_port
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            return Line("OK", "metrics", f"{cfg.metrics.listen} is free for /metrics")
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return Line("FAIL", "metrics", f"cannot listen on {cfg.metrics.listen}: {exc}")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        body = await asyncio.wait_for(reader.read(1 << 20), 2)
+        writer.close()
+    except (OSError, TimeoutError):
+        body = b""
+    if b"rq_reconciler_build_info" in body:
+        return Line("OK", "metrics", f"{cfg.metrics.listen} is served by a running rq-reconciler "
+                    "(this one? a second instance on this host needs its own metrics.listen)")
+    return Line("FAIL", "metrics", f"{cfg.metrics.listen} is in use by another program: the "
+                "daemon would not start (exit 2). Give metrics.listen another port")

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from reconciler import __version__
 from reconciler.config import Config, ConfigError, load
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the GRANTs that let database role ROLE request cancels and "
                           "read their outcomes (and nothing more); changes nothing")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
+    sub.add_parser("example-config", help="print the example configuration (every key, its "
+                   "default and what it does) to start /etc/rq-reconciler/config.toml from",
+                   description="print the example configuration")
+    sub.add_parser("example-unit", help="print the systemd unit (for "
+                   "/etc/systemd/system/rq-reconciler.service)",
+                   description="print the systemd unit")
     sp = cmd("demo", "the whole story on throwaway Redis + Postgres and real RQ workers")
     sp.add_argument("--keep", action="store_true", help="leave everything running at the end")
     return p
@@ -99,6 +105,13 @@ def _adopt_key_prefix(cfg: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.cmd in ("example-config", "example-unit"):
+            # Files a pip-installed package has no other way to hand over.
+            from importlib import resources
+
+            name = "config.example.toml" if args.cmd == "example-config" else "rq-reconciler.service"
+            sys.stdout.write(resources.files("reconciler").joinpath(name).read_text(encoding="utf-8"))
+            return 0
         if args.cmd == "demo":
             from reconciler.demo import run_demo
 
@@ -323,14 +336,64 @@ class _Spool:
 
 
 async def _migrate(cfg: Config, *, print_only: bool) -> int:
-    from reconciler.migrations import migrate
+    from reconciler.migrations import SCHEMA_VERSION, migrate
 
-    sql = await migrate(cfg, print_only=print_only)
     if print_only:
-        print(sql)
+        print(await migrate(cfg, print_only=True))
+        return 0
+    before = await _schema_where(cfg)
+    await migrate(cfg)
+    after = await _schema_where(cfg)
+    tables = ", ".join([cfg.cancel.requests_table, cfg.events_table, cfg.first_seen_table,
+                        cfg.replicas_table, after.version_table])
+    where = f'in schema "{after.schema}"'
+    if before.version >= SCHEMA_VERSION:
+        said = f"rq-reconciler's tables {where} were up to date (v{before.version}); nothing changed"
+    elif before.version == 0:
+        said = (f"created rq-reconciler's tables {where} (v{after.version}): {tables}, and the "
+                f"trigger that NOTIFYs {cfg.cancel.channel} on each new request")
     else:
-        print("migrate: rq-reconciler schema is up to date", file=sys.stderr)
+        said = f"upgraded rq-reconciler's tables {where} from v{before.version} to v{after.version}"
+    print(f"migrate: {said}", file=sys.stderr)
+    if after.jobs_schema and after.jobs_schema != after.schema:
+        # Unqualified names land in the first schema of the search_path, which is seldom
+        # where an app keeps a schema-qualified table: say so while it is cheap to change.
+        print(f'migrate: note: the jobs table {cfg.jobs.table} is in schema "{after.jobs_schema}"; '
+              f"to keep rq-reconciler's tables beside it, set cancel.requests_table = "
+              f'"{after.jobs_schema}.{cfg.cancel.requests_table.rpartition(".")[2]}"',
+              file=sys.stderr)
     return 0
+
+
+class _SchemaWhere(NamedTuple):
+    version: int
+    schema: str  # where our tables are (or, before the first migrate, will be created)
+    version_table: str
+    jobs_schema: str | None
+
+
+async def _schema_where(cfg: Config) -> _SchemaWhere:
+    import asyncpg
+
+    from reconciler.config import quote_ident
+    from reconciler.store import translated
+
+    schema, dot, _ = cfg.cancel.requests_table.rpartition(".")
+    version_table = f"{schema}{dot}rq_reconciler_schema"
+    async with translated():
+        conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
+        try:
+            version = 0
+            if await conn.fetchval("SELECT to_regclass($1)", quote_ident(version_table)):
+                version = int(await conn.fetchval(
+                    f"SELECT coalesce(max(version), 0) FROM {quote_ident(version_table)}") or 0)
+            ours = schema or str(await conn.fetchval("SELECT current_schema()"))
+            jobs = await conn.fetchval(
+                "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass($1)", quote_ident(cfg.jobs.table))
+        finally:
+            await conn.close()
+    return _SchemaWhere(version, ours, version_table, jobs)
 
 
 async def _print_grants(cfg: Config, role: str) -> int:

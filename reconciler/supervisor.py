@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 from collections.abc import Callable
 from dataclasses import replace
@@ -134,7 +135,17 @@ class Daemon:
                 loop.add_signal_handler(sig, self.on_signal, sig)
         host, port = self.cfg.metrics.host_port
         self.server = MetricsServer(self.metrics, self.health.healthy, host, port)
-        await self.server.start()
+        try:
+            await self.server.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            # Most often a second daemon on this host with the default port; restarting
+            # cannot fix that (exit 2: the unit does not restart).
+            log.error("metrics_listen_in_use", listen=self.cfg.metrics.listen, error=str(exc),
+                      hint="another program (a second rq-reconciler on this host?) listens "
+                           "there: give each instance its own metrics.listen port")
+            return 2
         log.info("starting", version=__version__, instance=self.cfg.instance.name,
                  redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
                  metrics=f"http://{host}:{self.server.port}/metrics")

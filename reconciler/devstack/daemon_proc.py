@@ -23,8 +23,11 @@ class DaemonProc:
     $NOTIFY_SOCKET we gave it, exactly as systemd would see it."""
 
     def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None,
-                 name: str = "d") -> None:
+                 name: str = "d", argv: list[str] | None = None) -> None:
+        """`argv`: what to run instead of `python -m reconciler run --config <config>` (a
+        script that ends by exec'ing the daemon as its unit would)."""
         self.config = config
+        self.argv = argv
         self.log_path = log_path
         self.env = env or {}
         self.name = name
@@ -43,7 +46,7 @@ class DaemonProc:
         self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "run", "--config", str(self.config)],
+            self.argv or [sys.executable, "-m", "reconciler", "run", "--config", str(self.config)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
         )
         if wait_ready:
