@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,10 +25,10 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING, CancelIntent, RqStatus
-from reconciler.reconcile import Reconciler
+from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
-from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResult
-from reconciler.store import CancelRequest, Store
+from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResult, Target
+from reconciler.store import ActiveRow, CancelRequest, Store
 
 log = structlog.get_logger("reconciler.cancel")
 
@@ -39,9 +40,12 @@ class CancelProcessor:
     def __init__(self, cfg: Config, store: Store, rq: RqState, stopper: Stopper,
                  reconciler: Reconciler, metrics: Metrics,
                  on_cancelled: Callable[[], None] | None = None,
-                 watch: Callable[[Any], None] | None = None) -> None:
+                 watch: Callable[[Any], None] | None = None,
+                 hold: Callable[[str], AbstractContextManager[None]] | None = None) -> None:
         """`on_cancelled`: after each cancelled outcome (the orphan scan). `watch(job_id)`:
-        keep an eye on a cancelled row whose RQ job is not known to have ended yet."""
+        keep an eye on a cancelled row whose RQ job is not known to have ended yet.
+        `hold(rq_id)`: while a cancel of it is in flight, events about it wait
+        (WorkQueue.held)."""
         self.cfg = cfg
         self.store = store
         self.rq = rq
@@ -53,6 +57,7 @@ class CancelProcessor:
         # Called when a cancel ends: requests left pending for want of a slot are claimed.
         self._slot_free: Callable[[], None] | None = None
         self._sem = asyncio.Semaphore(CONCURRENT_CANCELS)
+        self._hold = hold or (lambda _rq_id: contextlib.nullcontext())
         self._tasks = TaskSet("cancel")
 
     @property
@@ -66,8 +71,8 @@ class CancelProcessor:
         waits for a slot."""
         total = 0
         while (free := CONCURRENT_CANCELS - len(self._tasks)) > 0:
-            claims = await self.store.claim_requests(self.cfg.cancel.lease_seconds,
-                                                     limit=min(100, free))
+            limit = min(100, free)
+            claims = await self.store.claim_requests(self.cfg.cancel.lease_seconds, limit=limit)
             if not claims:
                 return total
             total += len(claims)
@@ -76,6 +81,10 @@ class CancelProcessor:
                 by_job[c.job_id].append(c)
             for job_id, reqs in by_job.items():
                 self._tasks.spawn(self._guarded(job_id, reqs), f"job:{job_id}")
+            if len(claims) < limit:
+                # Nothing more was pending: asking again would only cost the cancel just
+                # started a round trip's worth of the pool and the loop.
+                return total
         return total
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
@@ -113,7 +122,9 @@ class CancelProcessor:
         ids = [r.id for r in reqs]
         first = reqs[0]
         intent = CancelIntent(first.requested_by, first.reason)
-        rows = await self.store.rows_by_ids([job_id])
+        # The row as the claim read it a moment ago; every change to it is guarded by that
+        # status, and the row is read afresh wherever a pass decides on RQ's new word.
+        rows = [first.row] if first.row is not None else await self.store.rows_by_ids([job_id])
         if not rows:
             await self._finish(reqs, "failed", {"success": False,
                                "message": f"Job {job_id} no longer exists in {self.cfg.jobs.table}"})
@@ -131,11 +142,22 @@ class CancelProcessor:
                     "message": f"Job {job_id} already {row.status}"})
             return
         log.info("cancel_started", requests=ids, rq_id=row.rq_id, status=row.status)
+        with self._hold(row.rq_id) if row.rq_id else contextlib.nullcontext():
+            await self._cancel_active(job_id, reqs, rows, intent)
+
+    async def _cancel_active(self, job_id: Any, reqs: list[CancelRequest], rows: list[ActiveRow],
+                             intent: CancelIntent) -> None:
+        """Cancel the active row `rows[0]`: its RQ job cancelled or its horse stopped,
+        then the row and the outcome written."""
+        s = self.cfg.jobs.statuses
+        ids = [r.id for r in reqs]
+        row = rows[0].row
         rq_cancelled = False
         stop = StopResult()
         path: dict[str, Any] = {"path": "local", "instance": self.cfg.instance.name}
         rq_said = "no RQ job id"
         settle: set[str] = set()
+        marking: asyncio.Task[str] | None = None
         if row.rq_id:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
@@ -162,26 +184,49 @@ class CancelProcessor:
                 routed = await self._route(reqs, row.rq_id, job.worker_name)
                 if routed is None:
                     return  # handed to the replica on the job's host: it writes the outcome
-                path = routed
-                await self.store.extend_lease(ids, self.cfg.cancel.lease_seconds
-                                              + self.cfg.cancel.grace_seconds)
-                stop = await self.stopper.stop(row.rq_id, job.worker_name, job.started_at)
-                job = (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
+                path, target = routed
+                # The longer lease is written while the horse is signalled, not before: a
+                # round trip less between the request and the SIGTERM.
+                extending = asyncio.create_task(self.store.extend_lease(
+                    ids, self.cfg.cancel.lease_seconds + self.cfg.cancel.grace_seconds))
+                try:
+                    stop = await self.stopper.stop(row.rq_id, job.worker_name, job.started_at,
+                                                   target=target)
+                finally:
+                    await extending
+                job = stop.job or (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
             elif row.rq_id in self.stopper.recent:
                 # The event path saw this request's intent and stopped the horse already
                 # (the reconcile table's cancel rule): report those signals, not none.
                 stop = self.stopper.recent[row.rq_id]
             if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
-                # Make RQ say what happened: the job was canceled, not failed.
-                rq_cancelled = (await self.rq.cancel_job(
-                    row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))) == "canceled"
-        report = await self.reconciler.reconcile_job_ids([job_id], intents={job_id: intent},
-                                                         settle=settle)
+                # Make RQ say what happened: the job was canceled, not failed. Done beside
+                # the row's reconcile, which decides `cancelled` on either word.
+                marking = asyncio.create_task(self.rq.cancel_job(
+                    row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED)))
+        report: PassReport | None = None
+        try:
+            if (stop.job is not None and stop.job.status is not RqStatus.STARTED
+                    and not stop.job.in_flight):
+                # The job as its worker recorded the end, read a moment ago, and the row as
+                # read above (its change is guarded by that status): nothing to read again.
+                report = await self.reconciler.reconcile_reading(
+                    rows, {stop.job.id: stop.job}, {job_id: intent})
+                if report.lost_races or not any(c.job_id == job_id for c in report.changes):
+                    report = None  # the row moved meanwhile: read both sides afresh
+            if report is None:
+                report = await self.reconciler.reconcile_job_ids(
+                    [job_id], intents={job_id: intent}, settle=settle)
+        finally:
+            if marking is not None:
+                rq_cancelled = (await marking) == "canceled"
         for rid in report.rq_cancels:
             # The job showed up waiting in RQ only now (enqueued after the cancel).
             rq_cancelled = (await self.rq.cancel_job(rid, only_from=WAITING)) == "canceled" \
                 or rq_cancelled
-        status = await self.store.job_status(job_id)
+        # The row's status as this pass left it, if it changed it; else read it.
+        applied = [c.to_status for c in report.changes if c.job_id == job_id]
+        status = applied[-1] if applied else await self.store.job_status(job_id)
         if status == s.cancelled and not stop.stopped and self._watch is not None:
             # The intent holds until RQ agrees: a job enqueued (or an RQ id stored on the
             # row) after this moment is cancelled, or stopped, when it appears.
@@ -208,18 +253,19 @@ class CancelProcessor:
                                                 "horse_signals": stop.signals, **path})
 
     async def _route(self, reqs: list[CancelRequest], rq_id: str,
-                     worker_name: str) -> dict[str, Any] | None:
+                     worker_name: str) -> tuple[dict[str, Any], Target | None] | None:
         """Who stops a running job: this replica if it can see the worker (or the worker is
         gone); else the live replica that lists the worker, to which the requests are
         handed (None returned); else RQ's stop-job from here. The dict says which path ran,
-        for the outcome's detail."""
+        for the outcome's detail; the Target is where the job runs, if it was read here
+        (the stop ladder starts from it instead of reading it again)."""
         me = self.cfg.instance.name
         handed_to = reqs[0].handed_to
         m = self.metrics.cancel_handovers
         if handed_to == me:
             m.labels(result="taken").inc()
             log.info("cancel_taken_over", rq_id=rq_id, worker=worker_name)
-            return {"path": "handed-over", "instance": me}
+            return {"path": "handed-over", "instance": me}, None
         if handed_to is not None:
             # Handed to another replica, which did not take it in time: stop-job from here.
             m.labels(result="fallback").inc()
@@ -227,17 +273,17 @@ class CancelProcessor:
                         seconds=self.cfg.cancel.handover_seconds)
             return {"path": "stop-job", "instance": me,
                     "handover": f"{handed_to} did not take it within "
-                                f"{self.cfg.cancel.handover_seconds:g} s"}
+                                f"{self.cfg.cancel.handover_seconds:g} s"}, None
         if not worker_name or self.stopper.owner_of is None:
-            return {"path": "local", "instance": me}
+            return {"path": "local", "instance": me}, None
         target = await self.stopper.where(rq_id, worker_name)
         if target.local or target.gone:
-            return {"path": "local", "instance": me}
+            return {"path": "local", "instance": me}, target
         owner = await self.stopper.owner_of(worker_name)
         if owner is None:
             m.labels(result="fallback").inc()
             return {"path": "stop-job", "instance": me,
-                    "handover": f"no live replica sees worker {worker_name}"}
+                    "handover": f"no live replica sees worker {worker_name}"}, target
         handed = await self.store.hand_over([r.id for r in reqs], owner)
         if handed:
             m.labels(result="handed").inc()

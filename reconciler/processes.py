@@ -31,6 +31,10 @@ BIRTH_SLACK_SECONDS = 2.0
 WORKER_STARTUP_SECONDS = 600.0
 # The horse forks right after RQ writes started_at.
 HORSE_SLACK_SECONDS = 2.0
+# How long a stopped horse's worker gets to reap it before its group is scanned for
+# leftovers: REAP_WAITS looks, REAP_WAIT_SECONDS apart.
+REAP_WAITS = 10
+REAP_WAIT_SECONDS = 0.0005
 # Worker identities remembered (local workers only; a host runs a few dozen at most).
 MAX_KNOWN_WORKERS = 10_000
 
@@ -91,6 +95,20 @@ def proc_start(pid: int) -> float | None:
         return int(stat[stat.rindex(b")") + 2:].split()[19]) / _HZ
     except (ValueError, IndexError):
         return None
+
+
+def _state(ident: ProcIdentity) -> str:
+    """The state letter of `ident` (/proc/<pid>/stat, field 3: R, S, Z...), '' if that
+    process is gone (the pid missing, or another process's now)."""
+    try:
+        with open(f"/proc/{ident.pid}/stat", "rb") as f:
+            stat = f.read()
+        rest = stat[stat.rindex(b")") + 2:].split()
+        if int(rest[19]) / _HZ != ident.create_time:
+            return ""
+        return rest[0].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def to_wall(boot_seconds: float) -> float:
@@ -273,6 +291,15 @@ class Processes:
         the leader did: both are checked, so nothing outside the group is ever named."""
         out: list[ProcIdentity] = []
         try:
+            # One system call answers the usual case: no process is left in the group (the
+            # leader reaped, nothing spawned), where reading every /proc/<pid>/stat on the
+            # host costs a millisecond or more of the cancel.
+            os.killpg(leader.pid, 0)
+        except ProcessLookupError:
+            return out
+        except PermissionError:
+            pass  # someone is there, not ours to signal: look
+        try:
             entries = os.listdir("/proc")
         except OSError:
             return out
@@ -294,6 +321,14 @@ class Processes:
         """SIGKILL what is left of the stopped horse's process group, and wait (bounded)
         for it to go. Returns the pids signalled."""
         killed: list[int] = []
+        # Until its worker reaps it, the exited leader (a zombie) alone keeps the group in
+        # being, and only a scan of every process tells whether anything else is left in
+        # it. The worker reaps at once; a few milliseconds of waiting for that usually
+        # save the scan (group_leftovers' one-call answer).
+        for _ in range(REAP_WAITS):
+            if _state(leader) != "Z":
+                break
+            await asyncio.sleep(REAP_WAIT_SECONDS)
         for ident in self.group_leftovers(leader):
             if not identity_alive(ident):
                 continue

@@ -117,14 +117,18 @@ class Reconciler:
 
     # -- evaluate ---------------------------------------------------------------------------
 
-    async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None) -> Reading:
+    async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None,
+                   known_intents: dict[Any, CancelIntent] | None = None) -> Reading:
         """Everything `rows` need from the backends: their jobs and the workers of the
-        started ones (Redis), and their cancel intents (Postgres, asked meanwhile).
+        started ones (Redis), and their cancel intents (Postgres, asked meanwhile, unless
+        `known_intents` already has one for every row: the cancel flow's own request).
 
         `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
         """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
-        asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
+        asking: asyncio.Task[dict[Any, CancelIntent]] | None = None
+        if not (known_intents and all(r.row.id in known_intents for r in rows)):
+            asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
         try:
             jobs = await self.rq.read_jobs(rq_ids)
             if any(j.status is RqStatus.MISSING for j in jobs.values()):
@@ -138,7 +142,7 @@ class Reconciler:
                     jobs[rid] = jobs[rid]._replace(in_flight=False)
             started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
             workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
-            intents = await asking
+            intents = await asking if asking is not None else {}
         finally:
             await _abandon(asking)
         return Reading(jobs, workers, intents)
@@ -150,7 +154,7 @@ class Reconciler:
         """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them), after
         the worker tracker has learnt from that reading (which workers live, which horses
         it can prove now)."""
-        reading = reading if reading is not None else await self.read(rows, settle)
+        reading = reading if reading is not None else await self.read(rows, settle, extra_intents)
         now = datetime.now(UTC)
         states = await self.workers.observe(reading.jobs, reading.workers, now)
         if extra_intents:
@@ -302,6 +306,17 @@ class Reconciler:
             return PassReport()
         evaluated = await self.evaluate(rows, intents, settle)
         report, _ = await self.apply(evaluated)
+        return report
+
+    async def reconcile_reading(self, rows: Sequence[ActiveRow], jobs: dict[str, RqJob],
+                                intents: dict[Any, CancelIntent]) -> PassReport:
+        """One pass over `rows` on RQ state the caller read a moment ago (jobs that are not
+        running: no worker is read). The cancel flow has just seen the worker record the
+        end of the job it stopped; reading it all again would only add round trips. The
+        rows' side needs no fresh read: each change is guarded by the status it was
+        decided from, and a lost race says so (`lost_races`)."""
+        reading = Reading(dict(jobs), {}, dict(intents))
+        report, _ = await self.apply(await self.evaluate(rows, reading=reading))
         return report
 
     async def sweep(self, *, dry_run: bool = False, force: bool = False,

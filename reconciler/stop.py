@@ -22,7 +22,7 @@ import structlog
 from reconciler.aio import TaskSet, cancel_until_done
 from reconciler.config import Config
 from reconciler.errors import BackendUnavailable
-from reconciler.model import RqStatus
+from reconciler.model import RqJob, RqStatus
 from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
 from reconciler.rq_state import RqState, WorkerRecord, stop_command, worker_gone_reason
 from reconciler.workers import Workers
@@ -56,6 +56,8 @@ class StopResult:
     orphan: bool = False
     wedged: bool = False
     message: str = ""
+    # The job as read when the worker was seen to record its end (None if it was not).
+    job: RqJob | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +90,14 @@ class Stopper:
     def stopping(self, rq_id: str) -> bool:
         return rq_id in self._running
 
-    async def stop(self, rq_id: str, worker_name: str, started_at: datetime | None) -> StopResult:
-        """Stop the running job `rq_id`, once, however many callers ask at the same time."""
+    async def stop(self, rq_id: str, worker_name: str, started_at: datetime | None, *,
+                   target: Target | None = None) -> StopResult:
+        """Stop the running job `rq_id`, once, however many callers ask at the same time.
+        `target`: where it runs, if the caller has just read it (`where()`)."""
         task = self._running.get(rq_id)
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._stop(rq_id, worker_name, started_at), name=f"stop:{rq_id}")
+                self._stop(rq_id, worker_name, started_at, target), name=f"stop:{rq_id}")
             self._running[rq_id] = task
             task.add_done_callback(lambda t: self._ended(rq_id, t))
         return await asyncio.shield(task)
@@ -120,8 +124,10 @@ class Stopper:
 
     # -- the ladder -----------------------------------------------------------------------
 
-    async def _stop(self, rq_id: str, worker_name: str, started_at: datetime | None) -> StopResult:
-        target = await self._target(rq_id, worker_name)
+    async def _stop(self, rq_id: str, worker_name: str, started_at: datetime | None,
+                    target: Target | None) -> StopResult:
+        if target is None or target.rq_id != rq_id or target.worker_name != worker_name:
+            target = await self._target(rq_id, worker_name)
         horse = await self._horse(target, started_at)
         if horse is not None:
             res = await self._signal_ladder(target, horse)
@@ -232,6 +238,7 @@ class Stopper:
             job = (await self.rq.read_jobs([t.rq_id]))[t.rq_id]
             if job.status is not RqStatus.STARTED:
                 res.stopped = True
+                res.job = job
                 self.procs.forget(t.rq_id)
                 return res
             await asyncio.sleep(POLL_SECONDS)

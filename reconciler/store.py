@@ -240,6 +240,8 @@ class CancelRequest:
     reason: str
     # The replica this request was handed to by another, if any.
     handed_to: str | None = None
+    # The job's row when the request was claimed (None: not read, or no such row).
+    row: ActiveRow | None = None
 
 
 class Store:
@@ -498,6 +500,26 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             f"WHERE t.{cid} = f.job_id::{self.id_type} AND {active})"
         )
         self._sql["job_status"] = f"SELECT {cst} FROM {t} WHERE {cid} = $1::{self.id_type}"
+        # A claim returns each request's job row as well, as rows_by_ids reads it: the
+        # cancel starts from it without a round trip of its own.
+        claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
+                     "AND (handed_to IS NULL OR handed_to = $1 "
+                     "OR handed_at < now() - make_interval(secs => $4))")
+        for name, where in (("claim", claimable),
+                            ("claim_for_jobs", f"{claimable} AND job_id = ANY($5::{self.id_type}[])")):
+            self._sql[name] = (
+                f"WITH c AS (UPDATE {self.req} r SET state = 'claimed', claimed_by = $1, "
+                f"claimed_until = now() + make_interval(secs => $2) "
+                f"WHERE r.id IN (SELECT id FROM {self.req} WHERE {where} "
+                f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                f"RETURNING r.id, r.job_id, r.requested_at, "
+                f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+                f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why, r.handed_to) "
+                f"SELECT c.id AS request_id, c.job_id, c.requested_at, c.who, c.why, c.handed_to, "
+                f"j.id, j.rq_id, j.status, j.started_at, j.first_seen, j.age "
+                f"FROM c LEFT JOIN LATERAL ({select}WHERE t.{cid} = c.job_id) j ON true "
+                f"ORDER BY c.id"
+            )
         self._sql["intents"] = (
             f"SELECT DISTINCT ON (job_id) job_id, "
             f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
@@ -707,31 +729,19 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
 
     async def claim_requests(self, lease: float, limit: int = 100,
                              job_ids: Sequence[Any] | None = None) -> list[CancelRequest]:
-        """Claim pending (or lease-expired) requests; SKIP LOCKED lets replicas share."""
-        # A request handed to a replica is that replica's until the hand-over times out.
-        where = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
-                 "AND (handed_to IS NULL OR handed_to = $1 "
-                 "OR handed_at < now() - make_interval(secs => $4))")
+        """Claim pending (or lease-expired) requests, each with its job's row as it is now;
+        SKIP LOCKED lets replicas share. A request handed to a replica is that replica's
+        until the hand-over times out."""
         params: list[Any] = [self.cfg.instance.name, lease, limit,
                              self.cfg.cancel.handover_seconds]
         if job_ids is not None:
-            where += f" AND job_id = ANY($5::{self.id_type}[])"
             params.append(list(job_ids))
-        sql = (
-            f"UPDATE {self.req} r SET state = 'claimed', claimed_by = $1, "
-            f"claimed_until = now() + make_interval(secs => $2) "
-            f"WHERE r.id IN (SELECT id FROM {self.req} WHERE {where} "
-            f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING r.id, r.job_id, r.requested_at, "
-            f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
-            f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why, "
-            f"r.handed_to, r.handed_at"
-        )
+        sql = self._sql["claim" if job_ids is None else "claim_for_jobs"]
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
-        return [CancelRequest(r["id"], r["job_id"], r["requested_at"], r["who"], r["why"],
-                              r["handed_to"])
-                for r in sorted(recs, key=lambda r: r["id"])]
+        return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
+                              r["handed_to"], None if r["id"] is None else self._active(r[6:]))
+                for r in recs]
 
     async def hand_over(self, ids: Sequence[int], to: str) -> int:
         """Give our claimed requests to the replica `to` and wake it (NOTIFY): it alone may

@@ -68,7 +68,7 @@ class Daemon:
         self.intents = IntentWatch(cfg, self.store, self.queue, self.health)
         self.cancels = CancelProcessor(cfg, self.store, self.rq, self.stopper, self.reconciler,
                                        m, on_cancelled=self.wake.request_orphan_scan,
-                                       watch=self.intents.watch)
+                                       watch=self.intents.watch, hold=self.queue.held)
         self.cancels._slot_free = self.wake.cancel.set
         self.after = Aftercare(self.rq, self.workers, self.stopper, self.followups, self.queue)
         self.notifications = CancelNotifications(cfg, self.health, self.wake, m)

@@ -9,7 +9,8 @@ which reads every active row anyway. Must never hold anything but ids.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 COALESCE_SECONDS = 0.002
 MAX_BATCH = 2000
@@ -27,6 +28,10 @@ class WorkQueue:
         self._ids: set[str] = set()
         self._wake = asyncio.Event()
         self.overflows = 0
+        # Ids a cancel flow is working on (how many flows), and those of them that events
+        # named meanwhile: see held().
+        self._held: dict[str, int] = {}
+        self._parked: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -37,8 +42,12 @@ class WorkQueue:
     def add(self, rq_ids: Iterable[str], source: str | None = None) -> int:
         """Mark ids dirty; `source` (if given) is told how many arrived from it."""
         n = 0
+        held = self._held
         for rid in rq_ids:
-            self._ids.add(rid)
+            if held and rid in held:
+                self._parked.add(rid)
+            else:
+                self._ids.add(rid)
             n += 1
         if n:
             if source is not None and self._on_added is not None:
@@ -52,6 +61,24 @@ class WorkQueue:
                 return n
             self._wake.set()
         return n
+
+    @contextmanager
+    def held(self, rq_id: str) -> Iterator[None]:
+        """While a cancel flow stops `rq_id` and writes its row, events about it wait: the
+        flow reads both sides itself when the worker is done, and a pass beside it (the
+        horse's exit, the worker's own writes) would only compete with it for the loop
+        and the pool, milliseconds on the cancel's clock. What arrived meanwhile is
+        marked dirty once the flow is over: a wake-up delayed, never lost."""
+        self._held[rq_id] = self._held.get(rq_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._held.pop(rq_id) - 1
+            if left:
+                self._held[rq_id] = left
+            elif rq_id in self._parked:
+                self._parked.discard(rq_id)
+                self.add((rq_id,))
 
     def requeue(self, rq_ids: Iterable[str]) -> None:
         """Put back ids a pass could not finish (an outage, a locked row)."""

@@ -94,6 +94,8 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
         "prune_first_seen": [],
         "intents": [ids],
         "job_status": [ids[0]],
+        "claim": ["explain", 30.0, 100, 2.0],
+        "claim_for_jobs": ["explain", 30.0, 100, 2.0, ids[:1]],
     }
 
 

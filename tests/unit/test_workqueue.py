@@ -53,3 +53,21 @@ async def test_no_source_counts_nothing() -> None:
     q.add(["a"])
     q.add([], "keyspace")
     assert added == []
+
+
+async def test_events_about_a_job_under_cancel_wait_until_the_cancel_is_over() -> None:
+    """A cancel flow reads and writes its job itself; events about it are parked meanwhile
+    (a pass beside it would only compete for the loop) and marked dirty once it is over,
+    after the last of two overlapping flows."""
+    q = WorkQueue(coalesce=0)
+    with q.held("x"):
+        with q.held("x"):
+            q.add(["x", "y"], "keyspace")
+            assert await q.batch() == ["y"]
+            assert "x" not in q
+        assert "x" not in q  # one flow still holds it
+    assert await q.batch() == ["x"]
+    with q.held("z"):
+        pass  # nothing arrived: nothing to look at afterwards
+    q.add(["w"])
+    assert await q.batch() == ["w"]
