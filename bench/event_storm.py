@@ -1,16 +1,17 @@
-"""Event storm: 2,000 RQ status changes per second for 30 s against the running daemon.
+"""Event storm: 5,000 RQ status changes per second for 60 s against the running daemon.
 
-30,000 RQ jobs are created up front with RQ's API (queued), each with a queued row. This
+150,000 RQ jobs are created up front with RQ's API (queued), each with a queued row. This
 process registers as an RQ worker (RQ's Worker API; subscribed to its command channel; it
-heartbeats once a second like a busy worker) and, every 10 ms, marks 10 jobs `started`
-(Job.prepare_for_execution) and finishes the 10 it started 10 ms earlier
-(Job._handle_success, ended_at = now): 1,000 jobs/s, 2,000 status changes/s, each change
+heartbeats once a second like a busy worker) and, every 10 ms, marks 25 jobs `started`
+(Job.prepare_for_execution) and finishes the 25 it started 10 ms earlier
+(Job._handle_success, ended_at = now): 2,500 jobs/s, 5,000 status changes/s, each change
 being several keyspace events. The daemon (subprocess, sweep every 300 s) follows on
 events alone.
 
 Table lag per job = rq_reconciler_events.at of its `completed` transition - ended_at.
 Daemon RSS is sampled every 100 ms: at the start of the storm, peak, at its end and after
-the backlog has drained. Usage (from the repo root): python -m bench.event_storm
+the backlog has drained; its CPU share is its CPU seconds over the storm's wall seconds.
+Usage (from the repo root): python -m bench.event_storm   (about 2 minutes)
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from bench.common import (
 )
 from reconciler.devstack import DaemonProc, Pg, cleanup_all, metric_value, pg_fetch
 
-CHANGES_PER_S = 2000
-SECONDS = 30
+CHANGES_PER_S = 5000
+SECONDS = 60
 TICK = 0.010
 PER_TICK = int(CHANGES_PER_S * TICK / 2)  # jobs started (and finished) per tick
 TICKS = int(SECONDS / TICK)
 N_JOBS = PER_TICK * TICKS
-GOAL_P99_S = 1.0
+GOAL_P99_S = 0.25
 DRAIN_TIMEOUT = 90.0
 
 
