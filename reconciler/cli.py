@@ -7,7 +7,6 @@ a check failed), 2 bad config or usage — reported before any connection is mad
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
 import os
@@ -86,7 +85,14 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
         return int(uvloop.run(coro))
     except ImportError:  # pragma: no cover - uvloop is a hard dependency
+        import asyncio  # (not at the top: --help and a config error need no event loop)
+
         return asyncio.run(coro)
+
+
+# The commands that talk to Redis through RQ's API; the others (migrate, cancel) import
+# neither redis nor rq, which would cost them a tenth of a second of start-up.
+_RQ_COMMANDS = frozenset({"run", "sweep", "check"})
 
 
 def _adopt_key_prefix(cfg: Config) -> None:
@@ -117,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(keep=args.keep)
         cfg = _load(args)
-        _adopt_key_prefix(cfg)
+        if args.cmd in _RQ_COMMANDS:
+            _adopt_key_prefix(cfg)
     except ConfigError as exc:
         print(f"rq-reconciler: {exc}", file=sys.stderr)
         return 2

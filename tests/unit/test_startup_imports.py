@@ -1,0 +1,62 @@
+"""One-shot commands import only what they use: operators wait for start-up on every run.
+
+Each command runs in a fresh interpreter; what it imported is read from sys.modules when
+it exits. (How long start-up takes is bench material; which libraries load is not.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.devstack import REPO_ROOT, write_config
+
+HEAVY = ("asyncio", "asyncpg", "redis", "rq", "psutil", "prometheus_client", "uvloop", "structlog")
+_PROBE = (
+    "import atexit, json, sys\n"
+    f"atexit.register(lambda: print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), "
+    "file=sys.stderr))\n"
+    "from reconciler.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def imported(*argv: str, rc: int | None = None) -> set[str]:
+    p = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=60, check=False)
+    if rc is not None:
+        assert p.returncode == rc, p.stderr
+    return set(json.loads(p.stderr.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep", "cancel", "migrate", "check"])
+def test_help_imports_no_library(cmd: str) -> None:
+    assert imported(cmd, "--help", rc=0) == set()
+
+
+def test_a_config_error_imports_no_library(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep]\ninterval_seconds = -1\n")
+    assert imported("sweep", "--config", str(bad), rc=2) == set()
+
+
+@pytest.mark.parametrize("argv", [("migrate", "--print-sql"), ("cancel", "1")])
+def test_postgres_only_commands_import_neither_redis_nor_rq(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    # Nothing listens on port 1: the command fails at its first connection, after its imports.
+    cfg = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
+                       "postgresql://postgres@127.0.0.1:1/none")
+    got = imported(argv[0], "--config", str(cfg), *argv[1:], rc=1)
+    assert "asyncpg" in got  # it did get as far as connecting
+    assert got.isdisjoint({"redis", "rq", "psutil", "prometheus_client"}), got
+
+
+def test_sweep_imports_no_metrics_library(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
+                       "postgresql://postgres@127.0.0.1:1/none")
+    got = imported("sweep", "--config", str(cfg), rc=1)
+    assert {"asyncpg", "redis"} <= got
+    assert "prometheus_client" not in got
