@@ -5,6 +5,7 @@ working with postgres.pooler = "transaction" and listen_dsn."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,11 @@ def test_the_daemon_and_the_app_behind_pgbouncer(tmp_path: Path, redis_url: str,
         daemon.start()
         pool.start()
         # Events: a job that finishes is synced through the pooled connections.
-        done_rq = enqueue(redis_url, "tests.jobs.succeed", 1)
+        # The row first, then the job under the id it names (as an app does): a job that
+        # ended before its row existed would wait for a sweep.
+        done_rq = str(uuid.uuid4())
         done = insert_job(pg_dsn, done_rq, status="queued", started_ago=None)
+        enqueue(redis_url, "tests.jobs.succeed", 1, job_id=done_rq)
         wait_status(pg_dsn, done, "completed")
         # A cancel from an app that also goes through the pooler (asyncpg without a statement
         # cache, as PgBouncer needs): the NOTIFY of its INSERT reaches the daemon's direct

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -115,8 +116,9 @@ def test_the_daemon_and_workers_over_tls(tmp_path: Path, pg_dsn: str, tls_redis:
     try:
         daemon.start()
         pool.start()
-        rq_id = enqueue(url, "tests.jobs.succeed", 1)
+        rq_id = str(uuid.uuid4())  # the row first, then its job: as an app does
         job = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+        enqueue(url, "tests.jobs.succeed", 1, job_id=rq_id)
         assert wait_status(pg_dsn, job, "completed")["error_message"] == "Synced: RQ finished"
         assert daemon.stop() == 0
     finally:

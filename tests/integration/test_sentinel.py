@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,10 @@ def test_a_failover_under_a_running_daemon(tmp_path: Path, pg_dsn: str) -> None:
             # Jobs that end before, during and after the failover, and one to cancel in it.
             jobs = {}
             for seconds in (0.2, 2.0, 4.0, 8.0):
-                rq_id = enqueue(ss.url, "tests.jobs.sleep", seconds)
+                # The row first, then the job under its id, as an app does.
+                rq_id = str(uuid.uuid4())
                 jobs[rq_id] = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+                enqueue(ss.url, "tests.jobs.sleep", seconds, job_id=rq_id)
             victim_rq = enqueue(ss.url, "tests.jobs.sleep", 120)
             victim = insert_job(pg_dsn, victim_rq, status="queued", started_ago=None)
             wait_until(lambda: rq_status(ss.url, victim_rq) == "started", 20, "the victim started")
@@ -72,8 +75,9 @@ def test_a_failover_under_a_running_daemon(tmp_path: Path, pg_dsn: str) -> None:
             # A job after the failover is synced by events on the new master: the sweep
             # interval is 5 minutes, and the sweep after the reconnect has long run.
             time.sleep(1.0)
-            after_rq = enqueue(ss.url, "tests.jobs.sleep", 0.2)
+            after_rq = str(uuid.uuid4())
             after = insert_job(pg_dsn, after_rq, status="queued", started_ago=None)
+            enqueue(ss.url, "tests.jobs.sleep", 0.2, job_id=after_rq)
             wait_status(pg_dsn, after, "completed", timeout=20)
 
             req = wait_request(pg_dsn, request, timeout=60)
