@@ -61,11 +61,14 @@ test-fast: $(STAMP) lint worker-venvs
 test-slow: $(STAMP) worker-venvs
 	$(BIN)/pytest -q -m slow
 
-# CI's second leg: the integration suite once more on the servers that the `embedded`
-# extra's wheels ship (Valkey 9, PostgreSQL 18) instead of the machine's, so that RQ on
-# Valkey and our SQL on PostgreSQL 18 are covered, and so is a fresh machine's demo.
+# CI's second leg: the integration and fault suites once more on the servers that the
+# `embedded` extra's wheels ship (Valkey 9, PostgreSQL 18) instead of the machine's, so
+# that RQ on Valkey and our SQL on PostgreSQL 18 are covered (restarts, flushes and
+# failovers included), and so is a fresh machine's demo. The unit tests touch no server
+# and the slow storms ran in the first leg; RQ 3 workers only, since the first leg ran
+# both series: about 7 minutes on 2 cores.
 test-embedded: $(STAMP)
-	RQ_DEVSTACK_SERVERS=wheels RQ_WORKER_VERSIONS=3 $(BIN)/pytest -q -m "not slow" tests/integration
+	RQ_DEVSTACK_SERVERS=wheels RQ_WORKER_VERSIONS=3 $(BIN)/pytest -q -m "not slow" tests/integration tests/faults
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.sweep_vs_naive
