@@ -34,6 +34,7 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
+from reconciler.rq_state import PUBSUB_SETTLE_SECONDS
 from tests.faults.common import error_lines, insert_requests, log_events
 
 
@@ -56,6 +57,12 @@ def test_garbage_in_rq_hashes_under_a_running_daemon(tmp_path: Path, redis_url: 
                                                      daemons: list[DaemonProc]) -> None:
     cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn, sweep={"min_age_seconds": 60.0})
     migrate(cfg)
+    # A Redis that has just started cannot tell a worker nobody listens for from one that
+    # has not resubscribed yet (rq_state.PUBSUB_SETTLE_SECONDS): let the session's settle,
+    # so that "nobody subscribed" below means what it says.
+    with redis.Redis.from_url(redis_url) as r:
+        wait_until(lambda: r.info("server")["uptime_in_seconds"] >= PUBSUB_SETTLE_SECONDS,
+                   PUBSUB_SETTLE_SECONDS + 5, "the session's Redis to settle")
     d = DaemonProc(cfg, tmp_path / "d.log")
     daemons.append(d)
     d.start()
