@@ -186,10 +186,8 @@ class Processes:
             return "no pid recorded"
         known = self._workers.get(rec.name)
         if known is not None and known.pid == rec.pid:
-            if identity_alive(known):
-                return ""
-            self._workers.pop(rec.name, None)
-            return f"pid {rec.pid} is dead"
+            # (kept after the death: the worker stays local, so its orphaned horse is ours)
+            return "" if identity_alive(known) else f"pid {rec.pid} is dead"
         ct = proc_start(rec.pid)
         if ct is None:
             return f"pid {rec.pid} is dead"

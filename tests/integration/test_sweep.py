@@ -104,7 +104,11 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
         got = statuses(pg_dsn, list(ids.values()))
         want = {
             "finished": "completed", "failed": "failed", "stopped": "failed",
-            "canceled": "failed", "queued": "queued", "orphan": "failed",
+            # A one-shot sweep never saw the SIGKILLed worker alive: its pid, dead here,
+            # cannot be told from a worker's in another PID namespace (a container with our
+            # hostname), which must never be failed. The daemon, which watched that pid, fails
+            # it at once (test_daemon); without one, its heartbeat goes stale in time.
+            "canceled": "failed", "queued": "queued", "orphan": "running",
             "running_ok": "running", "missing": "failed", "no_rq_id": "failed",
             "empty_rq_id": "failed", "young_missing": "running", "young_no_id": "queued",
             "done_already": "failed",
@@ -116,19 +120,18 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
         assert err["failed"] == "Synced: RQ failed: RuntimeError: disk on fire"
         assert err["stopped"] == "Synced: RQ job stopped"
         assert err["canceled"] == "Synced: RQ job canceled"
-        assert err["orphan"].startswith(f"Orphaned: worker {victim.name} is gone")
         assert err["missing"] == "Orphaned: RQ job not found"
         assert err["no_rq_id"] == "Orphaned: no RQ job id"
         assert err["running_ok"] is None and err["done_already"] is None
         assert row(pg_dsn, ids["running_ok"])["started_at"] is not None
         assert row(pg_dsn, ids["finished"])["completed_at"] is not None
 
-        # the SIGKILLed worker's horse is reported for the daemon to stop (sweep never signals)
-        assert [h["rq_id"] for h in out["horse_stops"]] == [orphan]
+        # the sweep never signals: the SIGKILLed worker's horse is left to the daemon
+        assert out["horse_stops"] == []
         assert all(_alive(p) for p in horse_pids)
 
         # audit rows: one per transition, with the actor
-        for name in ("finished", "orphan", "no_rq_id"):
+        for name in ("finished", "no_rq_id"):
             t = transitions(pg_dsn, ids[name])
             assert len(t) == 1 and t[0]["actor"]
         # a second sweep changes nothing: idempotent
