@@ -299,8 +299,9 @@ def test_a_custom_key_prefix(tmp_path: Path, redis_url: str, pg_dsn: str, daemon
         with redis.Redis.from_url(redis_url) as r:
             assert r.keys("rq:*") == []
         if not RQ3_IMPORTED:
-            # every command, before it connects anywhere
-            for command in ("migrate", "sweep", "run"):
+            # every command that talks to RQ, before it connects anywhere (migrate never
+            # touches Redis, so it has nothing to refuse)
+            for command in ("sweep", "run"):
                 p = run_cli(cfg, command)
                 assert p.returncode == 2 and "install rq>=3" in p.stderr, (command, p.stderr)
             return
