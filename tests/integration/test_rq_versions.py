@@ -22,6 +22,7 @@ from reconciler.devstack import (
     WorkerPool,
     enqueue,
     insert_job,
+    metric_value,
     migrate,
     pid_alive,
     request_cancel,
@@ -245,6 +246,30 @@ def test_spawn_worker_horse_gets_sigterm_first(tmp_path: Path, redis_url: str, p
     req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
     assert req["outcome"] == "cancelled", req
     assert_graceful(req, tmp_marker)
+
+
+def test_a_worker_whose_layout_cannot_be_told_never_has_a_horse_signalled(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: WorkerPool, daemons: Any,
+        tmp_marker: Path) -> None:
+    """A worker hash whose version is one no RQ this package knows wrote: what it says
+    about its job proves nothing, so its horse gets no signal from the daemon; RQ's own
+    stop-job (which every RQ version obeys) stops the job instead."""
+    d = daemons(config(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 1.0}))
+    w = workers()
+    with redis.Redis.from_url(redis_url) as r:
+        r.hset(w.key, "version", "9.0.0")
+    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 60, str(tmp_marker))
+    jid = insert_job(pg_dsn, rq_id)
+    wait_until(lambda: started(tmp_marker), 30, what="job running")
+    rec = in_redis(redis_url, lambda rq: rq.read_workers([w.name]))[w.name]
+    assert rec.layout is Layout.UNKNOWN and not rec.provable
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    assert req["outcome"] == "cancelled", req
+    assert req["detail"]["horse_signals"] == ["stop-job"], req
+    assert "SIGTERM" not in tmp_marker.read_text()
+    text = d.scrape()
+    assert metric_value(text, "rq_reconciler_process_signals_total", signal="SIGTERM") == 0
+    assert metric_value(text, "rq_reconciler_process_signals_total", signal="SIGKILL") == 0
 
 
 @pytest.mark.parametrize("worker_class", ["tests.decoy_worker.DecoyWorker",
