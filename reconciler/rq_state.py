@@ -154,6 +154,8 @@ def prefix_problem(prefix: str) -> str:
     return (f"redis.key_prefix is {prefix!r}, but rq was imported with RQ_KEY_PREFIX="
             f"{IMPORTED_PREFIX!r}: leave RQ_KEY_PREFIX unset or set it to {prefix!r} in the "
             "daemon's environment")
+
+
 # A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
 # 90 s; an idle one every worker_ttl (420 s) with TTL + 60. Past this, it is gone.
 HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
