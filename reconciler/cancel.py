@@ -121,7 +121,7 @@ class CancelProcessor:
         s = self.cfg.jobs.statuses
         ids = [r.id for r in reqs]
         first = reqs[0]
-        intent = CancelIntent(first.requested_by, first.reason)
+        intent = CancelIntent(first.requested_by, first.reason, acting=True)
         # The row as the claim read it a moment ago; every change to it is guarded by that
         # status, and the row is read afresh wherever a pass decides on RQ's new word.
         rows = [first.row] if first.row is not None else await self.store.rows_by_ids([job_id])

@@ -124,6 +124,11 @@ class CancelIntent:
 
     who: str = ""
     why: str = ""
+    # True in the cancel flow that carries the request out (it cancels the RQ job and
+    # watches a worker that may hold it); False where a pass merely sees the request
+    # pending. Only the former may cancel a row whose job RQ still shows waiting: the job
+    # may already be in a worker's hands, and only the flow waits to see it started.
+    acting: bool = False
 
     def describe(self) -> str:
         # Both are free text from the app: a megabyte of reason belongs on the request
@@ -211,7 +216,7 @@ def decide(
         return KEEP
     if cancel is not None and (st in ENDED - {RqStatus.FINISHED} or st is RqStatus.MISSING):
         return _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)
-    if cancel is not None and st in WAITING:
+    if cancel is not None and cancel.acting and st in WAITING:
         # The intent holds whatever the order: the row is cancelled now and the waiting
         # RQ job is cancelled with RQ's API (stopped instead if a worker takes it first).
         d = _cancelled(s, cancel, f"RQ job {st.value}", rq_status=st.value)

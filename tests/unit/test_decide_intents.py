@@ -24,7 +24,8 @@ from reconciler.model import (
 
 S = Statuses()
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-CANCEL = CancelIntent("web:alice", "clicked Cancel")
+CANCEL = CancelIntent("web:alice", "clicked Cancel", acting=True)  # the cancel flow's own
+SEEN = CancelIntent("web:alice", "clicked Cancel")  # a pending request another pass sees
 ALIVE = WorkerState("w1", local=True, pid=10, current_job="j")
 
 
@@ -111,3 +112,12 @@ def test_deciding_a_cancelled_row_twice_gives_the_same_answer(rq: RqStatus, in_f
     r, j = JobRow(1, "j", "cancelled", T0), job(rq, in_flight=in_flight)
     assert decide(r, j, ALIVE, None, S, old_enough=old) == decide(r, j, ALIVE, None, S,
                                                                   old_enough=old)
+
+
+@pytest.mark.parametrize("rq", sorted(WAITING, key=str))
+def test_a_pass_that_only_sees_the_request_leaves_a_waiting_job_to_the_cancel_flow(
+        rq: RqStatus) -> None:
+    """The job may already be in a worker's hands (dequeued, its status not yet written):
+    only the flow that cancels it in RQ and watches for that worker may cancel the row."""
+    got = decide(JobRow(1, "j", "queued", T0), job(rq), None, SEEN, S, old_enough=True)
+    assert got.to_status is None and got.action is Action.NONE
