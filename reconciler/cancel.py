@@ -146,9 +146,10 @@ class CancelProcessor:
             await self._cancel_active(job_id, reqs, rows, intent)
 
     async def _cancel_active(self, job_id: Any, reqs: list[CancelRequest], rows: list[ActiveRow],
-                             intent: CancelIntent) -> None:
+                             intent: CancelIntent, *, again: bool = True) -> None:
         """Cancel the active row `rows[0]`: its RQ job cancelled or its horse stopped,
-        then the row and the outcome written."""
+        then the row and the outcome written. `again`: the flow may start over once, if
+        the row turns out to have got its RQ id meanwhile."""
         s = self.cfg.jobs.statuses
         ids = [r.id for r in reqs]
         row = rows[0].row
@@ -227,6 +228,16 @@ class CancelProcessor:
         # The row's status as this pass left it, if it changed it; else read it.
         applied = [c.to_status for c in report.changes if c.job_id == job_id]
         status = applied[-1] if applied else await self.store.job_status(job_id)
+        if again and status in s.active and any(h.job_id == job_id for h in report.horse_stops):
+            # A worker started the job while this flow looked at it missing or waiting
+            # (the app enqueued it, or stored the row's RQ id, a moment after the cancel):
+            # cancel it as it is now, the same way, rather than report a cancel that could
+            # not stop anything.
+            fresh = await self.store.rows_by_ids([job_id])
+            if fresh and fresh[0].row.rq_id:
+                with self._hold(fresh[0].row.rq_id):
+                    await self._cancel_active(job_id, reqs, fresh, intent, again=False)
+                return
         if status == s.cancelled and not stop.stopped and self._watch is not None:
             # The intent holds until RQ agrees: a job enqueued (or an RQ id stored on the
             # row) after this moment is cancelled, or stopped, when it appears.
