@@ -118,16 +118,21 @@ class Reconciler:
     # -- evaluate ---------------------------------------------------------------------------
 
     async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None,
-                   known_intents: dict[Any, CancelIntent] | None = None) -> Reading:
+                   known_intents: dict[Any, CancelIntent] | None = None, *,
+                   id_range: bool = False) -> Reading:
         """Everything `rows` need from the backends: their jobs and the workers of the
         started ones (Redis), and their cancel intents (Postgres, asked meanwhile, unless
         `known_intents` already has one for every row: the cancel flow's own request).
 
         `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
+        `id_range`: `rows` are a sweep page, ordered by id (intents are asked by its bounds).
         """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
         asking: asyncio.Task[dict[Any, CancelIntent]] | None = None
-        if not (known_intents and all(r.row.id in known_intents for r in rows)):
+        if id_range and rows and self.store.id_ranges_are_exact:
+            asking = asyncio.create_task(self.store.cancel_intents_between(
+                rows[0].row.id, rows[-1].row.id))
+        elif not (known_intents and all(r.row.id in known_intents for r in rows)):
             asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
         try:
             jobs = await self.rq.read_jobs(rq_ids)
@@ -420,7 +425,7 @@ class Reconciler:
             await self.store.remember_first_seen(
                 [r.row.id for r in page if r.row.started_at is None and r.row.first_seen is None]
             )
-        return await self.read(page)
+        return await self.read(page, id_range=True)
 
     async def _apply_page(self, page: list[ActiveRow], evaluated: list[Evaluated], total: PassReport,
                           held: _HeldIds, counts: dict[str, int], stuck_after: float,

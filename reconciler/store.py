@@ -520,6 +520,15 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
                 f"FROM c LEFT JOIN LATERAL ({select}WHERE t.{cid} = c.job_id) j ON true "
                 f"ORDER BY c.id"
             )
+        # A sweep page's rows are a range of ids: its intents are looked up by the range's
+        # bounds, not by sending its thousand ids.
+        self._sql["intents_between"] = (
+            f"SELECT DISTINCT ON (job_id) job_id, "
+            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {self.req} "
+            f"WHERE state <> 'done' AND job_id BETWEEN $1::{self.id_type} AND $2::{self.id_type} "
+            f"ORDER BY job_id, id"
+        )
         self._sql["intents"] = (
             f"SELECT DISTINCT ON (job_id) job_id, "
             f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
@@ -578,6 +587,18 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             return {}
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["intents"], list(job_ids))
+        return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
+
+    @property
+    def id_ranges_are_exact(self) -> bool:
+        """Whether a range of ids means the same on our request table as in the jobs
+        table's order: not for text ids, which a collation may order differently there."""
+        return not any(w in self.id_type for w in ("char", "text", "citext", "name"))
+
+    async def cancel_intents_between(self, first: Any, last: Any) -> dict[Any, CancelIntent]:
+        """The open cancel requests of rows whose id lies in [first, last]."""
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["intents_between"], first, last)
         return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
 
     # -- writes ---------------------------------------------------------------------------

@@ -93,6 +93,7 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
         "first_seen": [[str(i) for i in ids]],
         "prune_first_seen": [],
         "intents": [ids],
+        "intents_between": [ids[0], ids[-1]],
         "job_status": [ids[0]],
         "claim": ["explain", 30.0, 100, 2.0],
         "claim_for_jobs": ["explain", 30.0, 100, 2.0, ids[:1]],
