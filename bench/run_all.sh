@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every rq-reconciler benchmark in sequence (about 5 minutes on a 2-core VM).
+# Run every rq-reconciler benchmark in sequence (about 15 minutes on a 2-core VM).
 # Usage, from anywhere: bench/run_all.sh            (uses .venv/bin/python if present)
 #                        PYTHON=/path/to/python bench/run_all.sh
 # Each script starts and removes its own redis-server / PostgreSQL / rq workers and
@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-}"
 if [ -z "$PYTHON" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-SCRIPTS=(sweep_vs_naive sweep_memory cancel_latency handover_latency sync_lag local_kill rq_versions idle event_storm)
+SCRIPTS=(sweep_vs_naive history_table sweep_memory cancel_latency handover_latency sync_lag local_kill rq_versions idle event_storm)
 failed=()
 start=$(date +%s)
 for s in "${SCRIPTS[@]}"; do

@@ -39,9 +39,10 @@ class Explained:
                 if n.get("Node Type") == "Seq Scan" and n.get("Relation Name") == table]
 
     def rows_discarded(self, table: str) -> int:
-        """Rows of `table` read and thrown away by a filter (EXPLAIN ANALYZE only)."""
-        return sum(int(n.get("Rows Removed by Filter", 0)) for n in self.nodes()
-                   if n.get("Relation Name") == table)
+        """Rows of `table` read and thrown away by a filter (EXPLAIN ANALYZE only; a
+        parallel scan reports an average per process, times its loops)."""
+        return sum(int(n.get("Rows Removed by Filter", 0)) * int(n.get("Actual Loops", 1) or 1)
+                   for n in self.nodes() if n.get("Relation Name") == table)
 
     def summary(self, table: str) -> str:
         """The scans of `table` and the indexes they use, one short line."""
