@@ -59,6 +59,7 @@ class CancelProcessor:
         self._sem = asyncio.Semaphore(CONCURRENT_CANCELS)
         self._hold = hold or (lambda _rq_id: contextlib.nullcontext())
         self._tasks = TaskSet("cancel")
+        self._job_locks: dict[Any, tuple[asyncio.Lock, int]] = {}
 
     @property
     def busy(self) -> int:
@@ -95,36 +96,56 @@ class CancelProcessor:
         await self._tasks.cancel_all()
 
     async def _guarded(self, job_id: Any, reqs: list[CancelRequest]) -> None:
-        async with self._sem:
-            structlog.contextvars.bind_contextvars(job_id=str(job_id))
-            try:
-                await self.cancel_job(job_id, reqs)
-            except BackendUnavailable as exc:
-                # The claim stays ours until its lease ends; then it is retried (here or
-                # by another replica). Nothing was decided on missing data.
-                log.warning("cancel_interrupted", error=str(exc), requests=[r.id for r in reqs])
-            except DataRejected as exc:
-                # Something this job's data carries that the database refuses: retrying
-                # cannot help, so the request gets an outcome that says so.
-                log.error("cancel_rejected", error=str(exc), requests=[r.id for r in reqs])
-                with contextlib.suppress(ReconcilerError):
-                    await self._finish(reqs, "failed", {
-                        "success": False,
-                        "message": f"Job {job_id} could not be cancelled: the database refused "
-                                   f"a value ({exc.pg_error})"})
-            finally:
-                structlog.contextvars.unbind_contextvars("job_id")
-                if self._slot_free is not None:
-                    self._slot_free()
+        # Requests for one job claimed in separate rounds run one after the other: the
+        # later ones then find the row cancelled and report the same outcome, instead of
+        # racing the first flow through RQ and the row.
+        lock, users = self._job_locks.get(job_id, (asyncio.Lock(), 0))
+        self._job_locks[job_id] = (lock, users + 1)
+        waited = lock.locked()
+        try:
+            async with self._sem, lock:
+                await self._run(job_id, reqs, fresh_row=waited)
+        finally:
+            lock, users = self._job_locks[job_id]
+            if users <= 1:
+                del self._job_locks[job_id]
+            else:
+                self._job_locks[job_id] = (lock, users - 1)
+            if self._slot_free is not None:
+                self._slot_free()
 
-    async def cancel_job(self, job_id: Any, reqs: list[CancelRequest]) -> None:
+    async def _run(self, job_id: Any, reqs: list[CancelRequest], *, fresh_row: bool) -> None:
+        structlog.contextvars.bind_contextvars(job_id=str(job_id))
+        try:
+            await self.cancel_job(job_id, reqs, fresh_row=fresh_row)
+        except BackendUnavailable as exc:
+            # The claim stays ours until its lease ends; then it is retried (here or by
+            # another replica). Nothing was decided on missing data.
+            log.warning("cancel_interrupted", error=str(exc), requests=[r.id for r in reqs])
+        except DataRejected as exc:
+            # Something this job's data carries that the database refuses: retrying cannot
+            # help, so the request gets an outcome that says so.
+            log.error("cancel_rejected", error=str(exc), requests=[r.id for r in reqs])
+            with contextlib.suppress(ReconcilerError):
+                await self._finish(reqs, "failed", {
+                    "success": False,
+                    "message": f"Job {job_id} could not be cancelled: the database refused "
+                               f"a value ({exc.pg_error})"})
+        finally:
+            structlog.contextvars.unbind_contextvars("job_id")
+
+    async def cancel_job(self, job_id: Any, reqs: list[CancelRequest], *,
+                         fresh_row: bool = False) -> None:
+        """`fresh_row`: read the row again rather than trust the claim's reading (another
+        flow for the same job ran meanwhile)."""
         s = self.cfg.jobs.statuses
         ids = [r.id for r in reqs]
         first = reqs[0]
         intent = CancelIntent(first.requested_by, first.reason, acting=True)
         # The row as the claim read it a moment ago; every change to it is guarded by that
         # status, and the row is read afresh wherever a pass decides on RQ's new word.
-        rows = [first.row] if first.row is not None else await self.store.rows_by_ids([job_id])
+        rows = [first.row] if first.row is not None and not fresh_row \
+            else await self.store.rows_by_ids([job_id])
         if not rows:
             await self._finish(reqs, "failed", {"success": False,
                                "message": f"Job {job_id} no longer exists in {self.cfg.jobs.table}"})
