@@ -109,8 +109,14 @@ def stubborn_child(seconds: float, marker: str) -> float:
     import subprocess
     import sys
 
+    # The child says when it ignores SIGTERM: a cancel that comes while its interpreter
+    # is still starting would otherwise kill it with the default action (and there would
+    # be no leftover to find).
     child = subprocess.Popen([sys.executable, "-c",
-                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-                              " time.sleep(600)"])
+                              "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                              " print('ready', flush=True); time.sleep(600)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    child.stdout.readline()
     _mark(marker, f"CHILD {child.pid}")
     return trap_sigterm(seconds, marker)
