@@ -103,6 +103,9 @@ class KeyspaceEvents:
                     self.live = True
                     self._backoff.reset()
                     log.info("keyspace_subscribed", patterns=self.rq.keyspace_patterns())
+                    # Workers that registered while we were not subscribed sent their only
+                    # event for minutes (an idle worker beats rarely): look for them now.
+                    self._learning.spawn(self._discover(), "discover")
                 elif kind == "job":
                     self.queue.add((ident,), "keyspace")
                 else:
@@ -147,6 +150,12 @@ class KeyspaceEvents:
             self.queue.add(jobs)
         if not self.workers.knows(name):
             self._learning.spawn(self._learn(name), name)
+
+    async def _discover(self) -> None:
+        try:
+            await self.workers.discover()
+        except BackendUnavailable:
+            return  # the next sweep discovers them
 
     async def _learn(self, name: str) -> None:
         try:

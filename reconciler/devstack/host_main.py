@@ -63,6 +63,10 @@ def main() -> int:
     workers = [start_worker(args.redis_url, f"{args.worker_prefix}{i}-{args.hostname}",
                             log_path=args.logs / f"worker-{i}.log")
                for i in range(args.workers)]
+    # Registered before the replica starts: its start-up sweep then finds them all (a
+    # worker that registers later is learnt from its next heartbeat's keyspace event).
+    for w in workers:
+        w.wait_registered(60)
     daemon: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     if args.config:
@@ -77,8 +81,6 @@ def main() -> int:
                 stdout=log, stderr=subprocess.STDOUT,
                 env=harness_env({"NOTIFY_SOCKET": sock_path}))
     try:
-        for w in workers:
-            w.wait_registered(60)
         if notify is not None:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

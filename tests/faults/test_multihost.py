@@ -86,7 +86,7 @@ def test_cancels_across_hosts_all_start_with_sigterm(tmp_path: Path, redis_url: 
     with Pg(pg_dsn) as pg:
         # B lists its workers in the registry: A can hand over to it.
         wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
-                                  "WHERE instance = 'replica-b'") == 20, 30, "B's registry row")
+                                  "WHERE instance = 'replica-b'") == 20, 60, "B's registry row")
         jobs = _running_jobs(pg, redis_url, tmp_path, 20)
         # Round 1: both replicas hear every NOTIFY; whichever claims first.
         # Round 2: B is paused while the requests arrive, so A claims them all and must
@@ -133,7 +133,7 @@ def test_without_the_hosts_replica_cancels_fall_back_to_stop_job(
     a.wait_ready()
     with Pg(pg_dsn) as pg:
         wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
-                                  "WHERE instance = 'replica-b'") == 3, 30, "B's registry row")
+                                  "WHERE instance = 'replica-b'") == 3, 60, "B's registry row")
         jobs = _running_jobs(pg, redis_url, tmp_path, 3)
         b.kill_daemon()  # B's heartbeat is fresh for a while yet: A will hand over to it
         time.sleep(0.5)
