@@ -161,10 +161,13 @@ def test_a_one_megabyte_reason(tmp_path: Path, redis_url: str, pg_dsn: str,
     big = "why? " * 200_000 + "the end"
     who = "web:" + "ü" * 100_000
     with Pg(pg_dsn) as pg:
-        parked = enqueue(redis_url, "tests.jobs.succeed", queue="parked")
-        running = enqueue(redis_url, "tests.jobs.sleep", 60)
+        # the app's order: rows first, then the RQ jobs (a job that started before its row
+        # existed would wait for the next sweep)
+        parked, running = uuid.uuid4().hex, uuid.uuid4().hex
         ids = [int(pg.val("INSERT INTO training_jobs (rq_job_id, status) VALUES ($1, 'queued') "
                           "RETURNING id", x)) for x in (parked, running)]
+        enqueue(redis_url, "tests.jobs.succeed", queue="parked", job_id=parked)
+        enqueue(redis_url, "tests.jobs.sleep", 60, job_id=running)
         wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1", ids[1])
                    == "running", 20, "running", interval=0.1)
         rids = [int(pg.val("INSERT INTO rq_reconciler_cancel_requests (job_id, requested_by, "
