@@ -150,10 +150,19 @@ class _SyncMaster(redis.Redis):
             sentinel.close()
 
 
+# Connections one asyncio client may hold at once. A burst beyond it (many cancels at
+# once, each with its reads) waits for a free connection instead of failing: redis-py's
+# default pool raises "Too many connections" at 100, which read as a Redis outage.
+MAX_CONNECTIONS = 200
+
+
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """An asyncio client for `url`; `kwargs` are redis-py options (timeouts, retry)."""
     if not is_sentinel(url):
-        return aioredis.Redis.from_url(url, **kwargs)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS,
+            timeout=kwargs.get("socket_timeout") or 5.0, **kwargs)
+        return aioredis.Redis.from_pool(pool)  # as from_url does: the client owns its pool
     s = parse_sentinel_url(url)
     sentinel = asentinel.Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
         list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs(kwargs), **s.connection_kwargs())
