@@ -288,15 +288,15 @@ class Processes:
         handed to a new process while any member lives, and every member started after
         the leader did: both are checked, so nothing outside the group is ever named."""
         out: list[ProcIdentity] = []
-        try:
-            # One system call answers the usual case: no process is left in the group (the
-            # leader reaped, nothing spawned), where reading every /proc/<pid>/stat on the
-            # host costs a millisecond or more of the cancel.
-            os.killpg(leader.pid, 0)
-        except ProcessLookupError:
-            return out
-        except PermissionError:
-            pass  # someone is there, not ours to signal: look
+        # One system call answers the usual case: no process is left in the group (the
+        # leader reaped, nothing spawned), where reading every /proc/<pid>/stat on the host
+        # costs a millisecond or more of the cancel. PermissionError means someone is there
+        # that we may not signal: the scan below looks who.
+        with contextlib.suppress(PermissionError):
+            try:
+                os.killpg(leader.pid, 0)
+            except ProcessLookupError:
+                return out
         try:
             entries = os.listdir("/proc")
         except OSError:
