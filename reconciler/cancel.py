@@ -73,7 +73,7 @@ class CancelProcessor:
         total = 0
         while (free := CONCURRENT_CANCELS - len(self._tasks)) > 0:
             limit = min(100, free)
-            claims = await self.store.claim_requests(self.cfg.cancel.lease_seconds, limit=limit)
+            claims = await self.store.requests.claim(self.cfg.cancel.lease_seconds, limit=limit)
             if not claims:
                 return total
             total += len(claims)
@@ -153,7 +153,7 @@ class CancelProcessor:
         row = rows[0].row
         if row.status in s.terminal:
             if row.status == s.cancelled:
-                prior = await self.store.previous_cancel_detail(job_id)
+                prior = await self.store.requests.previous_cancel_detail(job_id)
                 detail = prior or _cancelled_detail(job_id, rq_cancelled=False, signals=[])
                 detail["duplicate"] = True
                 await self._finish(reqs, "cancelled", detail)
@@ -209,7 +209,7 @@ class CancelProcessor:
                 path, target = routed
                 # The longer lease is written while the horse is signalled, not before: a
                 # round trip less between the request and the SIGTERM.
-                extending = asyncio.create_task(self.store.extend_lease(
+                extending = asyncio.create_task(self.store.requests.extend_lease(
                     ids, self.cfg.cancel.lease_seconds + self.cfg.cancel.grace_seconds))
                 try:
                     stop = await self.stopper.stop(row.rq_id, job.worker_name, job.started_at,
@@ -316,7 +316,7 @@ class CancelProcessor:
             m.labels(result="fallback").inc()
             return {"path": "stop-job", "instance": me,
                     "handover": f"no live replica sees worker {worker_name}"}, target
-        handed = await self.store.hand_over([r.id for r in reqs], owner)
+        handed = await self.store.requests.hand_over([r.id for r in reqs], owner)
         if handed:
             m.labels(result="handed").inc()
             log.info("cancel_handed_over", rq_id=rq_id, worker=worker_name, to=owner,
@@ -332,7 +332,7 @@ class CancelProcessor:
 
     async def _finish(self, reqs: Sequence[CancelRequest], outcome: str,
                       detail: dict[str, Any]) -> None:
-        done = await self.store.finish_requests([r.id for r in reqs], outcome, detail)
+        done = await self.store.requests.finish([r.id for r in reqs], outcome, detail)
         now = datetime.now(UTC)
         for _rid, requested_at in done:
             self.metrics.cancel_requests.labels(outcome=outcome).inc()

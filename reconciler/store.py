@@ -270,6 +270,7 @@ class Store:
         self.first_seen = quote_ident(cfg.first_seen_table)
         self.replicas = quote_ident(cfg.replicas_table)
         self._sql: dict[str, str] = {}
+        self.requests = CancelRequestTable(self)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -500,26 +501,10 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             f"WHERE t.{cid} = f.job_id::{self.id_type} AND {active})"
         )
         self._sql["job_status"] = f"SELECT {cst} FROM {t} WHERE {cid} = $1::{self.id_type}"
-        # A claim returns each request's job row as well, as rows_by_ids reads it: the
-        # cancel starts from it without a round trip of its own.
-        claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
-                     "AND (handed_to IS NULL OR handed_to = $1 "
-                     "OR handed_at < now() - make_interval(secs => $4))")
-        for name, where in (("claim", claimable),
-                            ("claim_for_jobs", f"{claimable} AND job_id = ANY($5::{self.id_type}[])")):
-            self._sql[name] = (
-                f"WITH c AS (UPDATE {self.req} r SET state = 'claimed', claimed_by = $1, "
-                f"claimed_until = now() + make_interval(secs => $2) "
-                f"WHERE r.id IN (SELECT id FROM {self.req} WHERE {where} "
-                f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-                f"RETURNING r.id, r.job_id, r.requested_at, "
-                f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
-                f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why, r.handed_to) "
-                f"SELECT c.id AS request_id, c.job_id, c.requested_at, c.who, c.why, c.handed_to, "
-                f"j.id, j.rq_id, j.status, j.started_at, j.first_seen, j.age "
-                f"FROM c LEFT JOIN LATERAL ({select}WHERE t.{cid} = c.job_id) j ON true "
-                f"ORDER BY c.id"
-            )
+        # The claims are built by the request table, which runs them; they are here too
+        # because they read the jobs table, and build_queries hands out every statement
+        # that does.
+        self._sql.update(self.requests.build_sql(select))
         # A sweep page's rows are a range of ids: its intents are looked up by the range's
         # bounds, not by sending its thousand ids.
         self._sql["intents_between"] = (
@@ -746,38 +731,6 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             with suppress(*_OUTAGE):
                 await (conn.close() if own else self._p().release(conn))
 
-    # -- cancel requests --------------------------------------------------------------------
-
-    async def claim_requests(self, lease: float, limit: int = 100,
-                             job_ids: Sequence[Any] | None = None) -> list[CancelRequest]:
-        """Claim pending (or lease-expired) requests, each with its job's row as it is now;
-        SKIP LOCKED lets replicas share. A request handed to a replica is that replica's
-        until the hand-over times out."""
-        params: list[Any] = [self.cfg.instance.name, lease, limit,
-                             self.cfg.cancel.handover_seconds]
-        if job_ids is not None:
-            params.append(list(job_ids))
-        sql = self._sql["claim" if job_ids is None else "claim_for_jobs"]
-        async with translated(self.pool):
-            recs = await self._p().fetch(sql, *params)
-        return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
-                              r["handed_to"], None if r["id"] is None else self._active(r[6:]))
-                for r in recs]
-
-    async def hand_over(self, ids: Sequence[int], to: str) -> int:
-        """Give our claimed requests to the replica `to` and wake it (NOTIFY): it alone may
-        claim them for cancel.handover_seconds."""
-        sql = (
-            f"WITH u AS (UPDATE {self.req} SET state = 'pending', claimed_by = NULL, "
-            f"claimed_until = NULL, handed_to = $3, handed_at = now() "
-            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
-            f"RETURNING id) SELECT count(*) FROM (SELECT pg_notify($4, u.id::text) FROM u) n"
-        )
-        async with translated(self.pool):
-            n = await self._p().fetchval(sql, list(ids), self.cfg.instance.name, to,
-                                         self.cfg.cancel.channel)
-        return int(n or 0)
-
     # -- replicas -------------------------------------------------------------------------
 
     async def register_replica(self, *, hostname: str, host_id: str, pid: int,
@@ -822,20 +775,114 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
                                          self.cfg.jobs.statuses.cancelled, limit)
         return [self._active(r) for r in recs]
 
+    async def job_status(self, job_id: Any) -> str | None:
+        async with translated(self.pool):
+            return await self._p().fetchval(  # type: ignore[no-any-return]
+                self._sql["job_status"], job_id)
+
+
+class _OnStorePool:
+    """Statements on one of our own tables, run on the Store's pool (which the Store
+    connects, introspects and closes) through the same translation of driver errors."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.cfg = store.cfg
+
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        return self._store.pool
+
+    def _p(self) -> asyncpg.Pool:
+        return self._store._p()
+
+
+# -- our cancel-request table -----------------------------------------------------------------
+
+
+class CancelRequestTable(_OnStorePool):
+    """`store.requests`: claiming requests under a lease, handing them to another replica,
+    writing their outcomes; and the app's side, inserting one and reading its outcome."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.table = store.req
+        self._sql: dict[str, str] = {}
+
+    @property
+    def id_type(self) -> str:
+        return self._store.id_type
+
+    def build_sql(self, select: str) -> Mapping[str, str]:
+        """The claims, for the id column's type the store read; `select` is the job row as
+        the store reads it."""
+        cid = self._store.c_id
+        # A claim returns each request's job row as well, as rows_by_ids reads it: the
+        # cancel starts from it without a round trip of its own.
+        claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
+                     "AND (handed_to IS NULL OR handed_to = $1 "
+                     "OR handed_at < now() - make_interval(secs => $4))")
+        for name, where in (("claim", claimable),
+                            ("claim_for_jobs", f"{claimable} AND job_id = ANY($5::{self.id_type}[])")):
+            self._sql[name] = (
+                f"WITH c AS (UPDATE {self.table} r SET state = 'claimed', claimed_by = $1, "
+                f"claimed_until = now() + make_interval(secs => $2) "
+                f"WHERE r.id IN (SELECT id FROM {self.table} WHERE {where} "
+                f"ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                f"RETURNING r.id, r.job_id, r.requested_at, "
+                f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+                f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why, r.handed_to) "
+                f"SELECT c.id AS request_id, c.job_id, c.requested_at, c.who, c.why, c.handed_to, "
+                f"j.id, j.rq_id, j.status, j.started_at, j.first_seen, j.age "
+                f"FROM c LEFT JOIN LATERAL ({select}WHERE t.{cid} = c.job_id) j ON true "
+                f"ORDER BY c.id"
+            )
+        return self._sql
+
+    async def claim(self, lease: float, limit: int = 100,
+                    job_ids: Sequence[Any] | None = None) -> list[CancelRequest]:
+        """Claim pending (or lease-expired) requests, each with its job's row as it is now;
+        SKIP LOCKED lets replicas share. A request handed to a replica is that replica's
+        until the hand-over times out."""
+        params: list[Any] = [self.cfg.instance.name, lease, limit,
+                             self.cfg.cancel.handover_seconds]
+        if job_ids is not None:
+            params.append(list(job_ids))
+        sql = self._sql["claim" if job_ids is None else "claim_for_jobs"]
+        async with translated(self.pool):
+            recs = await self._p().fetch(sql, *params)
+        return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
+                              r["handed_to"], None if r["id"] is None else Store._active(r[6:]))
+                for r in recs]
+
+    async def hand_over(self, ids: Sequence[int], to: str) -> int:
+        """Give our claimed requests to the replica `to` and wake it (NOTIFY): it alone may
+        claim them for cancel.handover_seconds."""
+        sql = (
+            f"WITH u AS (UPDATE {self.table} SET state = 'pending', claimed_by = NULL, "
+            f"claimed_until = NULL, handed_to = $3, handed_at = now() "
+            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
+            f"RETURNING id) SELECT count(*) FROM (SELECT pg_notify($4, u.id::text) FROM u) n"
+        )
+        async with translated(self.pool):
+            n = await self._p().fetchval(sql, list(ids), self.cfg.instance.name, to,
+                                         self.cfg.cancel.channel)
+        return int(n or 0)
+
     async def extend_lease(self, ids: Sequence[int], lease: float) -> None:
         async with translated(self.pool):
             await self._p().execute(
-                f"UPDATE {self.req} SET claimed_until = now() + make_interval(secs => $3) "
+                f"UPDATE {self.table} SET claimed_until = now() + make_interval(secs => $3) "
                 f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2",
                 list(ids), self.cfg.instance.name, lease,
             )
 
-    async def finish_requests(self, ids: Sequence[int], outcome: str,
-                              detail: dict[str, Any]) -> list[tuple[int, datetime]]:
+    async def finish(self, ids: Sequence[int], outcome: str,
+                     detail: dict[str, Any]) -> list[tuple[int, datetime]]:
         """Write the outcome on our claimed requests and NOTIFY <channel>_done for each.
         Returns (id, requested_at) of the requests finished (a lost lease finishes none)."""
         sql = (
-            f"WITH u AS (UPDATE {self.req} SET state = 'done', outcome = $3, detail = $4::jsonb, "
+            f"WITH u AS (UPDATE {self.table} SET state = 'done', outcome = $3, detail = $4::jsonb, "
             f"done_at = now(), claimed_until = NULL "
             f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
             f"RETURNING id, requested_at) "
@@ -852,13 +899,22 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
     async def release_claims(self) -> int:
         async with translated(self.pool):
             status = await self._p().execute(
-                f"UPDATE {self.req} SET state = 'pending', claimed_by = NULL, "
+                f"UPDATE {self.table} SET state = 'pending', claimed_by = NULL, "
                 f"claimed_until = NULL WHERE state = 'claimed' AND claimed_by = $1",
                 self.cfg.instance.name,
             )
         return int(status.split()[-1])
 
-    async def insert_request(self, job_id: Any, requested_by: str, reason: str) -> int:
+    async def previous_cancel_detail(self, job_id: Any) -> dict[str, Any] | None:
+        """The detail of this job's last successful cancel, so that late duplicates of a
+        request get the same outcome."""
+        async with translated(self.pool):
+            raw = await self._p().fetchval(
+                f"SELECT detail FROM {self.table} WHERE job_id = $1 AND state = 'done' "
+                f"AND outcome = 'cancelled' ORDER BY id DESC LIMIT 1", job_id)
+        return dict(json.loads(raw)) if raw else None
+
+    async def insert(self, job_id: Any, requested_by: str, reason: str) -> int:
         """Insert a cancel request. UnknownJob if the jobs table has no such row,
         InvalidJobId if `job_id` is not a value of the id column's type."""
         jid = str(job_id)
@@ -868,7 +924,7 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
         try:
             async with translated(self.pool):
                 return int(await self._p().fetchval(
-                    f"INSERT INTO {self.req} (job_id, requested_by, reason) "
+                    f"INSERT INTO {self.table} (job_id, requested_by, reason) "
                     f"VALUES ($1::text::{self.id_type}, $2, $3) RETURNING id",
                     jid, clean_text(requested_by), clean_text(reason),
                 ))
@@ -881,29 +937,15 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             raise InvalidJobId(f"{invalid} ({exc.pg_error})", pg_error=exc.pg_error,
                                sqlstate=exc.sqlstate) from exc
 
-    async def request_outcome(self, request_id: int) -> tuple[str, str | None, Any]:
+    async def outcome(self, request_id: int) -> tuple[str, str | None, Any]:
         async with translated(self.pool):
             rec = await self._p().fetchrow(
-                f"SELECT state, outcome, detail FROM {self.req} WHERE id = $1", request_id
+                f"SELECT state, outcome, detail FROM {self.table} WHERE id = $1", request_id
             )
         if rec is None:
             raise SchemaError(f"cancel request {request_id} does not exist")
         detail = json.loads(rec["detail"]) if rec["detail"] else None
         return rec["state"], rec["outcome"], detail
-
-    async def previous_cancel_detail(self, job_id: Any) -> dict[str, Any] | None:
-        """The detail of this job's last successful cancel, so that late duplicates of a
-        request get the same outcome."""
-        async with translated(self.pool):
-            raw = await self._p().fetchval(
-                f"SELECT detail FROM {self.req} WHERE job_id = $1 AND state = 'done' "
-                f"AND outcome = 'cancelled' ORDER BY id DESC LIMIT 1", job_id)
-        return dict(json.loads(raw)) if raw else None
-
-    async def job_status(self, job_id: Any) -> str | None:
-        async with translated(self.pool):
-            return await self._p().fetchval(  # type: ignore[no-any-return]
-                self._sql["job_status"], job_id)
 
 
 # -- LISTEN ---------------------------------------------------------------------------------

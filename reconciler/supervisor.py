@@ -206,7 +206,7 @@ class Daemon:
         else:
             drain.result()
         with contextlib.suppress(BackendUnavailable):
-            released = await self.store.release_claims()
+            released = await self.store.requests.release_claims()
             if released:
                 log.info("claims_released", count=released)
             await self.replicas.leave()
@@ -245,7 +245,7 @@ class Daemon:
                 # A previous life of this instance may have died holding claims: take them
                 # back now rather than wait out the lease (instance names are unique per
                 # replica). A write: a read-only database makes this an outage, retried.
-                released = await self.store.release_claims()
+                released = await self.store.requests.release_claims()
                 if released:
                     log.info("stale_claims_released", count=released)
                 break

@@ -294,7 +294,7 @@ def test_a_read_only_database_is_an_outage_not_a_schema_error(tmp_path: Path, re
         try:
             await store.verify_schema()
             try:
-                await store.release_claims()
+                await store.requests.release_claims()
             except PostgresUnavailable as exc:
                 assert "read-only" in str(exc)
             else:
