@@ -60,7 +60,7 @@ class Replicas:
 
     async def beat_once(self) -> None:
         workers = frozenset(self._local_workers())
-        alive = await self.store.register_replica(
+        alive = await self.store.replicas.register(
             hostname=socket.gethostname(), host_id=host_id(), pid=os.getpid(),
             workers=sorted(workers))
         self._listed = workers
@@ -75,8 +75,8 @@ class Replicas:
 
     async def owner_of(self, worker_name: str) -> str | None:
         """The live replica, other than us, that can see `worker_name` on its host."""
-        return await self.store.replica_for_worker(worker_name)
+        return await self.store.replicas.for_worker(worker_name)
 
     async def leave(self) -> None:
         if self.registered:
-            await self.store.unregister_replica()
+            await self.store.replicas.unregister()

@@ -268,9 +268,9 @@ class Store:
         self.req = quote_ident(cfg.cancel.requests_table)
         self.events = quote_ident(cfg.events_table)
         self.first_seen = quote_ident(cfg.first_seen_table)
-        self.replicas = quote_ident(cfg.replicas_table)
         self._sql: dict[str, str] = {}
         self.requests = CancelRequestTable(self)
+        self.replicas = ReplicaTable(self)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -350,7 +350,7 @@ class Store:
                 (self.cfg.cancel.requests_table, self.req),
                 (self.cfg.events_table, self.events),
                 (self.cfg.first_seen_table, self.first_seen),
-                (self.cfg.replicas_table, self.replicas),
+                (self.cfg.replicas_table, self.replicas.table),
             ]
             if await self._p().fetchval("SELECT to_regclass($1)", reg) is None
         ]
@@ -731,42 +731,6 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             with suppress(*_OUTAGE):
                 await (conn.close() if own else self._p().release(conn))
 
-    # -- replicas -------------------------------------------------------------------------
-
-    async def register_replica(self, *, hostname: str, host_id: str, pid: int,
-                               workers: Sequence[str]) -> int:
-        """Our heartbeat (and the local workers we can see); returns how many replicas,
-        us included, are alive."""
-        sql = (
-            f"WITH up AS (INSERT INTO {self.replicas} "
-            f"(instance, hostname, host_id, pid, workers) VALUES ($1, $2, $3, $4, $5::text[]) "
-            f"ON CONFLICT (instance) DO UPDATE SET hostname = EXCLUDED.hostname, "
-            f"host_id = EXCLUDED.host_id, pid = EXCLUDED.pid, workers = EXCLUDED.workers, "
-            f"heartbeat_at = now(), started_at = CASE WHEN {self.replicas}.pid = EXCLUDED.pid "
-            f"THEN {self.replicas}.started_at ELSE now() END RETURNING 1) "
-            f"SELECT count(*) + 1 FROM {self.replicas} "
-            f"WHERE heartbeat_at > now() - make_interval(secs => $6) AND instance <> $1"
-        )
-        async with translated(self.pool):
-            n = await self._p().fetchval(sql, self.cfg.instance.name, hostname, host_id, pid,
-                                         list(workers), REPLICA_STALE_SECONDS)
-        return int(n or 1)
-
-    async def unregister_replica(self) -> None:
-        async with translated(self.pool):
-            await self._p().execute(f"DELETE FROM {self.replicas} WHERE instance = $1",
-                                    self.cfg.instance.name)
-
-    async def replica_for_worker(self, worker_name: str) -> str | None:
-        """The live replica (not us) that lists `worker_name` among its local workers."""
-        async with translated(self.pool):
-            found = await self._p().fetchval(
-                f"SELECT instance FROM {self.replicas} WHERE $1 = ANY(workers) "
-                f"AND instance <> $2 AND heartbeat_at > now() - make_interval(secs => $3) "
-                f"ORDER BY heartbeat_at DESC LIMIT 1",
-                worker_name, self.cfg.instance.name, REPLICA_STALE_SECONDS)
-        return None if found is None else str(found)
-
     async def recently_cancelled(self, within: float, limit: int = 10_000) -> list[ActiveRow]:
         """Rows a cancel request cancelled in the last `within` seconds (still cancelled):
         a job enqueued after its cancel is looked for there by each sweep."""
@@ -946,6 +910,52 @@ class CancelRequestTable(_OnStorePool):
             raise SchemaError(f"cancel request {request_id} does not exist")
         detail = json.loads(rec["detail"]) if rec["detail"] else None
         return rec["state"], rec["outcome"], detail
+
+
+# -- the replica registry ---------------------------------------------------------------------
+
+
+class ReplicaTable(_OnStorePool):
+    """`store.replicas`: each replica's heartbeat and the local workers it can see
+    (reconciler.replicas runs the beat and asks who can see a worker)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.table = quote_ident(store.cfg.replicas_table)
+
+    async def register(self, *, hostname: str, host_id: str, pid: int,
+                       workers: Sequence[str]) -> int:
+        """Our heartbeat (and the local workers we can see); returns how many replicas,
+        us included, are alive."""
+        sql = (
+            f"WITH up AS (INSERT INTO {self.table} "
+            f"(instance, hostname, host_id, pid, workers) VALUES ($1, $2, $3, $4, $5::text[]) "
+            f"ON CONFLICT (instance) DO UPDATE SET hostname = EXCLUDED.hostname, "
+            f"host_id = EXCLUDED.host_id, pid = EXCLUDED.pid, workers = EXCLUDED.workers, "
+            f"heartbeat_at = now(), started_at = CASE WHEN {self.table}.pid = EXCLUDED.pid "
+            f"THEN {self.table}.started_at ELSE now() END RETURNING 1) "
+            f"SELECT count(*) + 1 FROM {self.table} "
+            f"WHERE heartbeat_at > now() - make_interval(secs => $6) AND instance <> $1"
+        )
+        async with translated(self.pool):
+            n = await self._p().fetchval(sql, self.cfg.instance.name, hostname, host_id, pid,
+                                         list(workers), REPLICA_STALE_SECONDS)
+        return int(n or 1)
+
+    async def unregister(self) -> None:
+        async with translated(self.pool):
+            await self._p().execute(f"DELETE FROM {self.table} WHERE instance = $1",
+                                    self.cfg.instance.name)
+
+    async def for_worker(self, worker_name: str) -> str | None:
+        """The live replica (not us) that lists `worker_name` among its local workers."""
+        async with translated(self.pool):
+            found = await self._p().fetchval(
+                f"SELECT instance FROM {self.table} WHERE $1 = ANY(workers) "
+                f"AND instance <> $2 AND heartbeat_at > now() - make_interval(secs => $3) "
+                f"ORDER BY heartbeat_at DESC LIMIT 1",
+                worker_name, self.cfg.instance.name, REPLICA_STALE_SECONDS)
+        return None if found is None else str(found)
 
 
 # -- LISTEN ---------------------------------------------------------------------------------
