@@ -1,5 +1,9 @@
 """Postgres (asyncpg): the jobs table, our audit/cancel tables, migrations.
 
+`Store` owns the pool, checks the schema and runs the jobs table's statements; its
+`requests` (our cancel-request table) and `replicas` (the replica registry) run theirs on
+the same pool, through the same translation of driver errors.
+
 Every UPDATE of a job row is guarded by the status it was read with (compare-and-set),
 batched, and writes its audit rows in the same statement; rows another transaction holds
 locked are skipped, not waited for. Identifiers come from the config through
@@ -244,7 +248,212 @@ class CancelRequest:
     row: ActiveRow | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The configured tables and columns, each through quote_ident(): all that the
+    statements here take from the config by name."""
+
+    jobs: str
+    id: str
+    rq_id: str
+    status: str
+    error: str
+    started: str | None
+    completed: str | None
+    requests: str
+    events: str
+    first_seen: str
+    replicas: str
+
+    @classmethod
+    def of(cls, cfg: Config) -> Names:
+        j = cfg.jobs
+        return cls(
+            jobs=quote_ident(j.table),
+            id=quote_ident(j.id_column),
+            rq_id=quote_ident(j.rq_id_column),
+            status=quote_ident(j.status_column),
+            error=quote_ident(j.error_column),
+            started=quote_ident(j.started_at_column) if j.started_at_column else None,
+            completed=quote_ident(j.completed_at_column) if j.completed_at_column else None,
+            requests=quote_ident(cfg.cancel.requests_table),
+            events=quote_ident(cfg.events_table),
+            first_seen=quote_ident(cfg.first_seen_table),
+            replicas=quote_ident(cfg.replicas_table),
+        )
+
+
+def _active(rec: asyncpg.Record) -> ActiveRow:
+    # By position (id, rq_id, status, started_at, first_seen, age: the SELECT's order of
+    # _row_select): once per active row in a sweep.
+    return ActiveRow(
+        JobRow(rec[0], rec[1] or None, rec[2], rec[3], rec[4]),
+        float(rec[5] or 0.0),
+    )
+
+
+# -- the jobs table's statements --------------------------------------------------------------
+
+
+def _started(n: Names) -> str:
+    return f"t.{n.started}" if n.started else "NULL::timestamptz"
+
+
+def _row_select(n: Names) -> str:
+    """A job row as `_active` reads it, up to its WHERE (the jobs table is `t`)."""
+    t, cid, crq, cst, started = n.jobs, n.id, n.rq_id, n.status, _started(n)
+    return (
+        f"SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
+        f"{started} AS started_at, f.first_seen, "
+        f"extract(epoch FROM now() - coalesce({started}, f.first_seen, now()))::float8 AS age "
+        f"FROM {t} t LEFT JOIN {n.first_seen} f ON f.job_id = t.{cid}::text "
+    )
+
+
+def _read_queries(n: Names, id_type: str, active: str, select: str) -> dict[str, str]:
+    """The sweep's pages and the lookups of rows by id, by RQ id and by recent cancel.
+
+    The active statuses are written into the statement (`active`), not bound: a jobs table
+    holds years of finished rows, and only a partial index on the active ones (the one
+    `check` recommends) keeps a page from reading them. The planner can use a partial
+    index only if it can prove the query's condition implies the index's, which it cannot
+    do for a parameter once asyncpg's prepared statement switches to a generic plan (after
+    five runs). The words come from the config, as quoted literals."""
+    t, cid, crq, cst, started = n.jobs, n.id, n.rq_id, n.status, _started(n)
+    # A page is limited first and joined after: with the join inside, the planner may
+    # hash the (small) first-seen table and then sort every active row after the
+    # cursor to take 1,000 of them, for each page: quadratic in the active rows.
+    page = (
+        f"SELECT p.id, p.rq_id, p.status, p.started_at, f.first_seen, "
+        f"extract(epoch FROM now() - coalesce(p.started_at, f.first_seen, now()))::float8 AS age "
+        f"FROM (SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
+        f"{started} AS started_at FROM {t} t WHERE {{where}} ORDER BY t.{cid} LIMIT $1) p "
+        f"LEFT JOIN {n.first_seen} f ON f.job_id = p.id::text ORDER BY p.id"
+    )
+    return {
+        "page_first": page.format(where=active),
+        "page_next": page.format(where=f"{active} AND t.{cid} > $2::{id_type}"),
+        "by_rq_ids": select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])",
+        "by_ids": select + f"WHERE t.{cid} = ANY($1::{id_type}[])",
+        "recently_cancelled": select + (
+            f"WHERE t.{cid} IN (SELECT r.job_id FROM {n.requests} r WHERE r.outcome = 'cancelled' "
+            f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
+            f"AND t.{crq} IS NOT NULL ORDER BY t.{cid} LIMIT $3"
+        ),
+    }
+
+
+def _apply_query(n: Names, id_type: str) -> str:
+    """The guarded batch UPDATE with its audit rows (Store.apply)."""
+    t, cid, cst = n.jobs, n.id, n.status
+    sets = [
+        f"{cst} = u.to_s",
+        f"{n.error} = CASE WHEN u.err = '' THEN t.{n.error} ELSE u.err END",
+    ]
+    if n.started:
+        sets.append(
+            f"{n.started} = CASE WHEN u.mark_started "
+            f"THEN coalesce(t.{n.started}, u.started_ts, now()) ELSE t.{n.started} END"
+        )
+    if n.completed:
+        sets.append(
+            f"{n.completed} = CASE WHEN u.mark_completed "
+            f"THEN coalesce(u.completed_ts, now()) ELSE t.{n.completed} END"
+        )
+    # The batch travels as one JSON document ($2), each change as the array its
+    # RowChange tuple is: encoding eleven parallel arrays, or a dict per change, cost
+    # more client CPU than the statement costs the server.
+    # `t.id = ANY($1)` as well as the join: without it the planner hashes the whole jobs
+    # table for every batch when the table is small enough to look cheap to scan (9 of
+    # 19 ms for 500 rows in a 20,000-row table); with it, each batch costs index
+    # lookups only, however the table grows.
+    # `lk` locks the rows to change first, skipping those another transaction holds:
+    # one app transaction sitting on one row must not stall a whole batch (nor the
+    # daemon) until lock_timeout; those rows come back as locked (false, id) and are
+    # decided again later. Rows still in their read status that `lk` did not get are
+    # the locked ones; the rest lost their race. The UPDATE finds its rows by the
+    # array of locked ids (`got`: one index scan, as before), and the locked ones are
+    # looked for only when `lk` got fewer rows than the batch has (a one-time filter):
+    # joined to `lk` directly, the UPDATE ran one index probe per row and the lookup a
+    # nested-loop anti join, 15 ms against 5 for 500 rows; this way it costs 6.
+    return f"""
+WITH u AS (
+    SELECT (b->>0)::{id_type} AS id, b->>1 AS from_s, b->>2 AS to_s, b->>3 AS err,
+           b->>4 AS reason, b->>5 AS rq_status, (b->>6)::timestamptz AS started_ts,
+           (b->>7)::timestamptz AS completed_ts, (b->>8)::bool AS mark_started,
+           (b->>9)::bool AS mark_completed, b->10 AS detail
+    FROM jsonb_array_elements($2::jsonb) AS b
+), lk AS (
+    SELECT t.{cid} AS id FROM {t} t JOIN u ON t.{cid} = u.id AND t.{cst} = u.from_s
+    WHERE t.{cid} = ANY($1::{id_type}[])
+    FOR UPDATE OF t SKIP LOCKED
+), got AS (
+    SELECT coalesce(array_agg(id), '{{}}') AS ids, count(*) AS n FROM lk
+), upd AS (
+    UPDATE {t} t SET {', '.join(sets)}
+    FROM u
+    WHERE t.{cid} = ANY((SELECT ids FROM got)::{id_type}[]) AND t.{cid} = u.id
+      AND t.{cst} = u.from_s
+    RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
+), gone AS (
+    DELETE FROM {n.first_seen} f USING upd
+    WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($4::text[])
+), ev AS (
+    INSERT INTO {n.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
+    SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''),
+           upd.detail, $3
+    FROM upd
+    RETURNING job_id
+)
+SELECT true AS applied, job_id FROM ev
+UNION ALL
+SELECT false, u.id::text FROM u JOIN {t} t ON t.{cid} = u.id AND t.{cst} = u.from_s
+WHERE (SELECT n FROM got) < cardinality($1::{id_type}[])
+  AND t.{cid} = ANY($1::{id_type}[]) AND u.id NOT IN (SELECT id FROM lk)
+"""
+
+
+def _first_seen_queries(n: Names, id_type: str, active: str) -> dict[str, str]:
+    return {
+        "first_seen": (
+            f"INSERT INTO {n.first_seen} (job_id) SELECT unnest($1::text[]) "
+            "ON CONFLICT (job_id) DO NOTHING"
+        ),
+        # The ids compared in the id column's own type, so that each lookup is one probe of
+        # the jobs table's primary key (or of the partial index on its active rows):
+        # `t.id::text = f.job_id` read the whole table. Only ids we wrote are in there.
+        "prune_first_seen": (
+            f"DELETE FROM {n.first_seen} f WHERE NOT EXISTS (SELECT 1 FROM {n.jobs} t "
+            f"WHERE t.{n.id} = f.job_id::{id_type} AND {active})"
+        ),
+    }
+
+
+def _intent_queries(n: Names, id_type: str) -> dict[str, str]:
+    """The open cancel requests of a page's rows (Store.cancel_intents*)."""
+    return {
+        # A sweep page's rows are a range of ids: its intents are looked up by the range's
+        # bounds, not by sending its thousand ids.
+        "intents_between": (
+            f"SELECT DISTINCT ON (job_id) job_id, "
+            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {n.requests} "
+            f"WHERE state <> 'done' AND job_id BETWEEN $1::{id_type} AND $2::{id_type} "
+            f"ORDER BY job_id, id"
+        ),
+        "intents": (
+            f"SELECT DISTINCT ON (job_id) job_id, "
+            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {n.requests} "
+            f"WHERE state <> 'done' AND job_id = ANY($1::{id_type}[]) ORDER BY job_id, id"
+        ),
+    }
+
+
 class Store:
+    """The pool, the schema it works on, and the jobs table's statements; our cancel-request
+    table (`requests`) and the replica registry (`replicas`) run theirs on the same pool."""
+
     def __init__(self, cfg: Config, *, on_poison: PoisonCallback | None = None) -> None:
         """`on_poison(kind, job_id, error)`: called once for each row change the database
         refused ("row"); the daemon counts them. Nothing here imports prometheus_client."""
@@ -257,17 +466,7 @@ class Store:
         self._on_poison = on_poison
         # job id (text) -> fingerprint of the change the database refused for it.
         self._poison = BoundedMemory()
-        j = cfg.jobs
-        self.t = quote_ident(j.table)
-        self.c_id = quote_ident(j.id_column)
-        self.c_rq = quote_ident(j.rq_id_column)
-        self.c_status = quote_ident(j.status_column)
-        self.c_error = quote_ident(j.error_column)
-        self.c_started = quote_ident(j.started_at_column) if j.started_at_column else None
-        self.c_completed = quote_ident(j.completed_at_column) if j.completed_at_column else None
-        self.req = quote_ident(cfg.cancel.requests_table)
-        self.events = quote_ident(cfg.events_table)
-        self.first_seen = quote_ident(cfg.first_seen_table)
+        self.names = Names.of(cfg)
         self._sql: dict[str, str] = {}
         self.requests = CancelRequestTable(self)
         self.replicas = ReplicaTable(self)
@@ -312,7 +511,7 @@ class Store:
         row = await self._p().fetchrow(
             "SELECT format_type(a.atttypid, a.atttypmod) AS t FROM pg_attribute a "
             "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.t, self.cfg.jobs.id_column,
+            self.names.jobs, self.cfg.jobs.id_column,
         )
         if row is None:
             raise SchemaError(
@@ -334,7 +533,7 @@ class Store:
             "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END AS typmod "
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.t, column,
+            self.names.jobs, column,
         )
         if rec is None or not rec["chars"] or rec["typmod"] is None or rec["typmod"] < 5:
             return TEXT_CAP  # unbounded (or missing: verify_schema says so)
@@ -345,12 +544,13 @@ class Store:
         once, at start-up, instead of failing every query. It only reads: a read-only
         server (a standby, default_transaction_read_only) passes, and its refused writes
         are outages later, retried."""
+        n = self.names
         missing = [
             name for name, reg in [
-                (self.cfg.cancel.requests_table, self.req),
-                (self.cfg.events_table, self.events),
-                (self.cfg.first_seen_table, self.first_seen),
-                (self.cfg.replicas_table, self.replicas.table),
+                (self.cfg.cancel.requests_table, n.requests),
+                (self.cfg.events_table, n.events),
+                (self.cfg.first_seen_table, n.first_seen),
+                (self.cfg.replicas_table, n.replicas),
             ]
             if await self._p().fetchval("SELECT to_regclass($1)", reg) is None
         ]
@@ -370,7 +570,7 @@ class Store:
         j = self.cfg.jobs
         cols = {r["attname"] for r in await self._p().fetch(
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 "
-            "AND NOT attisdropped", self.t)}
+            "AND NOT attisdropped", n.jobs)}
         for key in ("rq_id_column", "status_column", "error_column", "started_at_column",
                     "completed_at_column"):
             col = getattr(j, key)
@@ -385,152 +585,25 @@ class Store:
         return MappingProxyType(self._sql)
 
     def active_predicate(self, alias: str = "t") -> str:
-        """`status IN ('queued', 'running')`, the words written out: see _build_sql."""
+        """`status IN ('queued', 'running')`, the words written out: see _read_queries."""
         return active_predicate(self.cfg, alias)
 
     def _build_sql(self) -> None:
-        t, cid, crq, cst = self.t, self.c_id, self.c_rq, self.c_status
-        started = f"t.{self.c_started}" if self.c_started else "NULL::timestamptz"
-        select = (
-            f"SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
-            f"{started} AS started_at, f.first_seen, "
-            f"extract(epoch FROM now() - coalesce({started}, f.first_seen, now()))::float8 AS age "
-            f"FROM {t} t LEFT JOIN {self.first_seen} f ON f.job_id = t.{cid}::text "
-        )
-        # The active statuses are written into the statement, not bound: a jobs table
-        # holds years of finished rows, and only a partial index on the active ones (the
-        # one `check` recommends) keeps a page from reading them. The planner can use a
-        # partial index only if it can prove the query's condition implies the index's,
-        # which it cannot do for a parameter once asyncpg's prepared statement switches
-        # to a generic plan (after five runs). The words come from the config, as quoted
-        # literals.
-        active = self.active_predicate()
-        # A page is limited first and joined after: with the join inside, the planner may
-        # hash the (small) first-seen table and then sort every active row after the
-        # cursor to take 1,000 of them, for each page: quadratic in the active rows.
-        page = (
-            f"SELECT p.id, p.rq_id, p.status, p.started_at, f.first_seen, "
-            f"extract(epoch FROM now() - coalesce(p.started_at, f.first_seen, now()))::float8 AS age "
-            f"FROM (SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
-            f"{started} AS started_at FROM {t} t WHERE {{where}} ORDER BY t.{cid} LIMIT $1) p "
-            f"LEFT JOIN {self.first_seen} f ON f.job_id = p.id::text ORDER BY p.id"
-        )
-        self._sql["page_first"] = page.format(where=active)
-        self._sql["page_next"] = page.format(where=f"{active} AND t.{cid} > $2::{self.id_type}")
-        self._sql["by_rq_ids"] = select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])"
-        self._sql["by_ids"] = select + f"WHERE t.{cid} = ANY($1::{self.id_type}[])"
-        self._sql["recently_cancelled"] = select + (
-            f"WHERE t.{cid} IN (SELECT r.job_id FROM {self.req} r WHERE r.outcome = 'cancelled' "
-            f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
-            f"AND t.{crq} IS NOT NULL ORDER BY t.{cid} LIMIT $3"
-        )
-        sets = [
-            f"{cst} = u.to_s",
-            f"{self.c_error} = CASE WHEN u.err = '' THEN t.{self.c_error} ELSE u.err END",
-        ]
-        if self.c_started:
-            sets.append(
-                f"{self.c_started} = CASE WHEN u.mark_started "
-                f"THEN coalesce(t.{self.c_started}, u.started_ts, now()) ELSE t.{self.c_started} END"
-            )
-        if self.c_completed:
-            sets.append(
-                f"{self.c_completed} = CASE WHEN u.mark_completed "
-                f"THEN coalesce(u.completed_ts, now()) ELSE t.{self.c_completed} END"
-            )
-        # The batch travels as one JSON document ($2), each change as the array its
-        # RowChange tuple is: encoding eleven parallel arrays, or a dict per change, cost
-        # more client CPU than the statement costs the server.
-        # `t.id = ANY($1)` as well as the join: without it the planner hashes the whole jobs
-        # table for every batch when the table is small enough to look cheap to scan (9 of
-        # 19 ms for 500 rows in a 20,000-row table); with it, each batch costs index
-        # lookups only, however the table grows.
-        # `lk` locks the rows to change first, skipping those another transaction holds:
-        # one app transaction sitting on one row must not stall a whole batch (nor the
-        # daemon) until lock_timeout; those rows come back as locked (false, id) and are
-        # decided again later. Rows still in their read status that `lk` did not get are
-        # the locked ones; the rest lost their race. The UPDATE finds its rows by the
-        # array of locked ids (`got`: one index scan, as before), and the locked ones are
-        # looked for only when `lk` got fewer rows than the batch has (a one-time filter):
-        # joined to `lk` directly, the UPDATE ran one index probe per row and the lookup a
-        # nested-loop anti join, 15 ms against 5 for 500 rows; this way it costs 6.
-        self._sql["apply"] = f"""
-WITH u AS (
-    SELECT (b->>0)::{self.id_type} AS id, b->>1 AS from_s, b->>2 AS to_s, b->>3 AS err,
-           b->>4 AS reason, b->>5 AS rq_status, (b->>6)::timestamptz AS started_ts,
-           (b->>7)::timestamptz AS completed_ts, (b->>8)::bool AS mark_started,
-           (b->>9)::bool AS mark_completed, b->10 AS detail
-    FROM jsonb_array_elements($2::jsonb) AS b
-), lk AS (
-    SELECT t.{cid} AS id FROM {t} t JOIN u ON t.{cid} = u.id AND t.{cst} = u.from_s
-    WHERE t.{cid} = ANY($1::{self.id_type}[])
-    FOR UPDATE OF t SKIP LOCKED
-), got AS (
-    SELECT coalesce(array_agg(id), '{{}}') AS ids, count(*) AS n FROM lk
-), upd AS (
-    UPDATE {t} t SET {', '.join(sets)}
-    FROM u
-    WHERE t.{cid} = ANY((SELECT ids FROM got)::{self.id_type}[]) AND t.{cid} = u.id
-      AND t.{cst} = u.from_s
-    RETURNING t.{cid} AS id, u.from_s, u.to_s, u.reason, u.rq_status, u.detail
-), gone AS (
-    DELETE FROM {self.first_seen} f USING upd
-    WHERE f.job_id = upd.id::text AND upd.to_s <> ALL($4::text[])
-), ev AS (
-    INSERT INTO {self.events} (job_id, from_status, to_status, reason, rq_status, detail, actor)
-    SELECT upd.id::text, upd.from_s, upd.to_s, upd.reason, nullif(upd.rq_status, ''),
-           upd.detail, $3
-    FROM upd
-    RETURNING job_id
-)
-SELECT true AS applied, job_id FROM ev
-UNION ALL
-SELECT false, u.id::text FROM u JOIN {t} t ON t.{cid} = u.id AND t.{cst} = u.from_s
-WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
-  AND t.{cid} = ANY($1::{self.id_type}[]) AND u.id NOT IN (SELECT id FROM lk)
-"""
-        self._sql["first_seen"] = (
-            f"INSERT INTO {self.first_seen} (job_id) SELECT unnest($1::text[]) "
-            "ON CONFLICT (job_id) DO NOTHING"
-        )
-        # The ids compared in the id column's own type, so that each lookup is one probe of
-        # the jobs table's primary key (or of the partial index on its active rows):
-        # `t.id::text = f.job_id` read the whole table. Only ids we wrote are in there.
-        self._sql["prune_first_seen"] = (
-            f"DELETE FROM {self.first_seen} f WHERE NOT EXISTS (SELECT 1 FROM {t} t "
-            f"WHERE t.{cid} = f.job_id::{self.id_type} AND {active})"
-        )
-        self._sql["job_status"] = f"SELECT {cst} FROM {t} WHERE {cid} = $1::{self.id_type}"
+        n, id_type, active = self.names, self.id_type, self.active_predicate()
+        select = _row_select(n)
         # The claims are built by the request table, which runs them; they are here too
         # because they read the jobs table, and build_queries hands out every statement
         # that does.
-        self._sql.update(self.requests.build_sql(select))
-        # A sweep page's rows are a range of ids: its intents are looked up by the range's
-        # bounds, not by sending its thousand ids.
-        self._sql["intents_between"] = (
-            f"SELECT DISTINCT ON (job_id) job_id, "
-            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
-            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {self.req} "
-            f"WHERE state <> 'done' AND job_id BETWEEN $1::{self.id_type} AND $2::{self.id_type} "
-            f"ORDER BY job_id, id"
-        )
-        self._sql["intents"] = (
-            f"SELECT DISTINCT ON (job_id) job_id, "
-            f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
-            f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {self.req} "
-            f"WHERE state <> 'done' AND job_id = ANY($1::{self.id_type}[]) ORDER BY job_id, id"
-        )
+        self._sql.update({
+            **_read_queries(n, id_type, active, select),
+            "apply": _apply_query(n, id_type),
+            **_first_seen_queries(n, id_type, active),
+            "job_status": f"SELECT {n.status} FROM {n.jobs} WHERE {n.id} = $1::{id_type}",
+            **self.requests.build_sql(select),
+            **_intent_queries(n, id_type),
+        })
 
     # -- reads ----------------------------------------------------------------------------
-
-    @staticmethod
-    def _active(rec: asyncpg.Record) -> ActiveRow:
-        # By position (id, rq_id, status, started_at, first_seen, age: the SELECT's order):
-        # once per active row in a sweep.
-        return ActiveRow(
-            JobRow(rec[0], rec[1] or None, rec[2], rec[3], rec[4]),
-            float(rec[5] or 0.0),
-        )
 
     async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
         async with translated(self.pool):
@@ -538,7 +611,7 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
                 recs = await self._p().fetch(self._sql["page_first"], limit)
             else:
                 recs = await self._p().fetch(self._sql["page_next"], limit, after)
-        return [self._active(r) for r in recs]
+        return [_active(r) for r in recs]
 
     async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
         """Active rows, and cancelled ones (a cancel holds until RQ agrees)."""
@@ -550,12 +623,12 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             return []
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["by_rq_ids"], ids, [*s.active, s.cancelled])
-        return [self._active(r) for r in recs]
+        return [_active(r) for r in recs]
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["by_ids"], list(ids))
-        return [self._active(r) for r in recs]
+        return [_active(r) for r in recs]
 
     async def remember_first_seen(self, job_ids: Sequence[Any]) -> None:
         if not job_ids:
@@ -585,6 +658,20 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["intents_between"], first, last)
         return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
+
+    async def recently_cancelled(self, within: float, limit: int = 10_000) -> list[ActiveRow]:
+        """Rows a cancel request cancelled in the last `within` seconds (still cancelled):
+        a job enqueued after its cancel is looked for there by each sweep."""
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["recently_cancelled"], within,
+                                         self.cfg.jobs.statuses.cancelled, limit)
+        return [_active(r) for r in recs]
+
+    async def job_status(self, job_id: Any) -> str | None:
+        async with translated(self.pool):
+            return await self._p().fetchval(  # type: ignore[no-any-return]
+                self._sql["job_status"], job_id)
+
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -731,19 +818,6 @@ WHERE (SELECT n FROM got) < cardinality($1::{self.id_type}[])
             with suppress(*_OUTAGE):
                 await (conn.close() if own else self._p().release(conn))
 
-    async def recently_cancelled(self, within: float, limit: int = 10_000) -> list[ActiveRow]:
-        """Rows a cancel request cancelled in the last `within` seconds (still cancelled):
-        a job enqueued after its cancel is looked for there by each sweep."""
-        async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["recently_cancelled"], within,
-                                         self.cfg.jobs.statuses.cancelled, limit)
-        return [self._active(r) for r in recs]
-
-    async def job_status(self, job_id: Any) -> str | None:
-        async with translated(self.pool):
-            return await self._p().fetchval(  # type: ignore[no-any-return]
-                self._sql["job_status"], job_id)
-
 
 class _OnStorePool:
     """Statements on one of our own tables, run on the Store's pool (which the Store
@@ -770,7 +844,7 @@ class CancelRequestTable(_OnStorePool):
 
     def __init__(self, store: Store) -> None:
         super().__init__(store)
-        self.table = store.req
+        self.table = store.names.requests
         self._sql: dict[str, str] = {}
 
     @property
@@ -779,8 +853,8 @@ class CancelRequestTable(_OnStorePool):
 
     def build_sql(self, select: str) -> Mapping[str, str]:
         """The claims, for the id column's type the store read; `select` is the job row as
-        the store reads it."""
-        cid = self._store.c_id
+        the store reads it (`_row_select`)."""
+        cid = self._store.names.id
         # A claim returns each request's job row as well, as rows_by_ids reads it: the
         # cancel starts from it without a round trip of its own.
         claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
@@ -816,7 +890,7 @@ class CancelRequestTable(_OnStorePool):
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
         return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
-                              r["handed_to"], None if r["id"] is None else Store._active(r[6:]))
+                              r["handed_to"], None if r["id"] is None else _active(r[6:]))
                 for r in recs]
 
     async def hand_over(self, ids: Sequence[int], to: str) -> int:
@@ -921,7 +995,7 @@ class ReplicaTable(_OnStorePool):
 
     def __init__(self, store: Store) -> None:
         super().__init__(store)
-        self.table = quote_ident(store.cfg.replicas_table)
+        self.table = store.names.replicas
 
     async def register(self, *, hostname: str, host_id: str, pid: int,
                        workers: Sequence[str]) -> int:
