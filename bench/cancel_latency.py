@@ -15,7 +15,6 @@ Usage (from the repo root): python -m bench.cancel_latency
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -33,13 +32,13 @@ from bench.common import (
     ms,
     percentile,
     print_table,
+    run,
     verdict,
 )
 from reconciler.devstack import (
     DaemonProc,
     Pg,
     WorkerPool,
-    cleanup_all,
     enqueue,
     histogram,
     insert_job,
@@ -166,7 +165,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

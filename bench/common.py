@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import psutil
 import redis
@@ -34,12 +34,25 @@ from reconciler.devstack import (
     Pg,
     PostgresServer,
     RedisServer,
+    cleanup_all,
     create_jobs_table,
     migrate,
     write_config,
 )
 
 SEED = 20240611
+
+
+# -- running a script ---------------------------------------------------------------------------
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """Every script's entry point: exit with `main()`'s status, and stop every server and
+    process it started however it ends (an exception, Ctrl-C)."""
+    try:
+        sys.exit(main())
+    finally:
+        cleanup_all()
 
 
 # -- output -------------------------------------------------------------------------------------

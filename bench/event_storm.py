@@ -16,7 +16,6 @@ Usage (from the repo root): python -m bench.event_storm   (about 2 minutes)
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime
 
@@ -38,9 +37,10 @@ from bench.common import (
     percentile,
     pg_copy_rows,
     print_table,
+    run,
     verdict,
 )
-from reconciler.devstack import DaemonProc, Pg, cleanup_all, metric_value, pg_fetch
+from reconciler.devstack import DaemonProc, Pg, metric_value, pg_fetch
 
 CHANGES_PER_S = 5000
 SECONDS = 60
@@ -175,7 +175,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

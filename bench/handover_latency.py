@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 
-from bench.common import banner, bench_env, env_info, footer, make_workdir, ms, percentile, print_table
+from bench.common import banner, bench_env, env_info, footer, make_workdir, ms, percentile, print_table, run
 from reconciler.devstack import (
     Host,
     Pg,
-    cleanup_all,
     enqueue,
     insert_job,
     request_cancel,
@@ -105,7 +103,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -38,11 +38,12 @@ from bench.common import (
     median,
     mixed_kinds,
     print_table,
+    run,
     seed_mixed,
     verdict,
 )
 from reconciler.config import load
-from reconciler.devstack import REPO_ROOT, Pg, WorkerPool, cleanup_all, harness_env, run_cli
+from reconciler.devstack import REPO_ROOT, Pg, WorkerPool, harness_env, run_cli
 from reconciler.devstack.explain import explain_store_queries
 
 HISTORY = 9_980_000
@@ -152,7 +153,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

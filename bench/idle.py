@@ -10,7 +10,6 @@ Usage (from the repo root): python -m bench.idle
 
 from __future__ import annotations
 
-import sys
 import time
 
 import psutil
@@ -25,9 +24,10 @@ from bench.common import (
     mb,
     pg_copy_rows,
     print_table,
+    run,
     verdict,
 )
-from reconciler.devstack import DaemonProc, WorkerPool, cleanup_all
+from reconciler.devstack import DaemonProc, WorkerPool
 
 IDLE_SECONDS = 60.0
 GOAL_RSS_MB = 60.0
@@ -88,7 +88,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -12,7 +12,6 @@ Usage (from the repo root): python -m bench.local_kill
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +26,13 @@ from bench.common import (
     ms,
     percentile,
     print_table,
+    run,
     verdict,
 )
 from reconciler.devstack import (
     DaemonProc,
     Pg,
     WorkerPool,
-    cleanup_all,
     enqueue,
     insert_job,
     pg_fetch,
@@ -143,7 +142,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -33,12 +33,12 @@ from bench.common import (
     footer,
     make_workdir,
     print_table,
+    run,
     verdict,
 )
 from reconciler.devstack import (
     DaemonProc,
     Pg,
-    cleanup_all,
     create_jobs_table,
     harness_env,
     insert_job,
@@ -146,7 +146,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -18,7 +18,6 @@ Usage (from the repo root): python -m bench.rq_versions
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,12 +35,12 @@ from bench.common import (
     percentile,
     pg_copy_rows,
     print_table,
+    run,
 )
 from reconciler.devstack import (
     DaemonProc,
     Pg,
     WorkerPool,
-    cleanup_all,
     enqueue,
     insert_job,
     pg_fetch,
@@ -208,7 +207,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import threading
 import time
 import uuid
@@ -37,9 +36,10 @@ from bench.common import (
     mb,
     pace,
     print_table,
+    run,
     verdict,
 )
-from reconciler.devstack import DaemonProc, Pg, WorkerPool, cleanup_all
+from reconciler.devstack import DaemonProc, Pg, WorkerPool
 from reconciler.rq_state import parse_time as parse_rq_time
 
 RATE = 50.0
@@ -208,7 +208,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

@@ -40,10 +40,11 @@ from bench.common import (
     mb,
     mixed_kinds,
     print_table,
+    run,
     seed_mixed,
     verdict,
 )
-from reconciler.devstack import REPO_ROOT, DaemonProc, Pg, WorkerPool, cleanup_all, harness_env
+from reconciler.devstack import REPO_ROOT, DaemonProc, Pg, WorkerPool, harness_env
 
 ROWS = 1_000_000
 GOAL_MB = 150.0
@@ -174,7 +175,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

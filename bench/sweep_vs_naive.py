@@ -48,10 +48,11 @@ from bench.common import (
     median,
     mixed_kinds,
     print_table,
+    run,
     seed_mixed,
     verdict,
 )
-from reconciler.devstack import REPO_ROOT, WorkerPool, cleanup_all, harness_env, pg_fetch
+from reconciler.devstack import REPO_ROOT, WorkerPool, harness_env, pg_fetch
 
 ROWS = 20_000
 NAIVE = Path(__file__).resolve().parent / "naive_cleanup.py"
@@ -241,7 +242,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)

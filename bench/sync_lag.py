@@ -18,7 +18,6 @@ CPU use. Usage (from the repo root): python -m bench.sync_lag
 
 from __future__ import annotations
 
-import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -44,12 +43,12 @@ from bench.common import (
     percentile,
     pg_copy_rows,
     print_table,
+    run,
     verdict,
 )
 from reconciler.devstack import (
     DaemonProc,
     WorkerPool,
-    cleanup_all,
     histogram,
     metric_value,
     pg_fetch,
@@ -238,7 +237,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        cleanup_all()
+    run(main)
