@@ -152,9 +152,9 @@ class AclProbe:
 
 
 def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
-    """Every command rq_state.py sends (directly, inside its Lua scripts, and through RQ's
-    Job.fetch / Job.cancel), with keys and channels shaped like the real ones.
-    tests/unit/test_check_acl.py fails when rq_state.py starts sending one not listed."""
+    """Every command rq_state.py and rq_api.py send (directly, inside Lua scripts, and
+    through RQ's Job.fetch / Job.cancel), with keys and channels shaped like the real ones.
+    tests/unit/test_check_acl.py fails when either starts sending one not listed."""
     k = rq.keys
     job = k.job + _PROBE
     queue = k.queue + _PROBE

@@ -95,15 +95,22 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 _RQ_COMMANDS = frozenset({"run", "sweep", "check"})
 
 
-def _adopt_key_prefix(cfg: Config) -> None:
+def _adopt_key_prefix(cfg: Config, *, eager: bool) -> None:
     """RQ 3 fixes its key prefix from $RQ_KEY_PREFIX when rq is first imported, and the
     daemon writes through RQ's API: set it from redis.key_prefix before anything imports
-    rq, then make sure the rq imported agrees (RQ 2 knows no prefix but "rq")."""
-    if "rq" not in sys.modules and cfg.redis.key_prefix != "rq":
-        os.environ.setdefault("RQ_KEY_PREFIX", cfg.redis.key_prefix)
-    from reconciler.rq_state import prefix_problem
+    rq, then make sure the rq imported agrees (RQ 2 knows no prefix but "rq").
 
-    problem = prefix_problem(cfg.redis.key_prefix)
+    Not `eager` (a one-shot sweep, which may never write through RQ): with the default
+    prefix and no other in the environment, every rq agrees without being imported, and
+    rq is left to the first write (rq_api.py)."""
+    prefix = cfg.redis.key_prefix
+    if "rq" not in sys.modules and prefix != "rq":
+        os.environ.setdefault("RQ_KEY_PREFIX", prefix)
+    if not eager and prefix == "rq" and os.environ.get("RQ_KEY_PREFIX", "rq") == "rq":
+        return
+    from reconciler.rq_api import prefix_problem
+
+    problem = prefix_problem(prefix)
     if problem:
         raise ConfigError("redis.key_prefix", problem)
 
@@ -124,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(keep=args.keep)
         cfg = _load(args)
         if args.cmd in _RQ_COMMANDS:
-            _adopt_key_prefix(cfg)
+            _adopt_key_prefix(cfg, eager=args.cmd != "sweep")
     except ConfigError as exc:
         print(f"rq-reconciler: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Redis: everything this package knows about RQ's layout lives here, and only here.
 
 Reads are raw and pipelined (never RQ registry reads with cleanup=True, which change
-state). Writes to RQ state go through RQ's own API (a sync client, in a thread). Every
+state). Writes to RQ state go through RQ's own API (rq_api.py: a sync client, in a
+thread; rq is imported on the first write, never by reading). Every
 redis-py error is translated into RedisUnavailable: a caller must never read "Redis
 could not be asked" as "job not found". Odd data costs only itself: a key whose name is
 not UTF-8 or holds control characters is skipped (logged once, counted as poison), a key
@@ -12,8 +13,9 @@ RQ 2.x and 3.x side by side: each worker's layout is read from Redis (its hash's
 `version`; RQ 3 keeps the job it runs in a `<prefix>:worker:<name>:executions` set, not in
 `current_job`), never taken from the rq this package imports, so a fleet mid-upgrade is
 read worker by worker. Every key is built from `redis.key_prefix` (RQ 3's RQ_KEY_PREFIX),
-with the shapes taken from RQ's own constants. Job data is never deserialized: reads are
-raw fields, and RQ's API gets a serializer that refuses to load or dump anything.
+with the shapes of RQ's own constants (held to them by tests). Job data is never
+deserialized: reads are raw fields, and RQ's API gets a serializer that refuses to load
+or dump anything.
 """
 
 from __future__ import annotations
@@ -37,20 +39,9 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
-import rq
-import rq.defaults
 import structlog
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
-from rq.command import PUBSUB_CHANNEL_TEMPLATE
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.executions import ExecutionRegistry
-from rq.intermediate_queue import IntermediateQueue
-from rq.job import Job
-from rq.queue import Queue
-from rq.results import Result
-from rq.worker import Worker
-from rq.worker_registration import REDIS_WORKER_KEYS
 
 from reconciler.errors import RedisUnavailable
 from reconciler.model import BoundedMemory, PoisonCallback, RqJob, RqStatus, last_line
@@ -58,27 +49,20 @@ from reconciler.redisconn import async_client, sync_client
 
 log = structlog.get_logger("reconciler.rq_state")
 
-# The prefix the imported rq builds its keys with: RQ 3 reads RQ_KEY_PREFIX from the
-# environment when it is imported (rq/defaults.py); RQ 2 has none and always uses "rq".
-IMPORTED_PREFIX: str = getattr(rq.defaults, "RQ_KEY_PREFIX", "rq")
-
-
-def _tail(key: str) -> str:
-    """An RQ key as the imported rq builds it, without its prefix ("rq:job:" -> ":job:")."""
-    if not key.startswith(IMPORTED_PREFIX + ":"):
-        raise ImportError(f"rq {rq.__version__} builds {key!r}, not under {IMPORTED_PREFIX!r}")
-    return key[len(IMPORTED_PREFIX):]
-
-
-# The shapes of RQ's keys, from RQ's constants wherever the imported rq has them.
-_JOB = _tail(Job.redis_job_namespace_prefix)
-_QUEUE = _tail(Queue.redis_queue_namespace_prefix)
-_WORKER = _tail(Worker.redis_worker_namespace_prefix)
-_WORKERS = _tail(REDIS_WORKER_KEYS)
-_PUBSUB = _tail(PUBSUB_CHANNEL_TEMPLATE % "")
-_RESULTS = _tail(Result.get_key(""))  # type: ignore[no-untyped-call]
-_JOB_EXECUTIONS = _tail(ExecutionRegistry.key_template.format(""))
-_INTERMEDIATE = IntermediateQueue.get_intermediate_queue_key("")
+# The shapes of RQ's keys (2.12 and 3.x alike), as rq's own constants build them:
+# Job.redis_job_namespace_prefix, Queue.redis_queue_namespace_prefix,
+# Worker.redis_worker_namespace_prefix, REDIS_WORKER_KEYS, PUBSUB_CHANNEL_TEMPLATE,
+# Result.get_key, ExecutionRegistry.key_template, IntermediateQueue's key. Literals, so that
+# reading needs no rq import (rq_api.py); tests/unit/test_rq_layout.py holds each to the
+# shape the imported rq builds.
+_JOB = ":job:"
+_QUEUE = ":queue:"
+_WORKER = ":worker:"
+_WORKERS = ":workers"
+_PUBSUB = ":pubsub:"
+_RESULTS = ":results:"
+_JOB_EXECUTIONS = ":executions:"
+_INTERMEDIATE = ":intermediate"
 # Execution.key: "<prefix>:execution:<job_id>:<execution_id>" (rq/executions.py, 2.12 and
 # 3.0 alike; a property, no constant to take it from).
 _EXECUTION = ":execution:"
@@ -110,7 +94,9 @@ class Keys:
 
     def rebase(self, rq_key: str) -> str:
         """A key as the imported rq builds it (a registry's, say), under this prefix."""
-        return self.prefix + _tail(rq_key)
+        from reconciler.rq_api import tail
+
+        return self.prefix + tail(rq_key)
 
     def intermediate(self, queue: str) -> str:
         """The list a worker moves a job to as it dequeues it (RQ >= 2.0)."""
@@ -141,19 +127,6 @@ DEFAULT_KEYS = Keys()
 JOB_PREFIX: str = DEFAULT_KEYS.job
 QUEUE_PREFIX: str = DEFAULT_KEYS.queue
 WORKER_PREFIX: str = DEFAULT_KEYS.worker
-
-
-def prefix_problem(prefix: str) -> str:
-    """Why RQ's API, as imported into this process, cannot write under `prefix` ('' if it
-    can): RQ fixes its key prefix when it is imported."""
-    if prefix == IMPORTED_PREFIX:
-        return ""
-    if not hasattr(rq.defaults, "RQ_KEY_PREFIX"):
-        return (f"redis.key_prefix is {prefix!r}, but the rq installed for rq-reconciler "
-                f"({rq.__version__}) has no key prefix (RQ 2 always uses 'rq'): install rq>=3")
-    return (f"redis.key_prefix is {prefix!r}, but rq was imported with RQ_KEY_PREFIX="
-            f"{IMPORTED_PREFIX!r}: leave RQ_KEY_PREFIX unset or set it to {prefix!r} in the "
-            "daemon's environment")
 
 
 # A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
@@ -381,8 +354,9 @@ class RqState:
         self.url = url
         self.keys = Keys(key_prefix)
         # RQ's API writes under the prefix it was imported with; the CLI refuses to start
-        # on a mismatch, and a write under the wrong prefix is refused here too.
-        self._write_problem = prefix_problem(key_prefix)
+        # on a mismatch, and a write under the wrong prefix is refused here too (checked
+        # on the first write, which is when rq is imported: rq_api.py).
+        self._write_problem: str | None = None
         self._timeout = socket_timeout
         self._on_poison = on_poison
         self._poison_seen = BoundedMemory()
@@ -678,56 +652,19 @@ class RqState:
             )
         return self._sync
 
-    def _cancel_sync(self, job_id: str, only_from: frozenset[str]) -> str:
-        # An execution can end under Job.cancel(): RQ then fails to read it (ValueError,
-        # "Execution ... not found", from rq/executions.py refresh(), in 2.12 and 3.0 alike)
-        # before anything was written. A fresh look decides again.
-        for _ in range(CANCEL_ATTEMPTS - 1):
-            try:
-                return self._cancel_once(job_id, only_from)
-            except _ExecutionGone:
-                continue
-        try:
-            return self._cancel_once(job_id, only_from)
-        except _ExecutionGone as exc:
-            return f"not_canceled ({exc})"
-
-    def _cancel_once(self, job_id: str, only_from: frozenset[str]) -> str:
-        try:
-            job = _RawJob.fetch(job_id, connection=self._sync_client(), serializer=RefusingSerializer)
-        except NoSuchJobError:
-            return "missing"
-        except redis.exceptions.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
-                raise
-            return "unreadable"  # not a hash: not a job RQ could cancel either
-        except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
-            # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
-            return "unreadable"
-        # Job.cancel() overwrites any status, "finished" included, and stops nothing that
-        # runs: a job that moved on since the caller looked must keep RQ's word for it.
-        status = str(getattr(job.get_status(refresh=False), "value", ""))
-        if status not in only_from:
-            return f"not_canceled ({status or 'no status'})"
-        try:
-            job.cancel()
-        except InvalidJobOperation:
-            return "already_canceled"
-        except ValueError as exc:
-            if not str(exc).startswith("Execution "):
-                raise
-            raise _ExecutionGone(f"an execution of the job ended under RQ's cancel: {exc}") from exc
-        return "canceled"
-
     async def cancel_job(self, job_id: str, *, only_from: Iterable[RqStatus]) -> str:
         """RQ's Job.cancel(), if the job is still in one of `only_from`. Returns canceled /
         already_canceled / missing / unreadable / not_canceled (<status>)."""
+        from reconciler import rq_api
+
         allowed = frozenset(s.value for s in only_from)
+        if self._write_problem is None:
+            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
         if self._write_problem:
             log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
             return f"not_canceled ({self._write_problem})"
         try:
-            return await asyncio.to_thread(self._cancel_sync, job_id, allowed)
+            return await asyncio.to_thread(rq_api.cancel_sync, self._sync_client(), job_id, allowed)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
@@ -1092,36 +1029,3 @@ def stop_command(worker: WorkerRecord | None, job_id: str) -> tuple[str, dict[st
             and worker.execution_id):
         return "stop-execution", {"job_id": job_id, "execution_id": worker.execution_id}
     return "stop-job", {"job_id": job_id}
-
-
-class RefusingSerializer:
-    """The serializer RQ's API gets for our writes. Job hashes carry pickles (data, meta,
-    results) that anyone with write access to Redis can craft; loading one would run code
-    in a process that holds the database credentials. Job.cancel() loads and dumps
-    nothing (rq 2.12 and 3.0: it writes the status and registry entries only), and a
-    failed load leaves RQ's `meta` as raw bytes it never writes back."""
-
-    @staticmethod
-    def loads(data: bytes) -> Any:
-        raise ValueError("rq-reconciler never deserializes job data")
-
-    @staticmethod
-    def dumps(obj: Any) -> bytes:
-        raise ValueError("rq-reconciler never serializes into a job")
-
-
-class _RawJob(Job):
-    """RQ's Job, restored without its `data`: RQ inflates it whole on every fetch (zlib,
-    whatever it claims to unpack to), and cancelling never needs it."""
-
-    def restore(self, raw_data: Any) -> Any:
-        fields = dict(raw_data)
-        fields[b"data"] = b""
-        return super().restore(fields)
-
-
-class _ExecutionGone(Exception):
-    """An execution ended while RQ's Job.cancel() was reading it; nothing was written."""
-
-
-CANCEL_ATTEMPTS = 3

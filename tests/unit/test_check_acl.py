@@ -1,4 +1,4 @@
-"""`check`'s list of Redis commands keeps up with what rq_state.py sends."""
+"""`check`'s list of Redis commands keeps up with what rq_state.py and rq_api.py send."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 
+import reconciler.rq_api
 import reconciler.rq_state
 from reconciler.checks import AclProbe, _denial, acl_probes
 from reconciler.config import from_mapping
 from reconciler.rq_state import RqState
 
-SOURCE = Path(reconciler.rq_state.__file__).read_text()
+SOURCE = "\n".join(Path(m.__file__).read_text() for m in (reconciler.rq_state, reconciler.rq_api))
 
 # redis-py / RQ calls in rq_state.py -> the commands they send, as ACL rules name them.
 SENDS = {
@@ -68,7 +69,8 @@ def probe_names(mode: str = "auto") -> set[str]:
 def test_every_command_rq_state_sends_is_probed() -> None:
     sent = sent_by_rq_state()
     # The scan itself must see the obvious ones, or it proves nothing.
-    assert {"EVALSHA", "HMGET", "XREVRANGE", "PUBSUB|NUMSUB", "PUBLISH", "PSUBSCRIBE"} <= sent
+    assert {"EVALSHA", "HMGET", "XREVRANGE", "PUBSUB|NUMSUB", "PUBLISH", "PSUBSCRIBE",
+            "HGETALL", "ZADD"} <= sent
     assert sent - probe_names() == set()
 
 

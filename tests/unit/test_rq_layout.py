@@ -11,15 +11,13 @@ import rq.defaults
 import rq.executions
 
 from reconciler.config import ConfigError, from_mapping
+from reconciler.rq_api import IMPORTED_PREFIX, RefusingSerializer, prefix_problem, rq_key_shapes
 from reconciler.rq_state import (
-    IMPORTED_PREFIX,
     WORKER_EXECUTIONS_SUFFIX,
     Keys,
     Layout,
-    RefusingSerializer,
     WorkerRecord,
     layout_of,
-    prefix_problem,
     stop_command,
     worker_from_reply,
 )
@@ -55,6 +53,18 @@ def test_keys_match_what_the_imported_rq_builds() -> None:
     assert k.results + "j" == Result.get_key("j")  # type: ignore[no-untyped-call]
     assert k.job_executions + "j" == ExecutionRegistry.key_template.format("j")
     assert Execution(id="e", job_id="j", connection=None).key == k.execution + "j:e"  # type: ignore[arg-type]
+
+
+def test_key_shape_literals_are_the_imported_rqs() -> None:
+    """rq_state.py reads without importing rq: its literal shapes must be RQ's own."""
+    from reconciler import rq_state
+
+    shapes = rq_key_shapes()
+    assert shapes == {
+        "job": rq_state._JOB, "queue": rq_state._QUEUE, "worker": rq_state._WORKER,
+        "workers": rq_state._WORKERS, "pubsub": rq_state._PUBSUB, "results": rq_state._RESULTS,
+        "job_executions": rq_state._JOB_EXECUTIONS, "intermediate": rq_state._INTERMEDIATE,
+    }
 
 
 @pytest.mark.skipif(not RQ3_IMPORTED, reason="the executions set exists in RQ 3 only")

@@ -54,9 +54,20 @@ def test_postgres_only_commands_import_neither_redis_nor_rq(tmp_path: Path, argv
     assert got.isdisjoint({"redis", "rq", "psutil", "prometheus_client"}), got
 
 
-def test_sweep_imports_no_metrics_library(tmp_path: Path) -> None:
+def test_sweep_imports_neither_metrics_library_nor_rq(tmp_path: Path) -> None:
+    """rq is for writes through RQ's API (rq_api.py), imported when a sweep first makes one;
+    the daemon and `check` import it at start-up to check the key prefix."""
     cfg = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
                        "postgresql://postgres@127.0.0.1:1/none")
     got = imported("sweep", "--config", str(cfg), rc=1)
     assert {"asyncpg", "redis"} <= got
-    assert "prometheus_client" not in got
+    assert got.isdisjoint({"prometheus_client", "rq"}), got
+
+
+def test_sweep_under_another_prefix_checks_rq_at_start_up(tmp_path: Path) -> None:
+    """With a prefix other than RQ's default, the rq installed must be able to write under
+    it: that is checked (importing rq) before anything is read."""
+    cfg = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
+                       "postgresql://postgres@127.0.0.1:1/none", redis={"key_prefix": "myapp"})
+    got = imported("sweep", "--config", str(cfg))
+    assert "rq" in got

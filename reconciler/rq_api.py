@@ -1,0 +1,152 @@
+"""Writes through RQ's own API, and what the rq imported into this process says about
+its keys. The daemon's only module that imports rq (besides `check`'s ACL probes).
+
+It is imported on the first write, not with the reads: a one-shot `sweep` that never
+writes through RQ does not pay rq's import (about a tenth of its start-up here). The
+reads in rq_state.py build RQ's key shapes from literals, which tests/unit/
+test_rq_layout.py holds to the shapes `rq_key_shapes()` takes from the imported rq, on
+RQ 2 and RQ 3 alike.
+
+RQ 3 fixes its key prefix from $RQ_KEY_PREFIX when rq is first imported: `prefix_problem`
+says when the rq imported here cannot write under the configured prefix.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import redis
+import redis.exceptions
+import rq
+import rq.defaults
+from rq.command import PUBSUB_CHANNEL_TEMPLATE
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.executions import ExecutionRegistry
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import Job
+from rq.queue import Queue
+from rq.results import Result
+from rq.worker import Worker
+from rq.worker_registration import REDIS_WORKER_KEYS
+
+# The prefix the imported rq builds its keys with: RQ 3 reads RQ_KEY_PREFIX from the
+# environment when it is imported (rq/defaults.py); RQ 2 has none and always uses "rq".
+IMPORTED_PREFIX: str = getattr(rq.defaults, "RQ_KEY_PREFIX", "rq")
+
+
+def tail(key: str) -> str:
+    """An RQ key as the imported rq builds it, without its prefix ("rq:job:" -> ":job:")."""
+    if not key.startswith(IMPORTED_PREFIX + ":"):
+        raise ImportError(f"rq {rq.__version__} builds {key!r}, not under {IMPORTED_PREFIX!r}")
+    return key[len(IMPORTED_PREFIX):]
+
+
+def rq_key_shapes() -> dict[str, str]:
+    """The shapes of RQ's keys as the imported rq builds them (without the prefix), named
+    as rq_state.py names its literals."""
+    return {
+        "job": tail(Job.redis_job_namespace_prefix),
+        "queue": tail(Queue.redis_queue_namespace_prefix),
+        "worker": tail(Worker.redis_worker_namespace_prefix),
+        "workers": tail(REDIS_WORKER_KEYS),
+        "pubsub": tail(PUBSUB_CHANNEL_TEMPLATE % ""),
+        "results": tail(Result.get_key("")),  # type: ignore[no-untyped-call]
+        "job_executions": tail(ExecutionRegistry.key_template.format("")),
+        "intermediate": IntermediateQueue.get_intermediate_queue_key(""),
+    }
+
+
+def prefix_problem(prefix: str) -> str:
+    """Why RQ's API, as imported into this process, cannot write under `prefix` ('' if it
+    can): RQ fixes its key prefix when it is imported."""
+    if prefix == IMPORTED_PREFIX:
+        return ""
+    if not hasattr(rq.defaults, "RQ_KEY_PREFIX"):
+        return (f"redis.key_prefix is {prefix!r}, but the rq installed for rq-reconciler "
+                f"({rq.__version__}) has no key prefix (RQ 2 always uses 'rq'): install rq>=3")
+    return (f"redis.key_prefix is {prefix!r}, but rq was imported with RQ_KEY_PREFIX="
+            f"{IMPORTED_PREFIX!r}: leave RQ_KEY_PREFIX unset or set it to {prefix!r} in the "
+            "daemon's environment")
+
+
+# -- cancelling a job ---------------------------------------------------------------------
+
+CANCEL_ATTEMPTS = 3
+
+
+def cancel_sync(client: redis.Redis, job_id: str, only_from: frozenset[str]) -> str:
+    """RQ's Job.cancel() on `client` (blocking), if the job is still in one of the statuses
+    `only_from`. Returns canceled / already_canceled / missing / unreadable /
+    not_canceled (<why>); redis-py's errors propagate.
+
+    An execution can end under Job.cancel(): RQ then fails to read it (ValueError,
+    "Execution ... not found", from rq/executions.py refresh(), in 2.12 and 3.0 alike)
+    before anything was written. A fresh look decides again."""
+    for _ in range(CANCEL_ATTEMPTS - 1):
+        try:
+            return _cancel_once(client, job_id, only_from)
+        except _ExecutionGone:
+            continue
+    try:
+        return _cancel_once(client, job_id, only_from)
+    except _ExecutionGone as exc:
+        return f"not_canceled ({exc})"
+
+
+def _cancel_once(client: redis.Redis, job_id: str, only_from: frozenset[str]) -> str:
+    try:
+        job = _RawJob.fetch(job_id, connection=client, serializer=RefusingSerializer)
+    except NoSuchJobError:
+        return "missing"
+    except redis.exceptions.ResponseError as exc:
+        if "WRONGTYPE" not in str(exc):
+            raise
+        return "unreadable"  # not a hash: not a job RQ could cancel either
+    except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
+        # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
+        return "unreadable"
+    # Job.cancel() overwrites any status, "finished" included, and stops nothing that
+    # runs: a job that moved on since the caller looked must keep RQ's word for it.
+    status = str(getattr(job.get_status(refresh=False), "value", ""))
+    if status not in only_from:
+        return f"not_canceled ({status or 'no status'})"
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        return "already_canceled"
+    except ValueError as exc:
+        if not str(exc).startswith("Execution "):
+            raise
+        raise _ExecutionGone(f"an execution of the job ended under RQ's cancel: {exc}") from exc
+    return "canceled"
+
+
+class RefusingSerializer:
+    """The serializer RQ's API gets for our writes. Job hashes carry pickles (data, meta,
+    results) that anyone with write access to Redis can craft; loading one would run code
+    in a process that holds the database credentials. Job.cancel() loads and dumps
+    nothing (rq 2.12 and 3.0: it writes the status and registry entries only), and a
+    failed load leaves RQ's `meta` as raw bytes it never writes back."""
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        raise ValueError("rq-reconciler never deserializes job data")
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        raise ValueError("rq-reconciler never serializes into a job")
+
+
+class _RawJob(Job):
+    """RQ's Job, restored without its `data`: RQ inflates it whole on every fetch (zlib,
+    whatever it claims to unpack to), and cancelling never needs it."""
+
+    def restore(self, raw_data: Any) -> Any:
+        fields = dict(raw_data)
+        fields[b"data"] = b""
+        return super().restore(fields)
+
+
+class _ExecutionGone(Exception):
+    """An execution ended while RQ's Job.cancel() was reading it; nothing was written."""
