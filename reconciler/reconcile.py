@@ -47,6 +47,10 @@ log = structlog.get_logger("reconciler.reconcile")
 LOG_EACH_MAX = 50
 # How long after a cancel each sweep still looks for its job to appear in RQ.
 RECENTLY_CANCELLED_SECONDS = 3600.0
+# A sweep page believes Redis about missing jobs on an answer this recent (one INFO round
+# trip a page otherwise). It acts on "missing" only for a row with a cancel intent; the
+# rows it holds as not found are read again, with a fresh answer, before any is failed.
+AUTHORITY_MAX_AGE = 1.0
 
 
 @dataclass
@@ -139,7 +143,8 @@ class Reconciler:
             if any(j.status is RqStatus.MISSING for j in jobs.values()):
                 # "Not found" from a Redis that is loading or still syncing as a replica is
                 # no answer at all: an outage for this pass, retried like one.
-                why = await self.rq.not_authoritative()
+                why = await self.rq.not_authoritative(
+                    max_age=AUTHORITY_MAX_AGE if id_range else 0.0)
                 if why:
                     raise RedisUnavailable(f"{why}: not believed about missing jobs")
             for rid in settle or ():

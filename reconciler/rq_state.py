@@ -372,6 +372,8 @@ class RqState:
         # a Sentinel failover keeps the uptime of the promoted replica (see read_workers).
         self._server_run_id: str | None = None
         self._server_changed_at = -math.inf
+        # When this Redis last answered that it can be believed about missing keys.
+        self._believed_at = -math.inf
         self._script: Any = None
         self._exists_script: Any = None
 
@@ -408,23 +410,28 @@ class RqState:
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
-    async def not_authoritative(self) -> str:
+    async def not_authoritative(self, *, max_age: float = 0.0) -> str:
         """Why this Redis cannot be believed about a missing key right now ('' if it can):
         it is still loading its data set, or it is a replica that is syncing or has lost
-        its master (its keyspace may be empty or behind)."""
+        its master (its keyspace may be empty or behind). One round trip.
+
+        `max_age`: a "can be believed" answer at most this many seconds old is taken as
+        it is (a sweep asks once a page; the rows it holds as not found are read, and
+        this asked, afresh before any is failed). A "cannot" is never remembered."""
+        now = time.monotonic()
+        if max_age > 0 and now - self._believed_at <= max_age:
+            return ""
         try:
-            info: dict[str, Any] = await self.client.info("persistence")
-            if int(info.get("loading", 0) or 0):
-                return "redis is loading its data set"
-            repl: dict[str, Any] = await self.client.info("replication")
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.info("persistence")
+                pipe.info("replication")
+                info, repl = await pipe.execute()
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
-        if repl.get("role") == "slave":
-            if int(repl.get("master_sync_in_progress", 0) or 0):
-                return "redis is a replica in its initial sync"
-            if repl.get("master_link_status") != "up":
-                return "redis is a replica that lost its master"
-        return ""
+        why = _not_believed(info, repl)
+        if not why:
+            self._believed_at = now
+        return why
 
     async def read_jobs(self, ids: Iterable[str]) -> dict[str, RqJob]:
         """One atomic script call per 1,000 jobs: status and fields, a failed job's text,
@@ -681,6 +688,18 @@ class RqState:
             return int(await self.client.publish(self.keys.channel(worker_name), payload))
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+
+def _not_believed(persistence: dict[str, Any], replication: dict[str, Any]) -> str:
+    """Why a Redis with this INFO cannot be believed about a missing key ('' if it can)."""
+    if int(persistence.get("loading", 0) or 0):
+        return "redis is loading its data set"
+    if replication.get("role") == "slave":
+        if int(replication.get("master_sync_in_progress", 0) or 0):
+            return "redis is a replica in its initial sync"
+        if replication.get("master_link_status") != "up":
+            return "redis is a replica that lost its master"
+    return ""
 
 
 def worker_from_hash(name: str, vals: Sequence[bytes | None], subscribers: int) -> WorkerRecord:

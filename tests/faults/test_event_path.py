@@ -108,6 +108,41 @@ def test_a_replica_that_lost_its_master_is_not_believed_about_missing_jobs(
         replica.cleanup()
 
 
+def test_only_a_believed_answer_is_reused_and_only_when_asked(redis_url: str) -> None:
+    """A sweep page takes "this Redis can be believed about missing keys" from an answer
+    up to a second old; a "cannot" is asked again every time, whatever the caller allows."""
+    def info_calls(url: str) -> int:
+        with redis.Redis.from_url(url) as r:
+            return int(r.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
+
+    dead_master_port = RedisServer().port
+    replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(dead_master_port)]).start()
+
+    async def go() -> tuple[list[str], list[str], int, int]:
+        master, lost = RqState(redis_url), RqState(replica.url)
+        try:
+            n0 = info_calls(redis_url)
+            believed = [await master.not_authoritative(max_age=60.0) for _ in range(3)]
+            reused = info_calls(redis_url) - n0 - 1  # (the count's own INFO)
+            n1 = info_calls(redis_url)
+            await master.not_authoritative()  # max_age 0: always asked
+            fresh = info_calls(redis_url) - n1 - 1
+            refused = [await lost.not_authoritative(max_age=60.0) for _ in range(2)]
+            return believed, refused, reused, fresh
+        finally:
+            await master.close()
+            await lost.close()
+
+    try:
+        believed, refused, reused, fresh = asyncio.run(go())
+    finally:
+        replica.cleanup()
+    assert believed == ["", "", ""]
+    assert reused == 2, "INFO persistence + replication once, in one round trip, for three asks"
+    assert fresh == 2
+    assert refused == ["redis is a replica that lost its master"] * 2
+
+
 @pytest.mark.slow
 def test_a_row_the_app_holds_locked_stalls_nothing_else(
         tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any) -> None:
