@@ -160,10 +160,17 @@ MAX_ERROR_LINE = 500
 
 
 def last_line(text: str) -> str:
-    """The last non-empty line of an exception text, trimmed to a sane length."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    line = lines[-1] if lines else ""
-    return clip(line, MAX_ERROR_LINE)
+    """The last non-empty line of an exception text (lines as str.splitlines() sees
+    them), trimmed to a sane length. Read from the end, a newline-separated piece at a
+    time: a traceback's earlier lines are never split out."""
+    end = len(text)
+    while end >= 0:
+        start = text.rfind("\n", 0, end) + 1
+        for line in reversed(text[start:end].splitlines()):
+            if line.strip():
+                return clip(line.strip(), MAX_ERROR_LINE)
+        end = start - 1
+    return ""
 
 
 def decide(

@@ -192,6 +192,13 @@ def test_last_line() -> None:
     assert last_line("") == ""
 
 
+@given(st.text(alphabet=st.sampled_from(list("ab \n\r\t\x0b\x0c\x1c\x1e\x85\u2028")), max_size=40))
+def test_last_line_is_the_last_line_splitlines_sees(text: str) -> None:
+    """Read from the end, it must still agree with splitting the whole text."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    assert last_line(text) == (lines[-1] if lines else "")
+
+
 # -- properties -----------------------------------------------------------------------------------
 
 statuses = st.sampled_from(["queued", "running", "completed", "failed", "cancelled", "weird"])
