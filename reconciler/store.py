@@ -460,6 +460,7 @@ class Store:
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
         self.id_type = "bigint"
+        self._id_type_known = False
         # What the error column holds (characters): its varchar(n)/char(n) length, read at
         # connect; an unbounded text column still gets no more than TEXT_CAP.
         self.error_max = TEXT_CAP
@@ -486,6 +487,7 @@ class Store:
                 command_timeout=60,
                 timeout=10,
                 reset=_keep_session,
+                init=self._warm_connection,
                 statement_cache_size=0 if pooled else 100,
                 server_settings={} if pooled else {
                     "lock_timeout": str(LOCK_TIMEOUT_MS),
@@ -493,6 +495,27 @@ class Store:
                 },
             )
             await self._introspect()
+            await self._warm_pool(min(min_size, self.cfg.postgres.pool_size))
+
+    async def _warm_connection(self, conn: asyncpg.Connection) -> None:
+        """asyncpg looks an array type up the first time a connection binds one it has no
+        codec for (int8[], int4[], uuid[]: a recursive catalog query with jit switched
+        off and back on around it, three round trips), and every batch write and lookup
+        by ids binds the id column's array. Each connection does that as it is made, not
+        in the middle of its first write or cancel. (Until the id column's type is known,
+        at start-up, `_warm_pool` does it.)"""
+        if self._id_type_known:
+            await conn.fetchval(f"SELECT cardinality($1::{self.id_type}[])", [])
+
+    async def _warm_pool(self, n: int) -> None:
+        """`_warm_connection` for the `n` connections made before the id type was known."""
+        pool = self._p()
+        conns = [await pool.acquire() for _ in range(n)]
+        try:
+            await asyncio.gather(*(self._warm_connection(c) for c in conns))
+        finally:
+            for c in conns:
+                await pool.release(c)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -520,6 +543,7 @@ class Store:
             )
         # format_type() output comes from the catalog, not from user input.
         self.id_type = str(row["t"])
+        self._id_type_known = True
         self.error_max = await self._text_capacity(self.cfg.jobs.error_column)
         self._build_sql()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import signal
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,48 @@ def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
 
     assert asyncio.run(scenarios()) == [0, 0, 1, 1]
     wait_until(lambda: advisory_locks() == 0, 5, what="no advisory lock left")
+
+
+def test_no_connection_looks_the_id_array_type_up_mid_pass(
+        tmp_path: Path, redis_url: str, pg_dsn: str, monkeypatch: Any) -> None:
+    """asyncpg looks up int8[] (the id column's array) the first time a connection binds it:
+    three round trips that belong to the connection's making, not to a write or a cancel.
+    Neither the connections made at start-up nor those the pool adds later may do it when
+    a statement first binds ids."""
+    cfg = load(str(migrated(tmp_path, redis_url, pg_dsn, postgres={"pool_size": 3})))
+    lookups: list[str] = []
+    connecting = contextvars.ContextVar("connecting", default=False)
+    real_lookup = asyncpg.connection.Connection._introspect_types
+    real_warm = Store._warm_connection
+
+    async def counted(self: Any, typeoids: Any, timeout: Any) -> Any:
+        lookups.append("while connecting" if connecting.get() else "during a pass")
+        return await real_lookup(self, typeoids, timeout)
+
+    async def warming(self: Store, conn: Any) -> None:
+        connecting.set(True)  # (this task's context only: the pool awaits it in place)
+        try:
+            await real_warm(self, conn)
+        finally:
+            connecting.set(False)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "_introspect_types", counted)
+    monkeypatch.setattr(Store, "_warm_connection", warming)
+    jid = insert_job(pg_dsn, "some-rq-id", "running")
+
+    async def go() -> list[str]:
+        store = Store(cfg)
+        await store.connect(min_size=1)  # the other two are made as the pool grows
+        try:
+            pages = await asyncio.gather(*(store.rows_by_ids([jid]) for _ in range(3)))
+            assert [len(p) for p in pages] == [1, 1, 1]
+        finally:
+            await store.close()
+        return lookups
+
+    seen = asyncio.run(go())
+    assert seen.count("while connecting") == 3, seen  # (the spy sees every connection's)
+    assert "during a pass" not in seen, seen
 
 
 async def _locks(store: Store) -> int:
