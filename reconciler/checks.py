@@ -188,6 +188,10 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
         AclProbe("PUBLISH", ("PUBLISH", k.channel(_PROBE), ""),
                  "sends RQ's stop-execution / stop-job command to a worker"),
         AclProbe("HGETALL", ("HGETALL", job), cancel),
+        # The job's hash is WATCHed while it is read and cancelled (rq_api.py), and let go
+        # of with UNWATCH when it is not cancelled after all.
+        AclProbe("WATCH", ("WATCH", job), cancel),
+        AclProbe("UNWATCH", ("UNWATCH",), cancel),
         AclProbe("MULTI", ("MULTI",), cancel),
         AclProbe("HSET", ("HSET", job, "status", "canceled"), cancel),
         AclProbe("LREM", ("LREM", queue, "1", _PROBE), cancel),
@@ -324,7 +328,9 @@ async def _check_redis_acl(cfg: Config, rq: RqState) -> list[Line]:
             flags_missing = True
     for probe, reply in results:
         allowed = (reply == b"QUEUED" or reply == "QUEUED"
-                   or isinstance(reply, redis.exceptions.ExecAbortError))
+                   or isinstance(reply, redis.exceptions.ExecAbortError)
+                   # WATCH is never queued: past the ACL check, it says where it was sent
+                   or (probe.name == "WATCH" and "inside MULTI" in str(reply)))
         if allowed or not isinstance(reply, redis.exceptions.ResponseError):
             continue
         if probe.name == "CONFIG|SET" and not flags_missing:

@@ -73,6 +73,8 @@ def prefix_problem(prefix: str) -> str:
 # -- cancelling a job ---------------------------------------------------------------------
 
 CANCEL_ATTEMPTS = 3
+# Looks at a job a worker keeps writing to before the cancel gives up on it.
+WATCH_ATTEMPTS = 10
 
 
 def cancel_sync(client: redis.Redis, job_id: str, only_from: frozenset[str]) -> str:
@@ -95,8 +97,41 @@ def cancel_sync(client: redis.Redis, job_id: str, only_from: frozenset[str]) -> 
 
 
 def _cancel_once(client: redis.Redis, job_id: str, only_from: frozenset[str]) -> str:
+    # Job.cancel() overwrites any status, "finished" included, and stops nothing that
+    # runs: a job that moved on since it was looked at must keep RQ's word for it. RQ's
+    # cancel does not WATCH the job, so the look and the cancel are one transaction here:
+    # the job's hash WATCHed, read, and cancelled inside MULTI on RQ's own writes, which
+    # EXEC refuses if a worker wrote the job meanwhile (then it is looked at again).
+    with client.pipeline() as pipe:
+        for _ in range(WATCH_ATTEMPTS):
+            try:
+                pipe.watch(Job.key_for(job_id))  # type: ignore[no-untyped-call]
+                job = _fetch(client, job_id)
+                if isinstance(job, str):
+                    return job
+                status = str(getattr(job.get_status(refresh=False), "value", ""))
+                if status not in only_from:
+                    return f"not_canceled ({status or 'no status'})"
+                if job.is_canceled:
+                    return "already_canceled"
+                if getattr(job, "has_rate_limit", False):
+                    # RQ 3 refuses a caller's transaction for a rate-limited job (it frees
+                    # the slot after its own EXEC): its own cancel, unguarded, is all there is.
+                    pipe.unwatch()
+                    return _cancel(job, None)
+                pipe.multi()
+                outcome = _cancel(job, pipe)
+                pipe.execute()
+                return outcome
+            except redis.exceptions.WatchError:
+                continue
+    return "not_canceled (the job kept changing while it was cancelled)"
+
+
+def _fetch(client: redis.Redis, job_id: str) -> Job | str:
+    """The job, or what to answer instead of cancelling it."""
     try:
-        job = _RawJob.fetch(job_id, connection=client, serializer=RefusingSerializer)
+        return _RawJob.fetch(job_id, connection=client, serializer=RefusingSerializer)
     except NoSuchJobError:
         return "missing"
     except redis.exceptions.ResponseError as exc:
@@ -106,13 +141,11 @@ def _cancel_once(client: redis.Redis, job_id: str, only_from: frozenset[str]) ->
     except (ValueError, TypeError, zlib.error, UnicodeDecodeError):
         # A hash RQ itself cannot load (garbage fields): nothing of ours to cancel.
         return "unreadable"
-    # Job.cancel() overwrites any status, "finished" included, and stops nothing that
-    # runs: a job that moved on since the caller looked must keep RQ's word for it.
-    status = str(getattr(job.get_status(refresh=False), "value", ""))
-    if status not in only_from:
-        return f"not_canceled ({status or 'no status'})"
+
+
+def _cancel(job: Job, pipe: Any) -> str:
     try:
-        job.cancel()
+        job.cancel(pipeline=pipe)
     except InvalidJobOperation:
         return "already_canceled"
     except ValueError as exc:

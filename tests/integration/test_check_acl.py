@@ -21,8 +21,9 @@ from tests.support import run_cli, write_config
 
 # What README's "Redis ACL user" section tells operators to give the daemon.
 COMMANDS = ("+ping +info +evalsha +script|load +hmget +exists +xrevrange +lpos +zcount +hget "
-            "+scard +zrangebyscore +pubsub|numsub +smembers +publish +hgetall +multi +exec +hset "
-            "+lrem +zrem +zadd +zrange +zremrangebyscore +config|get +psubscribe")
+            "+scard +zrangebyscore +pubsub|numsub +smembers +publish +hgetall +watch +unwatch "
+            "+multi +exec +hset +lrem +zrem +zadd +zrange +zremrangebyscore +config|get "
+            "+psubscribe")
 CHANNELS = "&rq:pubsub:* &__keyspace@0__:rq:job:* &__keyspace@0__:rq:worker:*"
 
 
@@ -159,6 +160,8 @@ async def _daemon_side(url: str, admin_url: str) -> None:
         events = rq.keyspace_events()
         assert (await events.__anext__())[0] == "subscribed"
         await events.aclose()
+        # a job no longer in a state to cancel: looked at, WATCH let go (UNWATCH)
+        assert await rq.cancel_job(failed.id, only_from=[RqStatus.QUEUED]) == "not_canceled (failed)"
         assert await rq.cancel_job(waiting.id, only_from=[RqStatus.QUEUED]) == "canceled"
         jobs = await rq.read_jobs([waiting.id])  # the canceled branch of the script
         assert jobs[waiting.id].status is RqStatus.CANCELED

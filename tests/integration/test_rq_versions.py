@@ -433,6 +433,35 @@ def test_twenty_cancels_across_two_replicas_all_start_with_sigterm(
         assert "WRONGTYPE" not in d.log_text()
 
 
+def test_rq_cancel_never_overwrites_what_a_worker_wrote_after_the_look(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RQ's Job.cancel() sets "canceled" whatever the job's status by then. A worker that
+    finishes the job between our look and the cancel must keep its "finished": the look
+    and the cancel are one WATCHed transaction, and the changed job is looked at again."""
+    from rq import Queue
+
+    from reconciler import rq_api
+
+    with redis.Redis.from_url(redis_url) as r:
+        rq_id = Queue("default", connection=r).enqueue("tests.jobs.succeed", 1).id
+    looks: list[str] = []
+    real_fetch = rq_api._fetch
+
+    def fetch_then_worker_finishes(client: Any, job_id: str) -> Any:
+        job = real_fetch(client, job_id)
+        looks.append(str(job.get_status(refresh=False)) if not isinstance(job, str) else job)
+        if len(looks) == 1:  # the worker writes, from its own connection, right after
+            with redis.Redis.from_url(redis_url) as w:
+                w.hset(f"rq:job:{job_id}", "status", "finished")
+        return job
+
+    monkeypatch.setattr(rq_api, "_fetch", fetch_then_worker_finishes)
+    got = in_redis(redis_url, lambda rq: rq.cancel_job(rq_id, only_from=(RqStatus.QUEUED,)))
+    assert len(looks) == 2, looks  # EXEC refused the first attempt: looked at again
+    assert got == "not_canceled (finished)"
+    assert rq_status(redis_url, rq_id) == "finished"
+
+
 def test_rq_cancel_survives_an_execution_ending_under_it(redis_url: str, workers: WorkerPool,
                                                          tmp_marker: Path) -> None:
     """RQ's Job.cancel() on a started job reads every execution in the job's execution

@@ -31,6 +31,10 @@ SENDS = {
     # The same by hand, for a script run inside a pipeline.
     "evalsha": {"EVALSHA"},
     "script_load": {"SCRIPT|LOAD"},
+    # The job's hash WATCHed around RQ's cancel; redis-py sends UNWATCH when the pipeline
+    # is let go of while still watching.
+    "watch": {"WATCH", "UNWATCH"},
+    "unwatch": {"UNWATCH"},
     # RQ's Job.fetch() and Job.cancel() (queued / deferred / scheduled jobs only).
     "Job.fetch": {"HGETALL"},
     "job.cancel": {"HGET", "MULTI", "HSET", "LREM", "ZREM", "ZADD", "EXEC",
@@ -40,7 +44,8 @@ SENDS = {
 SENDS["Job.cancel"] = SENDS["job.cancel"]  # as comments name it
 SENDS["_RawJob.fetch"] = SENDS["Job.fetch"]  # RQ's Job, restored without its data
 # Calls on the same objects that send no command of their own.
-NOT_COMMANDS = {"pipeline", "execute", "execute_command", "aclose", "close", "pubsub",
+NOT_COMMANDS = {"pipeline", "execute", "execute_command", "aclose", "close", "pubsub", "multi",
+                "key_for",
                 "get_message", "get_status", "connection_pool", "from_url"}
 
 
