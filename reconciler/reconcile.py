@@ -125,19 +125,15 @@ class Reconciler:
                    known_intents: dict[Any, CancelIntent] | None = None, *,
                    id_range: bool = False) -> Reading:
         """Everything `rows` need from the backends: their jobs and the workers of the
-        started ones (Redis), and their cancel intents (Postgres, asked meanwhile, unless
-        `known_intents` already has one for every row: the cancel flow's own request).
+        started ones (Redis), and their cancel intents (Postgres, asked once the jobs are
+        read, beside the workers; unless `known_intents` already has one for every row: the
+        cancel flow's own request).
 
         `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
         `id_range`: `rows` are a sweep page, ordered by id (intents are asked by its bounds).
         """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
         asking: asyncio.Task[dict[Any, CancelIntent]] | None = None
-        if id_range and rows and self.store.id_ranges_are_exact:
-            asking = asyncio.create_task(self.store.cancel_intents_between(
-                rows[0].row.id, rows[-1].row.id))
-        elif not (known_intents and all(r.row.id in known_intents for r in rows)):
-            asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
         try:
             jobs = await self.rq.read_jobs(rq_ids)
             if any(j.status is RqStatus.MISSING for j in jobs.values()):
@@ -147,6 +143,16 @@ class Reconciler:
                     max_age=AUTHORITY_MAX_AGE if id_range else 0.0)
                 if why:
                     raise RedisUnavailable(f"{why}: not believed about missing jobs")
+            # The intents are asked only now, after RQ answered: whatever a cancel does to
+            # a job in RQ (canceled, stopped, failed by its SIGTERM) follows its request's
+            # INSERT, so a job read in such a state is read with that cancel's intent.
+            # Asked before (or beside) the RQ read, a pass could see the job ended by a
+            # cancel and no cancel, and sync the row `failed` instead of `cancelled`.
+            if id_range and rows and self.store.id_ranges_are_exact:
+                asking = asyncio.create_task(self.store.cancel_intents_between(
+                    rows[0].row.id, rows[-1].row.id))
+            elif not (known_intents and all(r.row.id in known_intents for r in rows)):
+                asking = asyncio.create_task(self.store.cancel_intents([r.row.id for r in rows]))
             for rid in settle or ():
                 if rid in jobs and jobs[rid].in_flight:
                     jobs[rid] = jobs[rid]._replace(in_flight=False)

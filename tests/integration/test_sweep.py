@@ -272,6 +272,57 @@ def test_a_sweep_with_a_page_sink_keeps_no_lists(tmp_path: Path, redis_url: str,
     assert report.counts == {"queued": 0, "running": 10}
 
 
+def test_cancel_intents_are_asked_after_rq_answers(tmp_path: Path, redis_url: str,
+                                                   pg_dsn: str) -> None:
+    """A cancel changes a job in RQ only after its request is inserted. Asked after RQ's
+    answer, the intents cannot miss the cancel that ended a job the pass reads as ended;
+    asked before, a pass could sync such a row `failed` instead of `cancelled`. Held for the
+    event path's pass and for a sweep's pages."""
+    cfg_path = migrated(tmp_path, redis_url, pg_dsn, sweep={"page_size": 2})
+    with redis.Redis.from_url(redis_url) as r:
+        for i in range(4):
+            r.hset(f"rq:job:ended-{i}", mapping={"status": "canceled"})
+    ids = [insert_job(pg_dsn, f"ended-{i}") for i in range(4)]
+    calls: list[str] = []
+
+    async def go() -> None:
+        cfg = load(str(cfg_path))
+        store, rq = Store(cfg), RqState(cfg.redis.url)
+        real_jobs, real_ids, real_range = rq.read_jobs, store.cancel_intents, \
+            store.cancel_intents_between
+
+        async def read_jobs(*a: Any) -> Any:
+            calls.append("jobs asked")
+            out = await real_jobs(*a)
+            calls.append("jobs read")
+            return out
+
+        async def intents(*a: Any) -> Any:
+            calls.append("intents asked")
+            return await real_ids(*a)
+
+        async def intents_between(*a: Any) -> Any:
+            calls.append("intents asked")
+            return await real_range(*a)
+
+        rq.read_jobs = read_jobs  # type: ignore[method-assign]
+        store.cancel_intents = intents  # type: ignore[method-assign]
+        store.cancel_intents_between = intents_between  # type: ignore[method-assign]
+        await store.connect()
+        try:
+            rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
+            await rec.reconcile_job_ids(ids[:1])
+            await rec.sweep(dry_run=True)
+        finally:
+            await rq.close()
+            await store.close()
+
+    asyncio.run(go())
+    passes = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(passes) >= 3, calls  # the event pass and two sweep pages at least
+    assert all(p == ["jobs asked", "jobs read", "intents asked"] for p in passes), calls
+
+
 def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
                                                   pg_dsn: str) -> None:
     """Pool connections are not reset on release (no RESET ALL / advisory unlock round trip
