@@ -34,6 +34,9 @@ log = structlog.get_logger("reconciler.cancel")
 
 # Cancels carried out at once; the rest wait their turn (their lease is long enough).
 CONCURRENT_CANCELS = 32
+# How long a cancel waits for another transaction to let go of its row before it reports
+# the row as it stands.
+LOCKED_ROW_WAIT_SECONDS = 2.0
 
 
 class CancelProcessor:
@@ -226,6 +229,11 @@ class CancelProcessor:
                 # the row's reconcile, which decides `cancelled` on either word.
                 marking = asyncio.create_task(self.rq.cancel_job(
                     row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED)))
+        if row.rq_id and stop.stopped and stop.job is not None:
+            # This flow stopped the run and saw its worker record the end. RQ's "canceled"
+            # over a job its worker still lists (our own marking, racing the worker's
+            # bookkeeping) is that ended run, not one about to start.
+            settle.add(row.rq_id)
         report: PassReport | None = None
         try:
             if (stop.job is not None and stop.job.status is not RqStatus.STARTED
@@ -237,6 +245,14 @@ class CancelProcessor:
                 if report.lost_races or not any(c.job_id == job_id for c in report.changes):
                     report = None  # the row moved meanwhile: read both sides afresh
             if report is None:
+                report = await self.reconciler.reconcile_job_ids(
+                    [job_id], intents={job_id: intent}, settle=settle)
+            # Another transaction holds the row (a replica's event pass for the same job,
+            # most often, for a few ms): wait for it rather than report on a status that
+            # is about to change.
+            deadline = time.monotonic() + LOCKED_ROW_WAIT_SECONDS
+            while row.rq_id in report.retry_later and time.monotonic() < deadline:
+                await asyncio.sleep(POLL_SECONDS)
                 report = await self.reconciler.reconcile_job_ids(
                     [job_id], intents={job_id: intent}, settle=settle)
         finally:
