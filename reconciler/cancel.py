@@ -250,9 +250,13 @@ class CancelProcessor:
             # Another transaction holds the row (a replica's event pass for the same job,
             # most often, for a few ms): wait for it rather than report on a status that
             # is about to change.
+            # (10 ms, doubling to 200 ms: an app transaction that sits on the row for the
+            # whole wait costs a dozen passes, not two hundred.)
             deadline = time.monotonic() + LOCKED_ROW_WAIT_SECONDS
+            pause = POLL_SECONDS
             while row.rq_id in report.retry_later and time.monotonic() < deadline:
-                await asyncio.sleep(POLL_SECONDS)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.2)
                 report = await self.reconciler.reconcile_job_ids(
                     [job_id], intents={job_id: intent}, settle=settle)
         finally:
