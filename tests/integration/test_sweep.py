@@ -323,6 +323,40 @@ def test_cancel_intents_are_asked_after_rq_answers(tmp_path: Path, redis_url: st
     assert all(p == ["jobs asked", "jobs read", "intents asked"] for p in passes), calls
 
 
+def test_a_cancel_request_being_inserted_does_not_hold_its_row_from_a_batch(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    """An app transaction that inserted a cancel request and has not committed holds KEY
+    SHARE on the job's row (the request's foreign key). A batch write must not skip the
+    row for it (the UPDATE changes no key column); a transaction that locks the row itself
+    (FOR UPDATE) still makes the batch skip it, and say so."""
+    cfg = load(str(migrated(tmp_path, redis_url, pg_dsn)))
+    shared, held = insert_job(pg_dsn, "rq-shared", "running"), insert_job(pg_dsn, "rq-held", "running")
+
+    def change(jid: int, rq_id: str) -> RowChange:
+        return RowChange(jid, "running", "failed", "Synced: RQ failed", "synced", "failed",
+                         None, None, False, True, {"rq_id": rq_id})
+
+    async def go() -> tuple[list[Any], list[Any]]:
+        store = Store(cfg)
+        app = await asyncpg.connect(pg_dsn)
+        await store.connect()
+        try:
+            async with app.transaction():
+                await app.execute("INSERT INTO rq_reconciler_cancel_requests (job_id, reason) "
+                                  "VALUES ($1, 'in an open transaction')", shared)
+                await app.execute("SELECT 1 FROM training_jobs WHERE id = $1 FOR UPDATE", held)
+                result = await store.apply([change(shared, "rq-shared"), change(held, "rq-held")])
+            return [c.job_id for c in result.applied], [c.job_id for c in result.locked]
+        finally:
+            await store.close()
+            await app.close()
+
+    applied, locked = asyncio.run(go())
+    assert applied == [shared]
+    assert locked == [held]
+    assert statuses(pg_dsn, [shared, held]) == {shared: "failed", held: "running"}
+
+
 def test_the_sweep_lock_never_outlives_its_sweep(tmp_path: Path, redis_url: str,
                                                   pg_dsn: str) -> None:
     """Pool connections are not reset on release (no RESET ALL / advisory unlock round trip
