@@ -262,6 +262,13 @@ class CancelProcessor:
         finally:
             if marking is not None:
                 rq_cancelled = (await marking) == "canceled"
+        if row.rq_id in report.retry_later:
+            # Held longer than that (an app transaction sits on it): no outcome yet. The
+            # requests stay claimed and are carried out again when their lease ends; their
+            # intent meanwhile holds for every pass that reads the row.
+            log.warning("cancel_row_locked", requests=[r.id for r in reqs],
+                        waited_seconds=LOCKED_ROW_WAIT_SECONDS)
+            return
         for rid in report.rq_cancels:
             # The job showed up waiting in RQ only now (enqueued after the cancel).
             rq_cancelled = (await self.rq.cancel_job(rid, only_from=WAITING)) == "canceled" \

@@ -23,6 +23,7 @@ from reconciler.devstack import (
     metric_value,
     migrate,
     pid_alive,
+    rq_status,
     run_cli,
     wait_until,
     write_config,
@@ -189,6 +190,44 @@ def test_a_row_the_app_holds_locked_stalls_nothing_else(
         assert metric_value(d.scrape(), "rq_reconciler_backend_up", backend="postgres") == 1
     finally:
         t.join(hold_seconds + 15)
+        d.stop()
+        d.close()
+
+
+def test_a_cancel_waits_out_an_app_transaction_on_its_row(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    """An app transaction sits on the row of a job being cancelled. The cancel gives no
+    outcome while it cannot write the row (never "could not be stopped" for a job it has
+    cancelled in RQ); once the app lets go, the row is cancelled and so is the request."""
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn, cancel={"lease_seconds": 3.0})
+    migrate(cfg)
+    rq_id = enqueue(redis_url, "tests.jobs.succeed", 1, queue="parked")  # no worker: waits
+    jid = insert_job(pg_dsn, rq_id, "queued")
+    d = DaemonProc(cfg, tmp_path / "d.log")
+    d.start()
+    try:
+        with Pg(pg_dsn) as app, Pg(pg_dsn) as other:
+            app.execute("BEGIN")
+            # What an app's UPDATE of the row takes (FOR UPDATE would also hold off the
+            # request's INSERT: its foreign key's KEY SHARE).
+            app.execute("SELECT 1 FROM training_jobs WHERE id = $1 FOR NO KEY UPDATE", jid)
+            rid = int(other.val("INSERT INTO rq_reconciler_cancel_requests (job_id, reason) "
+                                "VALUES ($1, 'locked') RETURNING id", jid))
+            wait_until(lambda: any(e.get("event") == "cancel_row_locked"
+                                   for e in log_events([d.log_path])), 15,
+                       "the cancel to find the row held")
+            req = other.fetch("SELECT state, outcome FROM rq_reconciler_cancel_requests "
+                              "WHERE id = $1", rid)[0]
+            assert req["outcome"] is None, dict(req)
+            assert rq_status(redis_url, rq_id) == "canceled"  # RQ's side was done
+            app.execute("COMMIT")
+            wait_until(lambda: other.val("SELECT outcome FROM rq_reconciler_cancel_requests "
+                                         "WHERE id = $1", rid) is not None, 20, "an outcome")
+            assert other.val("SELECT outcome FROM rq_reconciler_cancel_requests "
+                             "WHERE id = $1", rid) == "cancelled"
+        assert row(pg_dsn, jid)["status"] == "cancelled"
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
         d.stop()
         d.close()
 
