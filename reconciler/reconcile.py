@@ -231,7 +231,8 @@ class Reconciler:
             if d.action is Action.STOP_HORSE and ev.rq_job is not None:
                 report.horse_stops.append(HorseStop(
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
-                    str(d.detail.get("why") or d.error or "orphan")))
+                    str(d.detail.get("why") or d.error or "orphan"),
+                    for_cancel=d.reason is not Reason.ORPHANED))
             elif d.action is Action.CANCEL_RQ and ev.rq_job is not None:
                 if d.to_status is None:
                     report.rq_cancels.append(ev.rq_job.id)

@@ -47,6 +47,8 @@ class HorseStop:
     rq_id: str
     worker_name: str
     why: str
+    # For a cancel (not an orphan): once stopped, RQ is told the job was canceled.
+    for_cancel: bool = False
 
 
 @dataclass
@@ -281,7 +283,7 @@ class Stopper:
             res = await self.stop(hs.rq_id, job.worker_name, job.started_at)
             log.info("horse_stopped", job_id=str(hs.job_id), rq_id=hs.rq_id, why=hs.why,
                      signals=res.signals, stopped=res.stopped)
-            if res.stopped and "cancelled" in hs.why:
+            if res.stopped and hs.for_cancel:
                 with contextlib.suppress(BackendUnavailable):
                     await self.rq.cancel_job(hs.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED))
         except BackendUnavailable as exc:

@@ -194,10 +194,17 @@ async def test_concurrent_callers_share_one_ladder() -> None:
 
 async def test_stops_for_reconcile_are_owned_tasks() -> None:
     s, rq, procs = make()
-    s.stop_for_reconcile([HorseStop(1, "j1", "w1", "cancelled row's job started anyway")])
+    s.stop_for_reconcile([HorseStop(1, "j1", "w1", "cancel requested", for_cancel=True)])
     assert len(s.tasks) == 1
     assert await s.tasks.drain(1)
     assert procs.signals[0] == "SIGTERM" and rq.cancelled == ["j1"]
+
+
+async def test_an_orphans_stop_does_not_call_its_job_canceled() -> None:
+    s, rq, procs = make()
+    s.stop_for_reconcile([HorseStop(1, "j1", "w1", "Orphaned: worker w1 is gone")])
+    assert await s.tasks.drain(1)
+    assert procs.signals[0] == "SIGTERM" and rq.cancelled == []
 
 
 async def test_leftovers_of_the_group_are_reported() -> None:
