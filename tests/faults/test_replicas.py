@@ -283,9 +283,12 @@ def test_cancel_racing_a_dequeue_does_not_lie(tmp_path: Path, redis_url: str, pg
         assert row_rq_mismatches(pg, redis_url) == []
         assert request_problems(pg) == []
         assert audit_problems(pg) == []
-        # the instant job ran to completion: that is what the row says
-        assert results["tests.jobs.succeed"]["status"] == "completed"
-        assert results["tests.jobs.succeed"]["outcome"] == "already_finished"
+        # The instant job either ran to completion before its horse could be stopped, or
+        # was stopped as it started (which wins depends on the machine's load): the row,
+        # the outcome and RQ (row_rq_mismatches above) must all say the same.
+        instant = results["tests.jobs.succeed"]
+        assert (instant["status"], instant["outcome"]) in (
+            ("completed", "already_finished"), ("cancelled", "cancelled")), dict(instant)
         # the long one was stopped once it started, gracefully
         assert results["tests.jobs.trap_sigterm"]["status"] == "cancelled"
         assert results["tests.jobs.trap_sigterm"]["outcome"] == "cancelled"
