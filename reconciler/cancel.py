@@ -224,6 +224,8 @@ class CancelProcessor:
                 # The event path saw this request's intent and stopped the horse already
                 # (the reconcile table's cancel rule): report those signals, not none.
                 stop = self.stopper.recent[row.rq_id]
+                # ... and told RQ the job was canceled, once it had stopped it.
+                rq_cancelled = stop.stopped and job.status is RqStatus.CANCELED
             if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
                 # Make RQ say what happened: the job was canceled, not failed. Done beside
                 # the row's reconcile, which decides `cancelled` on either word.
