@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,8 +248,12 @@ def test_local_worker_sigkilled_mid_job_is_orphaned_and_horse_stopped(
     cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 1.0})
     d = daemon_factory(cfg)
     w = workers()
-    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 120, str(tmp_marker))
+    # The app's order: the row first, then RQ. (Enqueued first, the job can start, and its
+    # keyspace events pass, before the row exists: then nothing says "running" until the
+    # job ends or a sweep runs.)
+    rq_id = uuid.uuid4().hex
     jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    enqueue(redis_url, "tests.jobs.touch_and_sleep", 120, str(tmp_marker), job_id=rq_id)
     wait_status(pg_dsn, jid, "running")
     horse = w.wait_horse()
     t0 = time.monotonic()
