@@ -80,11 +80,12 @@ def test_events_alone_sync_finished_failed_stopped(tmp_path: Path, redis_url: st
     d = daemon_factory(cfg)
     workers()
     # rows first, as an app would do, then the RQ jobs: only events can move them now
-    ok = enqueue(redis_url, "tests.jobs.sleep", 0.3)
-    bad = enqueue(redis_url, "tests.jobs.fail", "no GPU left")
-    long = enqueue(redis_url, "tests.jobs.sleep", 60)
+    ok, bad, long = (uuid.uuid4().hex for _ in range(3))
     ids = {k: insert_job(pg_dsn, v, status="queued", started_ago=None)
            for k, v in (("ok", ok), ("bad", bad), ("long", long))}
+    enqueue(redis_url, "tests.jobs.sleep", 0.3, job_id=ok)
+    enqueue(redis_url, "tests.jobs.fail", "no GPU left", job_id=bad)
+    enqueue(redis_url, "tests.jobs.sleep", 60, job_id=long)
     wait_status(pg_dsn, ids["ok"], "completed")
     r = wait_status(pg_dsn, ids["bad"], "failed")
     assert r["error_message"] == "Synced: RQ failed: RuntimeError: no GPU left"
@@ -112,8 +113,9 @@ def test_cancel_running_job_gets_sigterm_first_and_worker_is_ready(
     cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 10.0})
     daemon_factory(cfg)
     w = workers()
-    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
+    rq_id = uuid.uuid4().hex  # the row first, then RQ (see the SIGKILL test below)
     jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker), job_id=rq_id)
     wait_status(pg_dsn, jid, "running")
     horse = w.wait_horse()
     t0 = time.monotonic()
