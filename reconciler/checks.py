@@ -330,7 +330,10 @@ async def _check_redis_acl(cfg: Config, rq: RqState) -> list[Line]:
         allowed = (reply == b"QUEUED" or reply == "QUEUED"
                    or isinstance(reply, redis.exceptions.ExecAbortError)
                    # WATCH is never queued: past the ACL check, it says where it was sent
-                   or (probe.name == "WATCH" and "inside MULTI" in str(reply)))
+                   # (Redis: "inside MULTI is not allowed"; Valkey: "not allowed inside a
+                   # transaction")
+                   or (probe.name == "WATCH"
+                       and any(t in str(reply) for t in ("inside MULTI", "inside a transaction"))))
         if allowed or not isinstance(reply, redis.exceptions.ResponseError):
             continue
         if probe.name == "CONFIG|SET" and not flags_missing:
