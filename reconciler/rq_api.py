@@ -112,7 +112,7 @@ def _cancel_once(client: redis.Redis, job_id: str, only_from: frozenset[str]) ->
                 status = str(getattr(job.get_status(refresh=False), "value", ""))
                 if status not in only_from:
                     return f"not_canceled ({status or 'no status'})"
-                if job.is_canceled:
+                if status == "canceled":  # (is_canceled would ask Redis again)
                     return "already_canceled"
                 if getattr(job, "has_rate_limit", False):
                     # RQ 3 refuses a caller's transaction for a rate-limited job (it frees
