@@ -259,6 +259,7 @@ def test_cancel_racing_a_dequeue_does_not_lie(tmp_path: Path, redis_url: str, pg
     try:
         start_all(daemons)
         results = {}
+        ids: dict[str, tuple[str, int]] = {}
         with redis.Redis.from_url(redis_url) as conn:
             q = Queue("default", connection=conn)
             for func, args in (("tests.jobs.succeed", (1,)),
@@ -280,6 +281,7 @@ def test_cancel_racing_a_dequeue_does_not_lie(tmp_path: Path, redis_url: str, pg
                 results[func] = pg.fetch(
                     "SELECT r.outcome, r.detail, t.status FROM rq_reconciler_cancel_requests r "
                     "JOIN training_jobs t ON t.id = r.job_id WHERE r.id = $1", rid)[0]
+                ids[func] = (rq_id, rid)
         assert row_rq_mismatches(pg, redis_url) == []
         assert request_problems(pg) == []
         assert audit_problems(pg) == []
@@ -289,10 +291,20 @@ def test_cancel_racing_a_dequeue_does_not_lie(tmp_path: Path, redis_url: str, pg
         instant = results["tests.jobs.succeed"]
         assert (instant["status"], instant["outcome"]) in (
             ("completed", "already_finished"), ("cancelled", "cancelled")), dict(instant)
-        # the long one was stopped once it started, gracefully
+        # the long one was stopped, gracefully: the daemons sent SIGTERM and never SIGKILL.
+        # Its horse may be stopped before the job's own code ran (the worker's slow start, or
+        # the few milliseconds between RQ's "started" and the job's SIGTERM handler); if the
+        # job had started, it must have seen the SIGTERM.
         assert results["tests.jobs.trap_sigterm"]["status"] == "cancelled"
         assert results["tests.jobs.trap_sigterm"]["outcome"] == "cancelled"
-        assert "SIGTERM" in marker.read_text()
+        long_rq_id, long_rid = ids["tests.jobs.trap_sigterm"]
+        sent = [sig for ev in log_events(d.log_path for d in daemons)
+                if (ev.get("event") == "horse_stopped" and ev.get("rq_id") == long_rq_id)
+                or (ev.get("event") == "cancel_done" and long_rid in (ev.get("requests") or []))
+                for sig in (ev.get("signals") or ev.get("horse_signals") or [])]
+        assert "SIGTERM" in sent and not any(sig.startswith("SIGKILL") for sig in sent), sent
+        seen = marker.read_text()
+        assert "STARTED" not in seen or "SIGTERM" in seen, seen
         assert [d.stop() for d in daemons] == [0, 0]
         assert error_lines([d.log_path for d in daemons]) == []
     finally:
