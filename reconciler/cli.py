@@ -20,8 +20,12 @@ from reconciler.errors import ReconcilerError
 
 if TYPE_CHECKING:  # the sweep's modules are imported only by the command that sweeps
     from reconciler.reconcile import PassReport
+    from reconciler.rq_state import RqState
 
 GC_THRESHOLD = 10_000
+# Event-loop turns a sweep gives its Postgres connections before it imports the rest:
+# enough for each to have sent its connect (asyncpg's pool start-up, then the socket's).
+CONNECT_HEAD_START_STEPS = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -164,22 +168,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
-    from reconciler.model import WAITING
-    from reconciler.processes import Processes
-    from reconciler.reconcile import Reconciler
-    from reconciler.rq_state import RqState
-    from reconciler.store import Store
-    from reconciler.workers import Workers
+    import asyncio
 
-    store = Store(cfg)
-    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
-                 key_prefix=cfg.redis.key_prefix)
+    from reconciler.aio import cancel_until_done
+    from reconciler.store import Store
+
     out = _ChangeOutput(cfg, as_json=as_json, dry_run=dry_run)
+    store = Store(cfg)
+    # All connections at once, in parallel: the sweep keeps up to four busy (its lock, a
+    # page, a lookup, a write) and would otherwise open them one by one mid-sweep. They
+    # are opened first, and the rest of the sweep's modules (redis-py's alone are a fifth
+    # of the command's start-up) imported while the server forks their backends.
+    connecting = asyncio.ensure_future(store.connect(min_size=cfg.postgres.pool_size))
+    rq: RqState | None = None
     try:
-        # All connections at once, in parallel: the sweep keeps up to four busy (its lock,
-        # a page, a lookup, a write) and would otherwise open them one by one mid-sweep.
-        await store.connect(min_size=cfg.postgres.pool_size)
-        await rq.ping()
+        for _ in range(CONNECT_HEAD_START_STEPS):
+            await asyncio.sleep(0)
+        from reconciler.model import WAITING
+        from reconciler.processes import Processes
+        from reconciler.reconcile import Reconciler
+        from reconciler.rq_state import RqState
+        from reconciler.workers import Workers
+
+        rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                     key_prefix=cfg.redis.key_prefix)
+        ping = asyncio.ensure_future(rq.ping())
+        try:
+            await connecting
+            await ping
+        finally:
+            await cancel_until_done([connecting, ping])
         rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_page=out.page)
@@ -201,7 +219,9 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         out.abort(str(exc))  # what was applied before the failure has been printed
         raise
     finally:
-        await rq.close()
+        await cancel_until_done([connecting])
+        if rq is not None:
+            await rq.close()
         await store.close()
     out.finish({
         "checked": report.checked, "changed": report.changed, "lost_races": report.lost_races,
