@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, cast
 
 import psutil
@@ -48,7 +50,13 @@ SEED = 20240611
 
 def run(main: Callable[[], int]) -> NoReturn:
     """Every script's entry point: exit with `main()`'s status, and stop every server and
-    process it started however it ends (an exception, Ctrl-C)."""
+    process it started however it ends (an exception, Ctrl-C, or a SIGTERM: `kill`,
+    `timeout`, a CI runner giving up, which would otherwise leave them running)."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         sys.exit(main())
     finally:
