@@ -52,6 +52,9 @@ from tests.faults.common import (
 
 # Error-level events a daemon may log while backends die under it.
 CHAOS_ERRORS_OK: set[str] = set()
+# Seconds of calm after which a job still in a queue's intermediate list is stuck there
+# (fail_jobs_stuck_in_intermediate).
+INTERMEDIATE_STUCK_AFTER = 30.0
 
 KINDS = {  # kind -> weight
     "complete": 30, "fail": 10, "parked": 20, "hog": 10, "racy": 30,
@@ -114,6 +117,36 @@ class World:
 def _redis(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2,
                                 socket_timeout=5)
+
+
+def fail_jobs_stuck_in_intermediate(redis_url: str, queue: str) -> list[str]:
+    """RQ's own maintenance of `queue`'s intermediate list, run now: each job found there
+    that is in no started registry and still `queued` is failed as RQ fails it ("Job was
+    stuck in intermediate queue"), with RQ's own calls. Such a job was dequeued (BLMOVE) by
+    a worker that died before its horse could start it: here, when Redis went down under
+    it. RQ does this on a worker's maintenance pass once the job has sat there a minute,
+    and workers run that pass every ten minutes, longer than this test waits; until then
+    the row says `queued` as RQ does. The ids it failed."""
+    from rq.intermediate_queue import IntermediateQueue
+    from rq.job import Job, JobStatus
+    from rq.worker import Worker
+
+    failed: list[str] = []
+    with _redis(redis_url) as conn:
+        q = Queue(queue, connection=conn)
+        iq = IntermediateQueue(q.key, connection=conn)
+        worker = Worker([q], connection=conn)
+        for job_id in iq.get_job_ids():
+            if job_id in q.started_job_registry:
+                continue
+            job = Job.fetch(job_id, connection=conn)
+            if job.get_status() != JobStatus.QUEUED:
+                continue
+            worker.handle_job_failure(job, q, exc_string="Job was stuck in intermediate queue.")
+            iq.remove(job_id)
+            failed.append(job_id)
+        conn.delete(worker.key)  # the counters handle_job_failure kept for this stand-in
+    return failed
 
 
 def retry_redis(fn: Callable[[], Any], timeout: float = 60) -> Any:
@@ -307,6 +340,7 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
         # Convergence: every request done, every row terminal.
         t_calm = time.monotonic()
         deadline = t_calm + plan.converge_seconds
+        stuck_in_rq: list[str] | None = None
         while True:
             sample()
             world.supervise()
@@ -316,6 +350,10 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
                             list(ACTIVE), retry_for=30)
             if open_requests == 0 and active == 0:
                 break
+            if stuck_in_rq is None and time.monotonic() > t_calm + INTERMEDIATE_STUCK_AFTER:
+                # By now every live worker has started what it dequeued.
+                stuck_in_rq = retry_redis(
+                    lambda: fail_jobs_stuck_in_intermediate(durable_redis.url, "default"))
             if time.monotonic() > deadline:
                 stuck = pg.fetch("SELECT id, rq_job_id, status FROM training_jobs WHERE "
                                  "status = ANY($1) LIMIT 10", list(ACTIVE))
@@ -356,6 +394,8 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
         print(f"outcomes: {dict(outcomes)}")
         print(f"transitions: {dict(sorted(transitions.items()))}")
         print(f"daemon restarts: {dict(world.restarts)}; workers that died: {sorted(world.dead_workers)}")
+        print(f"jobs RQ left stuck in its intermediate list, failed by RQ's maintenance run "
+              f"here: {stuck_in_rq or []}")
         print(f"warnings/errors logged: {dict(sorted(noisy.items()))}")
         print(f"exit codes at the end: {rcs}")
 
