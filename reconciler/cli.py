@@ -179,7 +179,8 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     # page, a lookup, a write) and would otherwise open them one by one mid-sweep. They
     # are opened first, and the rest of the sweep's modules (redis-py's alone are a fifth
     # of the command's start-up) imported while the server forks their backends.
-    connecting = asyncio.ensure_future(store.connect(min_size=cfg.postgres.pool_size))
+    # Each opening step is a task; the `finally` collects them all, whatever happened.
+    opening = [asyncio.ensure_future(store.connect(min_size=cfg.postgres.pool_size))]
     rq: RqState | None = None
     try:
         for _ in range(CONNECT_HEAD_START_STEPS):
@@ -192,12 +193,9 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
 
         rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
                      key_prefix=cfg.redis.key_prefix)
-        ping = asyncio.ensure_future(rq.ping())
-        try:
-            await connecting
-            await ping
-        finally:
-            await cancel_until_done([connecting, ping])
+        opening.append(asyncio.ensure_future(rq.ping()))
+        for step in opening:
+            await step
         rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_page=out.page)
@@ -219,7 +217,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         out.abort(str(exc))  # what was applied before the failure has been printed
         raise
     finally:
-        await cancel_until_done([connecting])
+        await cancel_until_done(opening)
         if rq is not None:
             await rq.close()
         await store.close()
