@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -187,6 +187,15 @@ class RowChange(NamedTuple):
 _JOB_ID = itemgetter(0)
 
 
+def _texts(ids: Iterable[Any]) -> list[str]:
+    """Ids as the statements take them: `$1::text[]::<id type>[]`, cast by the server.
+    asyncpg has a codec of its own for text[] but not for int8[], int4[] or uuid[]: it
+    would look each up in the catalog on every new connection (a recursive query with
+    jit switched off and on around it: three round trips and about 10 ms of the server's
+    CPU), at start-up or in the middle of a cancel."""
+    return [i if type(i) is str else str(i) for i in ids]
+
+
 def _json_default(value: Any) -> Any:
     """What JSON cannot hold as it is, in a RowChange: times, a read-only detail mapping,
     ids of other types (uuid)."""
@@ -334,7 +343,7 @@ def _read_queries(n: Names, id_type: str, active: str, select: str) -> dict[str,
         "page_first": page.format(where=active),
         "page_next": page.format(where=f"{active} AND t.{cid} > $2::{id_type}"),
         "by_rq_ids": select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])",
-        "by_ids": select + f"WHERE t.{cid} = ANY($1::{id_type}[])",
+        "by_ids": select + f"WHERE t.{cid} = ANY($1::text[]::{id_type}[])",
         "recently_cancelled": select + (
             f"WHERE t.{cid} IN (SELECT r.job_id FROM {n.requests} r WHERE r.outcome = 'cancelled' "
             f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
@@ -388,7 +397,7 @@ WITH u AS (
     FROM jsonb_array_elements($2::jsonb) AS b
 ), lk AS (
     SELECT t.{cid} AS id FROM {t} t JOIN u ON t.{cid} = u.id AND t.{cst} = u.from_s
-    WHERE t.{cid} = ANY($1::{id_type}[])
+    WHERE t.{cid} = ANY($1::text[]::{id_type}[])
     FOR NO KEY UPDATE OF t SKIP LOCKED
 ), got AS (
     SELECT coalesce(array_agg(id), '{{}}') AS ids, count(*) AS n FROM lk
@@ -411,8 +420,8 @@ WITH u AS (
 SELECT true AS applied, job_id FROM ev
 UNION ALL
 SELECT false, u.id::text FROM u JOIN {t} t ON t.{cid} = u.id AND t.{cst} = u.from_s
-WHERE (SELECT n FROM got) < cardinality($1::{id_type}[])
-  AND t.{cid} = ANY($1::{id_type}[]) AND u.id NOT IN (SELECT id FROM lk)
+WHERE (SELECT n FROM got) < cardinality($1::text[])
+  AND t.{cid} = ANY($1::text[]::{id_type}[]) AND u.id NOT IN (SELECT id FROM lk)
 """
 
 
@@ -448,7 +457,7 @@ def _intent_queries(n: Names, id_type: str) -> dict[str, str]:
             f"SELECT DISTINCT ON (job_id) job_id, "
             f"left(coalesce(requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
             f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {n.requests} "
-            f"WHERE state <> 'done' AND job_id = ANY($1::{id_type}[]) ORDER BY job_id, id"
+            f"WHERE state <> 'done' AND job_id = ANY($1::text[]::{id_type}[]) ORDER BY job_id, id"
         ),
     }
 
@@ -463,7 +472,6 @@ class Store:
         self.cfg = cfg
         self.pool: asyncpg.Pool | None = None
         self.id_type = "bigint"
-        self._id_type_known = False
         # What the error column holds (characters): its varchar(n)/char(n) length, read at
         # connect; an unbounded text column still gets no more than TEXT_CAP.
         self.error_max = TEXT_CAP
@@ -490,7 +498,6 @@ class Store:
                 command_timeout=60,
                 timeout=10,
                 reset=_keep_session,
-                init=self._warm_connection,
                 statement_cache_size=0 if pooled else 100,
                 server_settings={} if pooled else {
                     "lock_timeout": str(LOCK_TIMEOUT_MS),
@@ -498,27 +505,6 @@ class Store:
                 },
             )
             await self._introspect()
-            await self._warm_pool(min(min_size, self.cfg.postgres.pool_size))
-
-    async def _warm_connection(self, conn: asyncpg.Connection) -> None:
-        """asyncpg looks an array type up the first time a connection binds one it has no
-        codec for (int8[], int4[], uuid[]: a recursive catalog query with jit switched
-        off and back on around it, three round trips), and every batch write and lookup
-        by ids binds the id column's array. Each connection does that as it is made, not
-        in the middle of its first write or cancel. (Until the id column's type is known,
-        at start-up, `_warm_pool` does it.)"""
-        if self._id_type_known:
-            await conn.fetchval(f"SELECT cardinality($1::{self.id_type}[])", [])
-
-    async def _warm_pool(self, n: int) -> None:
-        """`_warm_connection` for the `n` connections made before the id type was known."""
-        pool = self._p()
-        conns = [await pool.acquire() for _ in range(n)]
-        try:
-            await asyncio.gather(*(self._warm_connection(c) for c in conns))
-        finally:
-            for c in conns:
-                await pool.release(c)
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -546,7 +532,6 @@ class Store:
             )
         # format_type() output comes from the catalog, not from user input.
         self.id_type = str(row["t"])
-        self._id_type_known = True
         self.error_max = await self._text_capacity(self.cfg.jobs.error_column)
         self._build_sql()
 
@@ -654,14 +639,14 @@ class Store:
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
         async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["by_ids"], list(ids))
+            recs = await self._p().fetch(self._sql["by_ids"], _texts(ids))
         return [_active(r) for r in recs]
 
     async def remember_first_seen(self, job_ids: Sequence[Any]) -> None:
         if not job_ids:
             return
         async with translated(self.pool):
-            await self._p().execute(self._sql["first_seen"], [str(i) for i in job_ids])
+            await self._p().execute(self._sql["first_seen"], _texts(job_ids))
 
     async def prune_first_seen(self) -> None:
         async with translated(self.pool):
@@ -671,7 +656,7 @@ class Store:
         if not job_ids:
             return {}
         async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["intents"], list(job_ids))
+            recs = await self._p().fetch(self._sql["intents"], _texts(job_ids))
         return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
 
     @property
@@ -783,7 +768,7 @@ class Store:
         """One guarded statement for `batch`, run again if PostgreSQL broke a lock cycle
         with it. Raises asyncpg's errors untranslated: the caller decides what they cost."""
         body = json.dumps(batch, default=_json_default, check_circular=False)
-        args = ([c.job_id for c in batch], body, self.cfg.instance.name,
+        args = (_texts(c.job_id for c in batch), body, self.cfg.instance.name,
                 list(self.cfg.jobs.statuses.active))
         for attempt in range(1, APPLY_ATTEMPTS + 1):
             try:
@@ -887,8 +872,8 @@ class CancelRequestTable(_OnStorePool):
         claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
                      "AND (handed_to IS NULL OR handed_to = $1 "
                      "OR handed_at < now() - make_interval(secs => $4))")
-        for name, where in (("claim", claimable),
-                            ("claim_for_jobs", f"{claimable} AND job_id = ANY($5::{self.id_type}[])")):
+        for_jobs = f"{claimable} AND job_id = ANY($5::text[]::{self.id_type}[])"
+        for name, where in (("claim", claimable), ("claim_for_jobs", for_jobs)):
             self._sql[name] = (
                 f"WITH c AS (UPDATE {self.table} r SET state = 'claimed', claimed_by = $1, "
                 f"claimed_until = now() + make_interval(secs => $2) "
@@ -912,7 +897,7 @@ class CancelRequestTable(_OnStorePool):
         params: list[Any] = [self.cfg.instance.name, lease, limit,
                              self.cfg.cancel.handover_seconds]
         if job_ids is not None:
-            params.append(list(job_ids))
+            params.append(_texts(job_ids))
         sql = self._sql["claim" if job_ids is None else "claim_for_jobs"]
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
@@ -926,11 +911,11 @@ class CancelRequestTable(_OnStorePool):
         sql = (
             f"WITH u AS (UPDATE {self.table} SET state = 'pending', claimed_by = NULL, "
             f"claimed_until = NULL, handed_to = $3, handed_at = now() "
-            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
+            f"WHERE id = ANY($1::text[]::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
             f"RETURNING id) SELECT count(*) FROM (SELECT pg_notify($4, u.id::text) FROM u) n"
         )
         async with translated(self.pool):
-            n = await self._p().fetchval(sql, list(ids), self.cfg.instance.name, to,
+            n = await self._p().fetchval(sql, _texts(ids), self.cfg.instance.name, to,
                                          self.cfg.cancel.channel)
         return int(n or 0)
 
@@ -938,8 +923,8 @@ class CancelRequestTable(_OnStorePool):
         async with translated(self.pool):
             await self._p().execute(
                 f"UPDATE {self.table} SET claimed_until = now() + make_interval(secs => $3) "
-                f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2",
-                list(ids), self.cfg.instance.name, lease,
+                f"WHERE id = ANY($1::text[]::bigint[]) AND state = 'claimed' AND claimed_by = $2",
+                _texts(ids), self.cfg.instance.name, lease,
             )
 
     async def finish(self, ids: Sequence[int], outcome: str,
@@ -949,7 +934,7 @@ class CancelRequestTable(_OnStorePool):
         sql = (
             f"WITH u AS (UPDATE {self.table} SET state = 'done', outcome = $3, detail = $4::jsonb, "
             f"done_at = now(), claimed_until = NULL "
-            f"WHERE id = ANY($1::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
+            f"WHERE id = ANY($1::text[]::bigint[]) AND state = 'claimed' AND claimed_by = $2 "
             f"RETURNING id, requested_at) "
             f"SELECT u.id, u.requested_at, pg_notify($5, u.id::text) FROM u"
         )
@@ -957,7 +942,7 @@ class CancelRequestTable(_OnStorePool):
         # fit for jsonb, or one odd name would keep the request from ever finishing.
         body = json.dumps(sql_json(detail), default=str)
         async with translated(self.pool):
-            recs = await self._p().fetch(sql, list(ids), self.cfg.instance.name, outcome,
+            recs = await self._p().fetch(sql, _texts(ids), self.cfg.instance.name, outcome,
                                          body, self.cfg.done_channel)
         return [(r["id"], r["requested_at"]) for r in recs]
 

@@ -82,22 +82,23 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
     ids = [r["id"] for r in recs] or [0]
     rq_ids = [r["rq"] for r in recs if r["rq"]] or ["none"]
     s = j.statuses
+    texts = [str(i) for i in ids]  # id lists travel as text[] (store._texts)
     change = [str(ids[0]), s.running, s.failed, "Orphaned: RQ job not found", "orphaned",
               "missing", None, None, False, True, {"rq_id": rq_ids[0]}]
     return {
         "page_first": [n],
         "page_next": [n, ids[len(ids) // 2]],
         "by_rq_ids": [rq_ids, [*s.active, s.cancelled]],
-        "by_ids": [ids[:100]],
+        "by_ids": [texts[:100]],
         "recently_cancelled": [3600.0, s.cancelled, 10_000],
-        "apply": [ids[:1], json.dumps([change]), "explain", list(s.active)],
-        "first_seen": [[str(i) for i in ids]],
+        "apply": [texts[:1], json.dumps([change]), "explain", list(s.active)],
+        "first_seen": [texts],
         "prune_first_seen": [],
-        "intents": [ids],
+        "intents": [texts],
         "intents_between": [ids[0], ids[-1]],
         "job_status": [ids[0]],
         "claim": ["explain", 30.0, 100, 2.0],
-        "claim_for_jobs": ["explain", 30.0, 100, 2.0, ids[:1]],
+        "claim_for_jobs": ["explain", 30.0, 100, 2.0, texts[:1]],
     }
 
 
