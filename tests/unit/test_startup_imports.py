@@ -6,6 +6,7 @@ it exits. (How long start-up takes is bench material; which libraries load is no
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -71,3 +72,40 @@ def test_sweep_under_another_prefix_checks_rq_at_start_up(tmp_path: Path) -> Non
                        "postgresql://postgres@127.0.0.1:1/none", redis={"key_prefix": "myapp"})
     got = imported("sweep", "--config", str(cfg))
     assert "rq" in got
+
+
+_GC_PROBE = (
+    "import gc, sys\n"
+    "from reconciler.cli import main\n"
+    "before = sum(s['collections'] for s in gc.get_stats())\n"
+    "rc = main(sys.argv[1:])\n"
+    "print(sum(s['collections'] for s in gc.get_stats()) - before, gc.isenabled(), file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def test_start_up_runs_no_garbage_collection(tmp_path: Path) -> None:
+    """What a command imports is never garbage: the collector is off until its modules are
+    loaded (with the defaults it ran about 40 times over a sweep's imports), and on again
+    when main() returns."""
+    cfg = write_config(tmp_path / "c.toml", "redis://127.0.0.1:1/0",
+                       "postgresql://postgres@127.0.0.1:1/none")
+    p = subprocess.run([sys.executable, "-c", _GC_PROBE, "sweep", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=False)
+    assert p.returncode == 1, p.stderr
+    collections, enabled = p.stderr.strip().splitlines()[-1].split()
+    assert int(collections) <= 2, p.stderr
+    assert enabled == "True"
+
+
+def test_main_leaves_a_caller_s_collector_as_it_found_it() -> None:
+    from reconciler.cli import main
+
+    gc.disable()
+    try:
+        assert main(["example-unit"]) == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert main(["example-unit"]) == 0
+    assert gc.isenabled()
