@@ -14,7 +14,7 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -107,6 +107,8 @@ class Reading(NamedTuple):
 _KIND = itemgetter(1, 2, 4)
 # Takes one page's report (its lists are emptied once it returns).
 PageSink = Callable[[PassReport], Awaitable[None]]
+# A page of rows on its way (Reconciler._pipeline).
+Rows = Coroutine[Any, Any, list[ActiveRow]]
 
 
 class Reconciler:
@@ -352,50 +354,19 @@ class Reconciler:
         counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
         stuck_after = self.cfg.sweep.stuck_after_seconds
         size = self.cfg.sweep.page_size
-        # Three pages are in the air at once (keyset pages never overlap, so their guarded
-        # writes commute): page i is decided while page i+1 is read from Redis and page
-        # i-1 is written, and the rows of page i+2 are on their way. Python's work per
-        # row, not a backend's, sets the pace.
-        fetch: asyncio.Task[list[ActiveRow]] | None = None
-        reading: asyncio.Task[Reading] | None = None
-        writing: asyncio.Task[None] | None = None
 
-        def next_page(after: Any) -> asyncio.Task[list[ActiveRow]]:
-            return asyncio.create_task(self.store.active_page(after, size))
+        def next_page(previous: list[ActiveRow] | None) -> Rows | None:
+            if previous is None:
+                return self.store.active_page(None, size)
+            if len(previous) < size:
+                return None  # a short page is the last one
+            return self.store.active_page(previous[-1].row.id, size)
 
-        try:
-            page = await next_page(None)
-            if page:
-                reading = asyncio.create_task(self._read_page(page, dry_run))
-                if len(page) == size:
-                    fetch = next_page(page[-1].row.id)
-            while page:
-                assert reading is not None
-                got, reading = reading, None
-                read = await got
-                following: list[ActiveRow] = []
-                if fetch is not None:
-                    got_rows, fetch = fetch, None
-                    following = await got_rows
-                    if following:
-                        reading = asyncio.create_task(self._read_page(following, dry_run))
-                        if len(following) == size:
-                            fetch = next_page(following[-1].row.id)
-                evaluated = await self.evaluate(page, reading=read)
-                if writing is not None:
-                    done, writing = writing, None
-                    await done  # raises the previous page's error, if it had one
-                writing = asyncio.create_task(self._apply_page(
-                    page, evaluated, total, held, counts, stuck_after, dry_run, on_page))
-                page = following
-            if writing is not None:
-                done, writing = writing, None
-                await done
-        finally:
-            await _abandon(fetch, reading)
-            # A write in flight is let finish, not cancelled: cancelling a statement that may
-            # already have committed would leave its transitions out of the report and logs.
-            await _settle(writing)
+        async def write(page: list[ActiveRow], evaluated: list[Evaluated]) -> None:
+            await self._apply_page(page, evaluated, total, held, counts, stuck_after, dry_run,
+                                   on_page)
+
+        await self._pipeline(next_page, lambda page: self._read_page(page, dry_run), write)
         total.counts = counts
         total.not_found_held = len(held)
         if held:
@@ -463,11 +434,15 @@ class Reconciler:
         """The rows held as "not found", read afresh (rows and RQ, a chunk at a time) right
         before failing them: they were read up to a whole sweep ago, and a job may have
         been enqueued, or a row changed, since. What the fresh reading decides is applied,
-        "not found" included (the breaker has judged). One chunk is written while the
-        next is read."""
-        writing: asyncio.Task[None] | None = None
+        "not found" included (the breaker has judged). They go through the sweep's own
+        pipeline, a chunk of ids a page."""
+        chunks = held.chunks(self.cfg.sweep.page_size)
 
-        async def write(evaluated: list[Evaluated]) -> None:
+        def next_chunk(_previous: list[ActiveRow] | None) -> Rows | None:
+            chunk = next(chunks, None)
+            return None if chunk is None else self.store.rows_by_ids(chunk)
+
+        async def write(_rows: list[ActiveRow], evaluated: list[Evaluated]) -> None:
             report, _ = await self.apply(evaluated, dry_run=dry_run)
             report.checked = 0
             # They were counted as active when their page was read; what changed them moves
@@ -486,18 +461,60 @@ class Reconciler:
             await _hand_over(report, on_page)
             total.merge(report)
 
+        await self._pipeline(next_chunk, self.read, write)
+
+    async def _pipeline(self, fetch: Callable[[list[ActiveRow] | None], Rows | None],
+                        read: Callable[[list[ActiveRow]], Coroutine[Any, Any, Reading]],
+                        write: Callable[[list[ActiveRow], list[Evaluated]],
+                                        Coroutine[Any, Any, None]]) -> None:
+        """Pages of rows through read, decide and write, three pages in the air at once:
+        page i is decided while page i+1 is read (Redis, and its cancel intents) and page
+        i-1 is written, and the rows of page i+2 are on their way. Pages never share a
+        row, so their guarded writes commute; each is written once the one before it is.
+        `fetch(previous)` starts the next page's rows (None: there are no more); an empty
+        page is skipped, not an end."""
+        fetching: asyncio.Task[list[ActiveRow]] | None = None
+        reading: asyncio.Task[Reading] | None = None
+        writing: asyncio.Task[None] | None = None
+
+        def start(previous: list[ActiveRow] | None) -> asyncio.Task[list[ActiveRow]] | None:
+            rows = fetch(previous)
+            return None if rows is None else asyncio.create_task(rows)
+
         try:
-            for chunk in held.chunks(self.cfg.sweep.page_size):
-                rows = await self.store.rows_by_ids(chunk)
-                evaluated = await self.evaluate(rows) if rows else []
+            fetching = start(None)
+            while fetching is not None:
+                page = await fetching
+                fetching = start(page)
+                if page:
+                    reading = asyncio.create_task(read(page))
+                    break
+            while reading is not None:
+                got, reading = reading, None
+                page_reading = await got
+                # The page whose reading that was: `page`, which the loop has kept.
+                current = page
+                while fetching is not None:
+                    page = await fetching
+                    fetching = start(page)
+                    if page:
+                        reading = asyncio.create_task(read(page))
+                        # Let the read send its request before this page's decisions
+                        # take the CPU (they do not yield), so that Redis works meanwhile.
+                        await asyncio.sleep(0)
+                        break
+                evaluated = await self.evaluate(current, reading=page_reading)
                 if writing is not None:
                     done, writing = writing, None
-                    await done
-                writing = asyncio.create_task(write(evaluated))
+                    await done  # raises the previous page's error, if it had one
+                writing = asyncio.create_task(write(current, evaluated))
             if writing is not None:
                 done, writing = writing, None
                 await done
         finally:
+            await _abandon(fetching, reading)
+            # A write in flight is let finish, not cancelled: cancelling a statement that may
+            # already have committed would leave its transitions out of the report and logs.
             await _settle(writing)
 
 
