@@ -17,10 +17,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-
-import psutil
+from typing import TYPE_CHECKING
 
 from reconciler.rq_state import WorkerRecord
+
+if TYPE_CHECKING:
+    # psutil is imported by what lists and inspects a worker's children (proving a horse);
+    # whether a known process still lives is one read of /proc, which a sweep on a host
+    # without workers, or whose workers are idle, never needs psutil for.
+    import psutil
 
 # Worker birth is written after its process starts: the process must be older than its
 # birth record (plus clock slack). A process created after it is a recycled pid.
@@ -44,6 +49,8 @@ def child_processes(proc: psutil.Process) -> list[psutil.Process]:
     CONFIG_PROC_CHILDREN): a few reads, where psutil's children() reads the stat file of
     every process on the host (about 1.5 ms each time on a quiet host, and growing with
     it). Falls back to psutil where the kernel does not offer the file."""
+    import psutil
+
     base = f"/proc/{proc.pid}/task"
     try:
         tids = os.listdir(base)
@@ -120,14 +127,14 @@ def _create_time(pid: int) -> float | None:
     return proc_start(pid)
 
 
+# /proc/<pid>/stat states of a process that has ended: zombie, dead ('x' before Linux 3.13);
+# and '' from _state(): gone, or the pid is another process's now.
+_ENDED = frozenset({"", "Z", "X", "x"})
+
+
 def identity_alive(ident: ProcIdentity) -> bool:
     """True while the process with this pid is still the one first seen (and not a zombie)."""
-    if proc_start(ident.pid) != ident.create_time:
-        return False
-    try:
-        return psutil.Process(ident.pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return False
+    return _state(ident) not in _ENDED
 
 
 class Processes:
@@ -193,10 +200,7 @@ class Processes:
             return f"pid {rec.pid} is dead"
         if rec.birth is not None and to_wall(ct) > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
             return f"pid {rec.pid} was recycled"
-        try:
-            if psutil.Process(rec.pid).status() == psutil.STATUS_ZOMBIE:
-                return f"pid {rec.pid} is dead"
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        if not identity_alive(ProcIdentity(rec.pid, ct)):
             return f"pid {rec.pid} is dead"
         return ""
 
@@ -220,6 +224,8 @@ class Processes:
         worker = self.worker_identity(rec)
         if worker is None:
             return None
+        import psutil
+
         try:
             wproc = psutil.Process(worker.pid)
             children = child_processes(wproc)
@@ -388,6 +394,8 @@ _HORSE_ENV = ("RQ_JOB_ID", "RQ_EXECUTION_ID")
 def _rq_env(proc: psutil.Process) -> dict[str, str]:
     """The horse-naming variables in `proc`'s environment as the kernel shows it; {} if
     it cannot be read (the structural proof then stands alone)."""
+    import psutil
+
     try:
         env = proc.environ()
     except psutil.AccessDenied:

@@ -167,6 +167,35 @@ def test_a_live_unrelated_pid_with_another_create_time(tmp_path: Path,
     assert imp.all_alive() and not imp.signalled()
 
 
+def test_a_zombie_is_not_alive() -> None:
+    """A process that has exited but is not reaped yet (state Z in /proc/<pid>/stat) is
+    dead, as a worker and as a horse: read from /proc, as a live one's state is."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait for the word, then exit without being reaped
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        ct = proc_start(pid)
+        assert ct is not None
+        ident = ProcIdentity(pid, ct)
+        rec = record(pid, birth=ts(time.time()))
+        assert identity_alive(ident)
+        assert Processes().local_worker_gone(rec) == ""
+        os.write(write, b"x")
+        stat = Path(f"/proc/{pid}/stat")
+        wait_until(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", 10,
+                   what="the child a zombie")
+        assert not identity_alive(ident)
+        assert Processes().local_worker_gone(rec) == f"pid {pid} is dead"
+    finally:
+        os.close(write)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    assert not identity_alive(ident)  # reaped: gone
+
+
 def test_worker_record_whose_pid_was_born_after_the_worker(tmp_path: Path,
                                                            impostors: list[Impostor]) -> None:
     imp = Impostor(tmp_path, children=1)
