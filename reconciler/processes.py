@@ -90,32 +90,30 @@ class ProcIdentity:
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
-def proc_start(pid: int) -> float | None:
-    """When `pid` started, in seconds after boot (/proc/<pid>/stat, field 22), or None."""
+def _stat(pid: int) -> tuple[float, str] | None:
+    """When `pid` started, in seconds after boot (field 22 of /proc/<pid>/stat), and its
+    state letter (field 3: R, S, Z...), from one read; None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except OSError:
-        return None
-    try:
         # The command name (field 2) may hold spaces and parentheses: split after its end.
-        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _HZ
-    except (ValueError, IndexError):
+        rest = stat[stat.rindex(b")") + 2:].split()
+        return int(rest[19]) / _HZ, rest[0].decode()
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def proc_start(pid: int) -> float | None:
+    """When `pid` started, in seconds after boot, or None."""
+    st = _stat(pid)
+    return None if st is None else st[0]
 
 
 def _state(ident: ProcIdentity) -> str:
-    """The state letter of `ident` (/proc/<pid>/stat, field 3: R, S, Z...), '' if that
-    process is gone (the pid missing, or another process's now)."""
-    try:
-        with open(f"/proc/{ident.pid}/stat", "rb") as f:
-            stat = f.read()
-        rest = stat[stat.rindex(b")") + 2:].split()
-        if int(rest[19]) / _HZ != ident.create_time:
-            return ""
-        return rest[0].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
+    """The state letter of `ident`, '' if that process is gone (the pid missing, or
+    another process's now)."""
+    st = _stat(ident.pid)
+    return st[1] if st is not None and st[0] == ident.create_time else ""
 
 
 def to_wall(boot_seconds: float) -> float:
@@ -195,12 +193,12 @@ class Processes:
         if known is not None and known.pid == rec.pid:
             # (kept after the death: the worker stays local, so its orphaned horse is ours)
             return "" if identity_alive(known) else f"pid {rec.pid} is dead"
-        ct = proc_start(rec.pid)
-        if ct is None:
+        st = _stat(rec.pid)
+        if st is None:
             return f"pid {rec.pid} is dead"
-        if rec.birth is not None and to_wall(ct) > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
+        if rec.birth is not None and to_wall(st[0]) > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
             return f"pid {rec.pid} was recycled"
-        if not identity_alive(ProcIdentity(rec.pid, ct)):
+        if st[1] in _ENDED:
             return f"pid {rec.pid} is dead"
         return ""
 
@@ -239,9 +237,10 @@ class Processes:
             try:
                 if os.getpgid(child.pid) != child.pid:
                     continue
-                ct = proc_start(child.pid)
-                if ct is None or child.status() == psutil.STATUS_ZOMBIE:
+                st = _stat(child.pid)
+                if st is None or st[1] in _ENDED:
                     continue
+                ct = st[0]
                 # A horse is a fork of its worker (or, with SpawnWorker, the same
                 # interpreter): a child running another program is not one.
                 if child.exe() != exe:

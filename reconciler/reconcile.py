@@ -476,33 +476,34 @@ class Reconciler:
         fetching: asyncio.Task[list[ActiveRow]] | None = None
         reading: asyncio.Task[Reading] | None = None
         writing: asyncio.Task[None] | None = None
+        page: list[ActiveRow] = []  # the page `reading` reads
 
         def start(previous: list[ActiveRow] | None) -> asyncio.Task[list[ActiveRow]] | None:
             rows = fetch(previous)
             return None if rows is None else asyncio.create_task(rows)
 
-        try:
-            fetching = start(None)
+        async def read_next() -> None:
+            """The next page that has rows, and its read started (`reading` stays None
+            when there are no more)."""
+            nonlocal fetching, reading, page
             while fetching is not None:
                 page = await fetching
                 fetching = start(page)
                 if page:
                     reading = asyncio.create_task(read(page))
-                    break
+                    # Let the read send its request before the current page's decisions
+                    # take the CPU (they do not yield), so that Redis works meanwhile.
+                    await asyncio.sleep(0)
+                    return
+
+        try:
+            fetching = start(None)
+            await read_next()
             while reading is not None:
                 got, reading = reading, None
                 page_reading = await got
-                # The page whose reading that was: `page`, which the loop has kept.
                 current = page
-                while fetching is not None:
-                    page = await fetching
-                    fetching = start(page)
-                    if page:
-                        reading = asyncio.create_task(read(page))
-                        # Let the read send its request before this page's decisions
-                        # take the CPU (they do not yield), so that Redis works meanwhile.
-                        await asyncio.sleep(0)
-                        break
+                await read_next()
                 evaluated = await self.evaluate(current, reading=page_reading)
                 if writing is not None:
                     done, writing = writing, None
