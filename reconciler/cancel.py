@@ -220,17 +220,19 @@ class CancelProcessor:
                 finally:
                     await extending
                 job = stop.job or (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
-            elif row.rq_id in self.stopper.recent:
-                # The event path saw this request's intent and stopped the horse already
-                # (the reconcile table's cancel rule): report those signals, not none.
-                stop = self.stopper.recent[row.rq_id]
+            elif (joined := await self.stopper.joined(row.rq_id)) is not None:
+                # The event path saw this request's intent and stopped the horse (the
+                # reconcile table's cancel rule), or is stopping it: the job reads ended
+                # while that stop waits for the worker. Report those signals, not none.
+                stop = joined
                 # ... and told RQ the job was canceled, once it had stopped it.
                 rq_cancelled = stop.stopped and job.status is RqStatus.CANCELED
             if stop.stopped and job.status in (RqStatus.FAILED, RqStatus.STOPPED):
                 # Make RQ say what happened: the job was canceled, not failed. Done beside
-                # the row's reconcile, which decides `cancelled` on either word.
+                # the row's reconcile, which decides `cancelled` on either word. (Canceled
+                # already: the event path's stop for this request marked it first.)
                 marking = asyncio.create_task(self.rq.cancel_job(
-                    row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED)))
+                    row.rq_id, only_from=(RqStatus.FAILED, RqStatus.STOPPED, RqStatus.CANCELED)))
         if row.rq_id and stop.stopped and stop.job is not None:
             # This flow stopped the run and saw its worker record the end. RQ's "canceled"
             # over a job its worker still lists (our own marking, racing the worker's
@@ -254,16 +256,21 @@ class CancelProcessor:
             # is about to change.
             # (10 ms, doubling to 200 ms: an app transaction that sits on the row for the
             # whole wait costs a dozen passes, not two hundred.)
+            # A change that lost a race (an event pass moved the row, queued to running,
+            # between this pass's read and its write) is decided again at once, on both
+            # sides read afresh: the status it leaves is what the outcome reports.
             deadline = time.monotonic() + LOCKED_ROW_WAIT_SECONDS
             pause = POLL_SECONDS
-            while row.rq_id in report.retry_later and time.monotonic() < deadline:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
+            while ((report.lost_races or row.rq_id in report.retry_later)
+                   and time.monotonic() < deadline):
+                if not report.lost_races:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.2)
                 report = await self.reconciler.reconcile_job_ids(
                     [job_id], intents={job_id: intent}, settle=settle)
         finally:
             if marking is not None:
-                rq_cancelled = (await marking) == "canceled"
+                rq_cancelled = (await marking) in ("canceled", "already_canceled")
         if row.rq_id in report.retry_later:
             # Held longer than that (an app transaction sits on it): no outcome yet. The
             # requests stay claimed and are carried out again when their lease ends; their
