@@ -52,9 +52,11 @@ from tests.faults.common import (
 
 # Error-level events a daemon may log while backends die under it.
 CHAOS_ERRORS_OK: set[str] = set()
-# Seconds of calm after which a job still in a queue's intermediate list is stuck there
-# (fail_jobs_stuck_in_intermediate).
-INTERMEDIATE_STUCK_AFTER = 30.0
+# Seconds of calm after which a job a dead worker left behind is failed by RQ's own
+# maintenance, run by the test (run_rq_maintenance); and how often it is run again after
+# that (an abandoned execution is failed only once its heartbeat has expired).
+MAINTENANCE_AFTER = 30.0
+MAINTENANCE_EVERY = 10.0
 
 KINDS = {  # kind -> weight
     "complete": 30, "fail": 10, "parked": 20, "hog": 10, "racy": 30,
@@ -119,21 +121,30 @@ def _redis(url: str) -> redis.Redis:
                                 socket_timeout=5)
 
 
-def fail_jobs_stuck_in_intermediate(redis_url: str, queue: str) -> list[str]:
-    """RQ's own maintenance of `queue`'s intermediate list, run now: each job found there
-    that is in no started registry and still `queued` is failed as RQ fails it ("Job was
-    stuck in intermediate queue"), with RQ's own calls. Such a job was dequeued (BLMOVE) by
-    a worker that died before its horse could start it: here, when Redis went down under
-    it. RQ does this on a worker's maintenance pass once the job has sat there a minute,
-    and workers run that pass every ten minutes, longer than this test waits; until then
-    the row says `queued` as RQ does. The ids it failed."""
+def run_rq_maintenance(redis_url: str, queue: str) -> list[str]:
+    """RQ's own maintenance of `queue`, run now, with RQ's own calls: what a worker's
+    maintenance pass does every ten minutes, longer than this test waits. The ids it failed.
+
+    Two ways a job is left behind by a worker that died (here: when Redis went down under
+    it) and that only this maintenance ends; until then the row says `queued`, as RQ does:
+    - the worker dequeued it (BLMOVE into the intermediate list) and died before it made an
+      execution: RQ fails it once it has sat there a while, if it is in no started
+      registry ("Job was stuck in intermediate queue");
+    - the worker made an execution (the job is in the started registry) and died before its
+      horse marked the job started: RQ fails it as abandoned once that execution's
+      heartbeat has expired (StartedJobRegistry.cleanup). The intermediate-list pass skips
+      such a job, as RQ's own does."""
     from rq.intermediate_queue import IntermediateQueue
     from rq.job import Job, JobStatus
+    from rq.registry import FailedJobRegistry
     from rq.worker import Worker
 
     failed: list[str] = []
     with _redis(redis_url) as conn:
         q = Queue(queue, connection=conn)
+        before = set(FailedJobRegistry(queue=q).get_job_ids())
+        q.started_job_registry.cleanup()
+        failed += [j for j in FailedJobRegistry(queue=q).get_job_ids() if j not in before]
         iq = IntermediateQueue(q.key, connection=conn)
         worker = Worker([q], connection=conn)
         for job_id in iq.get_job_ids():
@@ -147,6 +158,30 @@ def fail_jobs_stuck_in_intermediate(redis_url: str, queue: str) -> list[str]:
             failed.append(job_id)
         conn.delete(worker.key)  # the counters handle_job_failure kept for this stand-in
     return failed
+
+
+def where_in_rq(redis_url: str, queue: str, rq_ids: list[str]) -> dict[str, str]:
+    """Where each job sits in RQ, for a failure's message: its queue, the intermediate
+    list, the started registry (and when its execution's heartbeat expires), its worker."""
+    from rq.intermediate_queue import IntermediateQueue
+
+    out: dict[str, str] = {}
+    with _redis(redis_url) as conn:
+        q = Queue(queue, connection=conn)
+        queued = set(q.get_job_ids())
+        intermediate = set(IntermediateQueue(q.key, connection=conn).get_job_ids())
+        started = {m.decode(): score for m, score in
+                   conn.zrange(q.started_job_registry.key, 0, -1, withscores=True)}
+        for i in rq_ids:
+            places = [p for p, ids in (("queue", queued), ("intermediate", intermediate))
+                      if i in ids]
+            places += [f"started registry {m} (expires in {score - time.time():.0f} s)"
+                       for m, score in started.items() if m.split(":")[0] == i]
+            worker = conn.hget(f"rq:job:{i}", "worker_name")
+            if worker:
+                places.append(f"worker {worker.decode()}")
+            out[i] = ", ".join(places) or "nowhere"
+    return out
 
 
 def retry_redis(fn: Callable[[], Any], timeout: float = 60) -> Any:
@@ -340,7 +375,8 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
         # Convergence: every request done, every row terminal.
         t_calm = time.monotonic()
         deadline = t_calm + plan.converge_seconds
-        stuck_in_rq: list[str] | None = None
+        stuck_in_rq: list[str] = []
+        maintenance_at = t_calm + MAINTENANCE_AFTER
         while True:
             sample()
             world.supervise()
@@ -350,19 +386,21 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
                             list(ACTIVE), retry_for=30)
             if open_requests == 0 and active == 0:
                 break
-            if stuck_in_rq is None and time.monotonic() > t_calm + INTERMEDIATE_STUCK_AFTER:
+            if time.monotonic() > maintenance_at:
                 # By now every live worker has started what it dequeued.
-                stuck_in_rq = retry_redis(
-                    lambda: fail_jobs_stuck_in_intermediate(durable_redis.url, "default"))
+                stuck_in_rq += retry_redis(
+                    lambda: run_rq_maintenance(durable_redis.url, "default"))
+                maintenance_at = time.monotonic() + MAINTENANCE_EVERY
             if time.monotonic() > deadline:
                 stuck = pg.fetch("SELECT id, rq_job_id, status FROM training_jobs WHERE "
                                  "status = ANY($1) LIMIT 10", list(ACTIVE))
                 rq = rq_statuses(durable_redis.url, [r["rq_job_id"] for r in stuck])
-                eg = [(r["id"], r["status"], fed.kinds.get(r["rq_job_id"]), rq[r["rq_job_id"]])
-                      for r in stuck]
+                where = where_in_rq(durable_redis.url, "default", [r["rq_job_id"] for r in stuck])
+                eg = [(r["id"], r["status"], fed.kinds.get(r["rq_job_id"]), rq[r["rq_job_id"]],
+                       where[r["rq_job_id"]]) for r in stuck]
                 raise AssertionError(
                     f"no convergence after {plan.converge_seconds:g} s: {open_requests} open "
-                    f"requests, {active} active rows, e.g. (id, row, kind, rq) {eg}")
+                    f"requests, {active} active rows, e.g. (id, row, kind, rq, where in rq) {eg}")
             time.sleep(0.25)
         t_converged = time.monotonic() - t_calm
         sample()
@@ -394,8 +432,8 @@ def run_chaos(tmp_path: Path, durable_redis: RedisServer, own_pg: PostgresServer
         print(f"outcomes: {dict(outcomes)}")
         print(f"transitions: {dict(sorted(transitions.items()))}")
         print(f"daemon restarts: {dict(world.restarts)}; workers that died: {sorted(world.dead_workers)}")
-        print(f"jobs RQ left stuck in its intermediate list, failed by RQ's maintenance run "
-              f"here: {stuck_in_rq or []}")
+        print(f"jobs dead workers left behind, failed by RQ's maintenance run here: "
+              f"{stuck_in_rq}")
         print(f"warnings/errors logged: {dict(sorted(noisy.items()))}")
         print(f"exit codes at the end: {rcs}")
 
