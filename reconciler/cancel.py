@@ -220,7 +220,7 @@ class CancelProcessor:
                 finally:
                     await extending
                 job = stop.job or (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
-            elif (joined := await self.stopper.joined(row.rq_id)) is not None:
+            elif (joined := await self._joined_stop(ids, row.rq_id)) is not None:
                 # The event path saw this request's intent and stopped the horse (the
                 # reconcile table's cancel rule), or is stopping it: the job reads ended
                 # while that stop waits for the worker. Report those signals, not none.
@@ -319,6 +319,18 @@ class CancelProcessor:
             msg = stop.message or f"Job {job_id} could not be stopped (row is {status}, {rq_said})"
             await self._finish(reqs, "failed", {"success": False, "message": msg,
                                                 "horse_signals": stop.signals, **path})
+
+    async def _joined_stop(self, ids: list[int], rq_id: str) -> StopResult | None:
+        """Stopper.joined(), the requests' lease made as long as a stop of our own gets
+        while one under way is awaited."""
+        if not self.stopper.stopping(rq_id):
+            return await self.stopper.joined(rq_id)
+        extending = asyncio.create_task(self.store.requests.extend_lease(
+            ids, self.cfg.cancel.lease_seconds + self.cfg.cancel.grace_seconds))
+        try:
+            return await self.stopper.joined(rq_id)
+        finally:
+            await extending
 
     async def _route(self, reqs: list[CancelRequest], rq_id: str,
                      worker_name: str) -> tuple[dict[str, Any], Target | None] | None:
