@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -369,12 +371,48 @@ def test_daemon_without_its_tables_exits_2_once(tmp_path: Path, redis_url: str,
     assert "Traceback" not in p.stdout + p.stderr
 
 
+@dataclass
+class CancelParts:
+    """The cancel flow and the event path's stops, in this process, on the test's servers."""
+
+    store: Store
+    rq: RqState
+    procs: Processes
+    rec: Reconciler
+    stopper: Stopper
+    cancels: CancelProcessor
+
+
+@contextlib.asynccontextmanager
+async def cancel_parts(cfg_path: Path) -> AsyncIterator[CancelParts]:
+    cfg = load(str(cfg_path))
+    store, rq, procs = Store(cfg), RqState(cfg.redis.url), Processes()
+    await store.connect()
+    try:
+        metrics = Metrics()
+        workers = Workers(rq, procs)
+        rec = Reconciler(cfg, store, rq, workers, metrics)
+        stopper = Stopper(cfg, rq, procs, workers, TaskSet("test"))
+        yield CancelParts(store, rq, procs, rec, stopper,
+                          CancelProcessor(cfg, store, rq, stopper, rec, metrics))
+    finally:
+        await rq.close()
+        await store.close()
+
+
+@pytest.mark.parametrize("stop_ended", [True, False], ids=["stop-ended", "stop-under-way"])
 def test_cancel_reports_signals_the_event_path_sent_first(
-        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, tmp_marker: Path) -> None:
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, tmp_marker: Path,
+        stop_ended: bool) -> None:
     """A cancel request is also an intent the event path acts on: it may stop the horse a
     moment before the request's own flow runs (and tell RQ the job was canceled), which then
     finds the job ended. The outcome must still say which signals stopped it, and that RQ
-    was told: RQ says canceled."""
+    was told: RQ says canceled.
+
+    The event path's stop may even be under way still (the horse has exited, RQ says
+    failed, the stop has yet to see the worker record it) when the flow reads the job: the
+    flow takes that stop's result too, rather than report a cancel that sent no signal (or,
+    had the row moved meanwhile, one that "could not be stopped")."""
     cfg_path = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 5.0})
     w = workers()
     rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
@@ -383,84 +421,31 @@ def test_cancel_reports_signals_the_event_path_sent_first(
     rid = request_cancel(pg_dsn, jid, by="web:alice", reason="clicked Cancel")
 
     async def event_path_first() -> None:
-        cfg = load(str(cfg_path))
-        store, rq, procs = Store(cfg), RqState(cfg.redis.url), Processes()
-        await store.connect()
-        try:
-            metrics = Metrics()
-            workers = Workers(rq, procs)
-            rec = Reconciler(cfg, store, rq, workers, metrics)
-            stopper = Stopper(cfg, rq, procs, workers, TaskSet("test"))
-            cancels = CancelProcessor(cfg, store, rq, stopper, rec, metrics)
-            report = await rec.reconcile_rq_ids([rq_id])  # what a keyspace event triggers
+        async with cancel_parts(cfg_path) as p:
+            real_wait_exit = p.procs.wait_exit
+
+            async def slow_wait_exit(ident: Any, timeout: float) -> bool:
+                # The horse is gone when this returns True; the stop notices half a second
+                # later (what a loaded host does to the window).
+                exited = await real_wait_exit(ident, timeout)
+                await asyncio.sleep(0.5)
+                return exited
+
+            if not stop_ended:
+                p.procs.wait_exit = slow_wait_exit  # type: ignore[method-assign]
+            report = await p.rec.reconcile_rq_ids([rq_id])  # what a keyspace event triggers
             assert [h.rq_id for h in report.horse_stops] == [rq_id]
-            stopper.stop_for_reconcile(report.horse_stops)
-            assert await stopper.tasks.drain(30)
-            while (await rq.read_jobs([rq_id]))[rq_id].status is RqStatus.STARTED:
+            p.stopper.stop_for_reconcile(report.horse_stops)
+            if stop_ended:
+                assert await p.stopper.tasks.drain(30)
+            while (await p.rq.read_jobs([rq_id]))[rq_id].status is RqStatus.STARTED:
                 await asyncio.sleep(0.01)
-            assert await cancels.process_pending() == 1  # now the request's own flow
-            assert await cancels.drain(30)
-        finally:
-            await rq.close()
-            await store.close()
+            assert p.stopper.stopping(rq_id) is not stop_ended
+            assert await p.cancels.process_pending() == 1  # now the request's own flow
+            assert await p.cancels.drain(30)
+            assert await p.stopper.tasks.drain(30)
 
     asyncio.run(event_path_first())
-    req = wait_request(pg_dsn, rid, timeout=5)
-    assert req["outcome"] == "cancelled", req
-    assert req["detail"]["horse_signals"] == ["SIGTERM"]
-    assert req["detail"]["rq_cancelled"] is True
-    assert rq_status(redis_url, rq_id) == "canceled"
-    assert "SIGTERM" in tmp_marker.read_text() and not pid_alive(horse)
-    assert row(pg_dsn, jid)["status"] == "cancelled"
-
-
-def test_cancel_joins_the_stop_the_event_path_has_under_way(
-        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, tmp_marker: Path) -> None:
-    """The event path's stop for a request may still be under way (the horse has exited,
-    RQ says failed, the stop has yet to see the worker record it) when the request's own
-    flow reads the job. That flow must take the stop's result, not report a cancel that
-    sent no signal (or, had the row moved meanwhile, one that "could not be stopped")."""
-    cfg_path = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 5.0})
-    w = workers()
-    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
-    jid = insert_job(pg_dsn, rq_id)
-    horse = w.wait_horse()
-    rid = request_cancel(pg_dsn, jid, by="web:alice", reason="clicked Cancel")
-
-    async def flow_meets_a_stop_under_way() -> None:
-        cfg = load(str(cfg_path))
-        store, rq, procs = Store(cfg), RqState(cfg.redis.url), Processes()
-        await store.connect()
-        real_wait_exit = procs.wait_exit
-
-        async def slow_wait_exit(ident: Any, timeout: float) -> bool:
-            # The horse is gone when this returns True; the stop notices half a second
-            # later (what a loaded host does to the window).
-            exited = await real_wait_exit(ident, timeout)
-            await asyncio.sleep(0.5)
-            return exited
-
-        procs.wait_exit = slow_wait_exit  # type: ignore[method-assign]
-        try:
-            metrics = Metrics()
-            workers = Workers(rq, procs)
-            rec = Reconciler(cfg, store, rq, workers, metrics)
-            stopper = Stopper(cfg, rq, procs, workers, TaskSet("test"))
-            cancels = CancelProcessor(cfg, store, rq, stopper, rec, metrics)
-            report = await rec.reconcile_rq_ids([rq_id])  # what a keyspace event triggers
-            assert [h.rq_id for h in report.horse_stops] == [rq_id]
-            stopper.stop_for_reconcile(report.horse_stops)
-            while (await rq.read_jobs([rq_id]))[rq_id].status is RqStatus.STARTED:
-                await asyncio.sleep(0.01)
-            assert stopper.stopping(rq_id), "the stop ended before the flow could meet it"
-            assert await cancels.process_pending() == 1  # the request's own flow, now
-            assert await cancels.drain(30)
-            assert await stopper.tasks.drain(30)
-        finally:
-            await rq.close()
-            await store.close()
-
-    asyncio.run(flow_meets_a_stop_under_way())
     req = wait_request(pg_dsn, rid, timeout=5)
     assert req["outcome"] == "cancelled", req
     assert req["detail"]["horse_signals"] == ["SIGTERM"]
@@ -480,37 +465,26 @@ def test_cancel_decides_again_when_its_change_loses_a_race(
     rq_id = enqueue(redis_url, "tests.jobs.sleep", 60)  # no worker: it waits in its queue
     jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
     rid = request_cancel(pg_dsn, jid)
+    moved: list[str] = []
 
     async def a_pass_moves_the_row_first() -> None:
-        cfg = load(str(cfg_path))
-        store, rq, procs = Store(cfg), RqState(cfg.redis.url), Processes()
-        await store.connect()
-        real_apply = store.apply
-        moved: list[Any] = []
+        async with cancel_parts(cfg_path) as p:
+            store, real_apply = p.store, p.store.apply
 
-        async def apply_after_another_pass(changes: Any) -> Any:
-            if not moved and any(c.job_id == jid for c in changes):
-                assert store.pool is not None
-                async with store.pool.acquire() as conn:
-                    moved.append(await conn.execute(
-                        "UPDATE training_jobs SET status = 'running' WHERE id = $1", jid))
-            return await real_apply(changes)
+            async def apply_after_another_pass(changes: Any) -> Any:
+                if not moved and any(c.job_id == jid for c in changes):
+                    assert store.pool is not None
+                    async with store.pool.acquire() as conn:
+                        moved.append(await conn.execute(
+                            "UPDATE training_jobs SET status = 'running' WHERE id = $1", jid))
+                return await real_apply(changes)
 
-        store.apply = apply_after_another_pass  # type: ignore[method-assign]
-        try:
-            metrics = Metrics()
-            workers = Workers(rq, procs)
-            rec = Reconciler(cfg, store, rq, workers, metrics)
-            stopper = Stopper(cfg, rq, procs, workers, TaskSet("test"))
-            cancels = CancelProcessor(cfg, store, rq, stopper, rec, metrics)
-            assert await cancels.process_pending() == 1
-            assert await cancels.drain(30)
-        finally:
-            await rq.close()
-            await store.close()
-        assert moved == ["UPDATE 1"]
+            store.apply = apply_after_another_pass  # type: ignore[method-assign]
+            assert await p.cancels.process_pending() == 1
+            assert await p.cancels.drain(30)
 
     asyncio.run(a_pass_moves_the_row_first())
+    assert moved == ["UPDATE 1"]
     req = wait_request(pg_dsn, rid, timeout=5)
     assert req["outcome"] == "cancelled", req
     assert req["detail"]["rq_cancelled"] is True
