@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -31,6 +31,7 @@ from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResu
 from reconciler.store import ActiveRow, CancelRequest, Store
 
 log = structlog.get_logger("reconciler.cancel")
+T = TypeVar("T")
 
 # Cancels carried out at once; the rest wait their turn (their lease is long enough).
 CONCURRENT_CANCELS = 32
@@ -210,17 +211,12 @@ class CancelProcessor:
                 if routed is None:
                     return  # handed to the replica on the job's host: it writes the outcome
                 path, target = routed
-                # The longer lease is written while the horse is signalled, not before: a
-                # round trip less between the request and the SIGTERM.
-                extending = asyncio.create_task(self.store.requests.extend_lease(
-                    ids, self.cfg.cancel.lease_seconds + self.cfg.cancel.grace_seconds))
-                try:
-                    stop = await self.stopper.stop(row.rq_id, job.worker_name, job.started_at,
-                                                   target=target)
-                finally:
-                    await extending
+                stop = await self._leased(ids, self.stopper.stop(
+                    row.rq_id, job.worker_name, job.started_at, target=target))
                 job = stop.job or (await self.rq.read_jobs([row.rq_id]))[row.rq_id]
-            elif (joined := await self._joined_stop(ids, row.rq_id)) is not None:
+            elif (joined := await self._leased(ids, self.stopper.joined(row.rq_id))
+                  if self.stopper.stopping(row.rq_id)
+                  else self.stopper.recent.get(row.rq_id)) is not None:
                 # The event path saw this request's intent and stopped the horse (the
                 # reconcile table's cancel rule), or is stopping it: the job reads ended
                 # while that stop waits for the worker. Report those signals, not none.
@@ -320,15 +316,15 @@ class CancelProcessor:
             await self._finish(reqs, "failed", {"success": False, "message": msg,
                                                 "horse_signals": stop.signals, **path})
 
-    async def _joined_stop(self, ids: list[int], rq_id: str) -> StopResult | None:
-        """Stopper.joined(), the requests' lease made as long as a stop of our own gets
-        while one under way is awaited."""
-        if not self.stopper.stopping(rq_id):
-            return await self.stopper.joined(rq_id)
+    async def _leased(self, ids: list[int], stopping: Awaitable[T]) -> T:
+        """`stopping` (a stop of the job, ours or one under way) awaited while the requests'
+        lease is made longer by the grace period a stop may take. The longer lease is
+        written while the horse is signalled, not before: a round trip less between the
+        request and the SIGTERM."""
         extending = asyncio.create_task(self.store.requests.extend_lease(
             ids, self.cfg.cancel.lease_seconds + self.cfg.cancel.grace_seconds))
         try:
-            return await self.stopper.joined(rq_id)
+            return await stopping
         finally:
             await extending
 

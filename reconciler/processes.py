@@ -121,10 +121,6 @@ def to_wall(boot_seconds: float) -> float:
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_seconds)
 
 
-def _create_time(pid: int) -> float | None:
-    return proc_start(pid)
-
-
 # /proc/<pid>/stat states of a process that has ended: zombie, dead ('x' before Linux 3.13);
 # and '' from _state(): gone, or the pid is another process's now.
 _ENDED = frozenset({"", "Z", "X", "x"})

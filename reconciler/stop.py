@@ -92,15 +92,12 @@ class Stopper:
     def stopping(self, rq_id: str) -> bool:
         return rq_id in self._running
 
-    async def joined(self, rq_id: str) -> StopResult | None:
-        """The stop of `rq_id` under way (awaited to its end) or ended a moment ago, if
-        any. The event path may stop a horse for a cancel request before the request's own
-        flow reads the job: that flow then reads the job ended, by this very stop, while
-        the stop may still be waiting for the worker to record it."""
-        task = self._running.get(rq_id)
-        if task is not None:
-            return await asyncio.shield(task)
-        return self.recent.get(rq_id)
+    async def joined(self, rq_id: str) -> StopResult:
+        """The result of the stop of `rq_id` under way (`stopping(rq_id)`), once it ends.
+        The event path may stop a horse for a cancel request before the request's own flow
+        reads the job: that flow then reads the job ended, by this very stop, while the
+        stop may still be waiting for the worker to record it."""
+        return await asyncio.shield(self._running[rq_id])
 
     async def stop(self, rq_id: str, worker_name: str, started_at: datetime | None, *,
                    target: Target | None = None) -> StopResult:
