@@ -23,12 +23,13 @@ import structlog
 from reconciler.aio import TaskSet
 from reconciler.config import Config
 from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
-from reconciler.model import WAITING, CancelIntent, RqStatus
+from reconciler.model import WAITING, ActiveRow, CancelIntent, RqStatus
 from reconciler.reconcile import PassReport, Reconciler
+from reconciler.requests_table import CancelRequest
 from reconciler.rq_state import RqState
 from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResult, Target
-from reconciler.store import ActiveRow, CancelRequest, Store
 
 log = structlog.get_logger("reconciler.cancel")
 T = TypeVar("T")

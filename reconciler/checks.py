@@ -473,7 +473,7 @@ async def _check_postgres_session(cfg: Config) -> list[Line]:
     pg = cfg.postgres
     pooled = pg.pooler == "transaction"
     lines: list[Line] = []
-    # The pool's own connection options (store.py Store.connect).
+    # The pool's own connection options (pgpool.open_pool).
     options: dict[str, Any] = ({"statement_cache_size": 0} if pooled else
                                {"server_settings": {"lock_timeout": "2000"}})
     try:

@@ -190,7 +190,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     import asyncio
 
     from reconciler.aio import cancel_until_done
-    from reconciler.store import Store
+    from reconciler.jobs_table import Store
 
     out = _ChangeOutput(cfg, as_json=as_json, dry_run=dry_run)
     store = Store(cfg)
@@ -430,7 +430,7 @@ async def _schema_where(cfg: Config) -> _SchemaWhere:
     import asyncpg
 
     from reconciler.config import quote_ident
-    from reconciler.store import translated
+    from reconciler.pgpool import translated
 
     schema, dot, _ = cfg.cancel.requests_table.rpartition(".")
     version_table = f"{schema}{dot}rq_reconciler_schema"
@@ -474,7 +474,7 @@ async def _cancel(cfg: Config, job_id: str, reason: str, by: str, wait: float | 
     import asyncpg
 
     from reconciler.client import CancelTimeout, cancel_async
-    from reconciler.store import translated
+    from reconciler.pgpool import translated
 
     async with translated():
         # A session of its own: it LISTENs for the outcome (a pooler would lose the NOTIFY).

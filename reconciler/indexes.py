@@ -19,7 +19,8 @@ from typing import Any
 import asyncpg
 
 from reconciler.config import Config, derived_ident, quote_ident
-from reconciler.store import Store, active_predicate
+from reconciler.jobs_sql import active_predicate, read_queries, row_select
+from reconciler.pgpool import Names
 
 # The alias the store's statements give the jobs table (partitions: t_1, t_2, ...).
 _JOBS_ALIAS = "t"
@@ -106,9 +107,11 @@ async def _id_type(conn: asyncpg.Connection, cfg: Config) -> str | None:
 
 
 async def _queries(conn: asyncpg.Connection, cfg: Config, id_type: str) -> dict[str, str]:
-    """The store's statements; before `migrate` has made our first-seen table, which they
-    join, the same reads without it (the jobs table is read the same way)."""
-    queries = dict(Store(cfg).build_queries(id_type))
+    """The sweep's and the lookups' statements (jobs_sql, as the store runs them); before
+    `migrate` has made our first-seen table, which they join, the same reads without it
+    (the jobs table is read the same way)."""
+    names = Names.of(cfg)
+    queries = read_queries(names, id_type, active_predicate(cfg), row_select(names))
     if await conn.fetchval("SELECT to_regclass($1)", quote_ident(cfg.first_seen_table)) is None:
         j = cfg.jobs
         t, cid = quote_ident(j.table), quote_ident(j.id_column)

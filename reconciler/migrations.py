@@ -13,7 +13,7 @@ import asyncpg
 from reconciler.config import MAX_IDENT_BYTES, Config, derived_ident, quote_ident
 from reconciler.errors import SchemaError
 from reconciler.indexes import advise, print_sql_section
-from reconciler.store import translated
+from reconciler.pgpool import translated
 
 MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -85,6 +85,14 @@ class JobRow(NamedTuple):
     first_seen: datetime | None = None
 
 
+class ActiveRow(NamedTuple):
+    """A job row as the sweep and the lookups read it, with its age in seconds (since it
+    started, or was first seen)."""
+
+    row: JobRow
+    age_seconds: float
+
+
 class RqJob(NamedTuple):
     """What Redis says about one RQ job, read fresh."""
 

@@ -20,12 +20,12 @@ from reconciler.cancel import CancelProcessor
 from reconciler.config import Config
 from reconciler.errors import BackendUnavailable, DataRejected
 from reconciler.health import Health, Wakeups
+from reconciler.jobs_table import RowChange, Store
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
 from reconciler.stop import Stopper
-from reconciler.store import RowChange, Store
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue
 

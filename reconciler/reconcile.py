@@ -24,8 +24,10 @@ import structlog
 
 from reconciler.config import Config
 from reconciler.errors import RedisUnavailable
+from reconciler.jobs_table import RowChange, Store
 from reconciler.model import (
     Action,
+    ActiveRow,
     CancelIntent,
     Decision,
     Reason,
@@ -36,7 +38,6 @@ from reconciler.model import (
 )
 from reconciler.rq_state import RqState, WorkerRecord
 from reconciler.stop import HorseStop
-from reconciler.store import ActiveRow, RowChange, Store
 from reconciler.workers import Workers
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served

@@ -17,8 +17,9 @@ import structlog
 
 from reconciler.aio import Backoff, retry_forever
 from reconciler.health import Health
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
-from reconciler.store import REPLICA_STALE_SECONDS, Store
+from reconciler.replicas_table import REPLICA_STALE_SECONDS
 
 log = structlog.get_logger("reconciler.replicas")
 

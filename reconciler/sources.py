@@ -21,8 +21,8 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable, KeyspaceConfigError
 from reconciler.health import Health, Wakeups
 from reconciler.metrics import Metrics
+from reconciler.pgpool import listen
 from reconciler.rq_state import RqState, missing_keyspace_flags
-from reconciler.store import listen
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue
 

@@ -25,15 +25,16 @@ from reconciler.cancel import CancelProcessor
 from reconciler.config import Config, ConfigError, load, redact
 from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
 from reconciler.health import Health, Wakeups
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics, MetricsServer
 from reconciler.passes import Aftercare, CancelLoop, EventPasses, IntentWatch, Sweeps
+from reconciler.pgpool import translated
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.replicas import Replicas
 from reconciler.rq_state import RqState
 from reconciler.sources import CancelNotifications, KeyspaceEvents, LocalWorkerDeaths
 from reconciler.stop import Stopper
-from reconciler.store import Store, translated
 from reconciler.systemd import sd_notify, watchdog, watchdog_interval
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue

@@ -17,7 +17,7 @@ from typing import Any
 
 from reconciler.config import Config, quote_ident
 from reconciler.devstack.sync_pg import Pg
-from reconciler.store import Store
+from reconciler.jobs_table import Store
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
     ids = [r["id"] for r in recs] or [0]
     rq_ids = [r["rq"] for r in recs if r["rq"]] or ["none"]
     s = j.statuses
-    texts = [str(i) for i in ids]  # id lists travel as text[] (store._texts)
+    texts = [str(i) for i in ids]  # id lists travel as text[] (pgpool.id_texts)
     change = [str(ids[0]), s.running, s.failed, "Orphaned: RQ job not found", "orphaned",
               "missing", None, None, False, True, {"rq_id": rq_ids[0]}]
     return {

@@ -28,11 +28,11 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
-from reconciler.store import Store
 from reconciler.workers import Workers
 from tests.faults.common import log_events
 from tests.support import insert_job, row, wait_status

@@ -22,11 +22,11 @@ from structlog.testing import capture_logs
 
 from reconciler.config import Config, load
 from reconciler.errors import PostgresUnavailable
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import EXC_NOT_READ, RqState
-from reconciler.store import Store
 from reconciler.workers import Workers
 from tests.support import insert_job, metric_value, row, run_cli, statuses, sweep_json, write_config
 

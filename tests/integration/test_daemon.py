@@ -40,13 +40,13 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
+from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.model import RqStatus
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_state import RqState
 from reconciler.stop import Stopper
-from reconciler.store import Store
 from reconciler.workers import Workers
 
 EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,

@@ -30,7 +30,7 @@ from reconciler.devstack import (
     write_config,
 )
 from reconciler.devstack.pgbouncer import PgBouncer, pgbouncer_bin
-from reconciler.store import Store
+from reconciler.jobs_table import Store
 
 pytestmark = pytest.mark.skipif(pgbouncer_bin() is None,
                                 reason="pgbouncer not installed (scripts/install-ci-tools.sh)")

@@ -29,11 +29,11 @@ from reconciler.devstack import (
     write_config,
 )
 from reconciler.errors import BackendUnavailable, RedisUnavailable
+from reconciler.jobs_table import RowChange, Store
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
-from reconciler.store import RowChange, Store
 from reconciler.workers import Workers
 from tests.support import sweep_json
 

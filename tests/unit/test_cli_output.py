@@ -11,9 +11,9 @@ import pytest
 
 from reconciler.cli import _ChangeOutput
 from reconciler.config import from_mapping
+from reconciler.jobs_table import RowChange
 from reconciler.reconcile import PassReport
 from reconciler.stop import HorseStop
-from reconciler.store import RowChange
 
 CFG = from_mapping({})
 

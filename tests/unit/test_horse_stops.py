@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from reconciler.config import from_mapping
-from reconciler.model import CancelIntent, JobRow, RqJob, RqStatus, WorkerState, decide
+from reconciler.model import ActiveRow, CancelIntent, JobRow, RqJob, RqStatus, WorkerState, decide
 from reconciler.reconcile import Evaluated, Reconciler
-from reconciler.store import ActiveRow
 
 CFG = from_mapping({}, environ={})
 S = CFG.jobs.statuses

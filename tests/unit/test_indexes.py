@@ -8,7 +8,7 @@ import pytest
 
 from reconciler.config import from_mapping
 from reconciler.indexes import _page_plan_problem, active_index_sql, rq_id_index_sql
-from reconciler.store import active_predicate
+from reconciler.jobs_sql import active_predicate
 
 
 def test_recommended_indexes_name_the_configured_table_columns_and_words() -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from reconciler.config import Config
+from reconciler.model import ActiveRow
 from reconciler.reconcile import Evaluated, Reading, Reconciler
-from reconciler.store import ActiveRow
 
 
 def _rows(*ids: int) -> list[ActiveRow]:

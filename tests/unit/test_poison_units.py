@@ -20,6 +20,7 @@ from reconciler.errors import (
     SchemaError,
     UnknownJob,
 )
+from reconciler.jobs_table import RowChange, Store
 from reconciler.model import (
     DETAIL_TEXT_CAP,
     REPLACEMENT,
@@ -32,6 +33,7 @@ from reconciler.model import (
     sql_text,
     storable,
 )
+from reconciler.pgpool import _connection_lost, translate
 from reconciler.rq_state import (
     EXC_NOT_READ,
     EXC_TAIL,
@@ -45,7 +47,6 @@ from reconciler.rq_state import (
     name_problem,
     printable_key,
 )
-from reconciler.store import RowChange, Store, _connection_lost, translate
 
 # -- texts bound to SQL -----------------------------------------------------------------------
 
