@@ -50,7 +50,7 @@ from reconciler.devstack import (
     wait_until,
 )
 from reconciler.devstack.rqvenv import rq_version_of, worker_python
-from reconciler.rq_state import parse_time
+from reconciler.rq_layout import parse_time
 
 SERIES = ("2", "3")
 N_CANCELS = 12

@@ -40,7 +40,7 @@ from bench.common import (
     verdict,
 )
 from reconciler.devstack import DaemonProc, Pg, WorkerPool
-from reconciler.rq_state import parse_time as parse_rq_time
+from reconciler.rq_layout import parse_time as parse_rq_time
 
 RATE = 50.0
 WORKERS = 24

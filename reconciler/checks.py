@@ -27,12 +27,8 @@ from reconciler.config import Config, quote_ident, redact
 from reconciler.errors import BackendUnavailable
 from reconciler.indexes import advise
 from reconciler.redisconn import async_client, is_sentinel, parse_sentinel_url, sentinel_masters
-from reconciler.rq_state import (
-    WORKER_EXECUTIONS_SUFFIX,
-    RqState,
-    missing_keyspace_flags,
-    worker_gone_reason,
-)
+from reconciler.rq_layout import WORKER_EXECUTIONS_SUFFIX, missing_keyspace_flags, worker_gone_reason
+from reconciler.rq_state import RqState
 
 _TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
 _TIME_TYPES = {"timestamp with time zone", "timestamp without time zone"}

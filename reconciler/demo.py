@@ -38,7 +38,7 @@ from reconciler.devstack import (
     wait_until,
 )
 from reconciler.devstack.binaries import pg_bindir, redis_server_bin
-from reconciler.rq_state import parse_time
+from reconciler.rq_layout import parse_time
 
 T0 = time.monotonic()
 

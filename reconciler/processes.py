@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from reconciler.rq_state import WorkerRecord
+from reconciler.rq_layout import WorkerRecord
 
 if TYPE_CHECKING:
     # psutil is imported by what lists and inspects a worker's children (proving a horse);

@@ -36,7 +36,8 @@ from reconciler.model import (
     WorkerState,
     decide,
 )
-from reconciler.rq_state import RqState, WorkerRecord
+from reconciler.rq_layout import WorkerRecord
+from reconciler.rq_state import RqState
 from reconciler.stop import HorseStop
 from reconciler.workers import Workers
 

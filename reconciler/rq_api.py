@@ -3,7 +3,7 @@ its keys. The daemon's only module that imports rq (besides `check`'s ACL probes
 
 It is imported on the first write, not with the reads: a one-shot `sweep` that never
 writes through RQ does not pay rq's import (about a tenth of its start-up here). The
-reads in rq_state.py build RQ's key shapes from literals, which tests/unit/
+reads (rq_state.py) build RQ's key shapes from rq_layout.py's literals, which tests/unit/
 test_rq_layout.py holds to the shapes `rq_key_shapes()` takes from the imported rq, on
 RQ 2 and RQ 3 alike.
 
@@ -44,7 +44,7 @@ def tail(key: str) -> str:
 
 def rq_key_shapes() -> dict[str, str]:
     """The shapes of RQ's keys as the imported rq builds them (without the prefix), named
-    as rq_state.py names its literals."""
+    as rq_layout.py names its literals."""
     return {
         "job": tail(Job.redis_job_namespace_prefix),
         "queue": tail(Queue.redis_queue_namespace_prefix),

@@ -22,7 +22,8 @@ from reconciler.errors import BackendUnavailable, KeyspaceConfigError
 from reconciler.health import Health, Wakeups
 from reconciler.metrics import Metrics
 from reconciler.pgpool import listen
-from reconciler.rq_state import RqState, missing_keyspace_flags
+from reconciler.rq_layout import missing_keyspace_flags
+from reconciler.rq_state import RqState
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue
 

@@ -24,7 +24,8 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable
 from reconciler.model import RqJob, RqStatus
 from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
-from reconciler.rq_state import RqState, WorkerRecord, stop_command, worker_gone_reason
+from reconciler.rq_layout import WorkerRecord, stop_command, worker_gone_reason
+from reconciler.rq_state import RqState
 from reconciler.workers import Workers
 
 log = structlog.get_logger("reconciler.stop")

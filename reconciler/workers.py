@@ -19,7 +19,8 @@ import structlog
 from reconciler.errors import BackendUnavailable
 from reconciler.model import RqJob, RqStatus, WorkerState
 from reconciler.processes import PidWatcher, Processes, ProcIdentity, identity_alive
-from reconciler.rq_state import RqState, WorkerRecord, worker_gone_reason
+from reconciler.rq_layout import WorkerRecord, worker_gone_reason
+from reconciler.rq_state import RqState
 
 log = structlog.get_logger("reconciler.workers")
 

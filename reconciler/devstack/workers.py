@@ -42,7 +42,7 @@ from reconciler.devstack.redis_server import redis_client
 from reconciler.devstack.rqvenv import worker_python
 from reconciler.devstack.wait import wait_until
 from reconciler.rq_api import IMPORTED_PREFIX
-from reconciler.rq_state import WORKER_EXECUTIONS_SUFFIX, Keys
+from reconciler.rq_layout import WORKER_EXECUTIONS_SUFFIX, Keys
 
 FORK_WORKER = "rq.worker.Worker"
 SPAWN_WORKER = "rq.worker.SpawnWorker"  # the same path in RQ 2.12 and 3.0 (rq/worker/__init__.py)

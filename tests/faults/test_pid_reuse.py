@@ -44,7 +44,7 @@ from reconciler.processes import (
     identity_alive,
     proc_start,
 )
-from reconciler.rq_state import WorkerRecord, parse_time
+from reconciler.rq_layout import WorkerRecord, parse_time
 from reconciler.workers import Candidate, Workers
 from tests.faults.common import insert_requests
 

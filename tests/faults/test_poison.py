@@ -26,7 +26,8 @@ from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
-from reconciler.rq_state import EXC_NOT_READ, RqState
+from reconciler.rq_layout import EXC_NOT_READ
+from reconciler.rq_state import RqState
 from reconciler.workers import Workers
 from tests.support import insert_job, metric_value, row, run_cli, statuses, sweep_json, write_config
 

@@ -35,7 +35,8 @@ from reconciler.devstack import (
 )
 from reconciler.model import RqStatus
 from reconciler.processes import HORSE_SLACK_SECONDS, Processes
-from reconciler.rq_state import Layout, RqState, worker_gone_reason
+from reconciler.rq_layout import Layout, worker_gone_reason
+from reconciler.rq_state import RqState
 from reconciler.workers import Candidate, Workers
 from tests.decoy_worker import MARKER_ENV
 

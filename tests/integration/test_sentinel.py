@@ -31,7 +31,8 @@ from reconciler.devstack import (
 )
 from reconciler.devstack.sentinel import SentinelSet
 from reconciler.errors import RedisUnavailable
-from reconciler.rq_state import RqState, missing_keyspace_flags
+from reconciler.rq_layout import missing_keyspace_flags
+from reconciler.rq_state import RqState
 
 # Workers take the same URL as the daemon through this connection class.
 SENTINEL_WORKER = ("--connection-class", "reconciler.redisconn.SentinelAwareRedis")

@@ -9,12 +9,14 @@ import pytest
 import redis.exceptions
 
 import reconciler.rq_api
+import reconciler.rq_layout
 import reconciler.rq_state
 from reconciler.checks import AclProbe, _denial, acl_probes
 from reconciler.config import from_mapping
 from reconciler.rq_state import RqState
 
-SOURCE = "\n".join(Path(m.__file__).read_text() for m in (reconciler.rq_state, reconciler.rq_api))
+SOURCE = "\n".join(Path(m.__file__).read_text()
+                   for m in (reconciler.rq_layout, reconciler.rq_state, reconciler.rq_api))
 
 # redis-py / RQ calls in rq_state.py -> the commands they send, as ACL rules name them.
 SENDS = {

@@ -34,15 +34,15 @@ from reconciler.model import (
     storable,
 )
 from reconciler.pgpool import _connection_lost, translate
-from reconciler.rq_state import (
+from reconciler.rq_layout import (
     EXC_NOT_READ,
     EXC_TAIL,
     MAX_NAME,
-    _decode_exc,
-    _job_from_script,
+    decode_exc,
     decode_key,
     inflate_tail,
     job_from_hash,
+    job_from_script,
     job_id_from_key,
     name_problem,
     printable_key,
@@ -164,19 +164,19 @@ def test_a_zlib_bomb_is_not_inflated_whole() -> None:
     assert len(bomb) < 100_000
     end, complete = inflate_tail(bomb, budget=1 << 20)
     assert not complete and len(end) <= EXC_TAIL
-    text = _decode_exc(base64.b64encode(bomb), b64=True)
+    text = decode_exc(base64.b64encode(bomb), b64=True)
     assert text.endswith(EXC_NOT_READ)
     assert len(text) <= EXC_TAIL + len(EXC_NOT_READ) + 1
 
 
 def test_a_clipped_stream_says_its_end_was_not_read() -> None:
     data = zlib.compress(b"".join(b"frame %d\n" % i for i in range(50_000)) + b"OSError: x")
-    assert _decode_exc(data[: len(data) // 2], b64=False).endswith(EXC_NOT_READ)
+    assert decode_exc(data[: len(data) // 2], b64=False).endswith(EXC_NOT_READ)
 
 
 def test_garbage_exception_text_is_empty() -> None:
-    assert _decode_exc(b"!!not base64!!", b64=True) == ""
-    assert _decode_exc(b"not zlib", b64=False) == ""
+    assert decode_exc(b"!!not base64!!", b64=True) == ""
+    assert decode_exc(b"not zlib", b64=False) == ""
 
 
 def test_failed_job_with_a_bomb_gets_a_bounded_line() -> None:
@@ -217,11 +217,11 @@ def test_decode_key_and_printable_key() -> None:
 
 
 def test_a_wrong_type_reply_makes_only_that_job_unreadable() -> None:
-    job = _job_from_script("j", [b"!ERR", b"WRONGTYPE Operation against a key holding the "
+    job = job_from_script("j", [b"!ERR", b"WRONGTYPE Operation against a key holding the "
                                            b"wrong kind of value"])
     assert job.status is RqStatus.UNREADABLE and "WRONGTYPE" in job.raw_status
-    assert _job_from_script("j", b"garbage").status is RqStatus.UNREADABLE
-    assert _job_from_script("j", 0).status is RqStatus.MISSING
+    assert job_from_script("j", b"garbage").status is RqStatus.UNREADABLE
+    assert job_from_script("j", 0).status is RqStatus.MISSING
 
 
 def test_a_started_job_naming_a_worker_that_is_not_utf8_is_unreadable() -> None:

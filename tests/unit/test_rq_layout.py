@@ -12,7 +12,7 @@ import rq.executions
 
 from reconciler.config import ConfigError, from_mapping
 from reconciler.rq_api import IMPORTED_PREFIX, RefusingSerializer, prefix_problem, rq_key_shapes
-from reconciler.rq_state import (
+from reconciler.rq_layout import (
     WORKER_EXECUTIONS_SUFFIX,
     Keys,
     Layout,
@@ -56,14 +56,14 @@ def test_keys_match_what_the_imported_rq_builds() -> None:
 
 
 def test_key_shape_literals_are_the_imported_rqs() -> None:
-    """rq_state.py reads without importing rq: its literal shapes must be RQ's own."""
-    from reconciler import rq_state
+    """rq_layout.py reads without importing rq: its literal shapes must be RQ's own."""
+    from reconciler import rq_layout
 
     shapes = rq_key_shapes()
     assert shapes == {
-        "job": rq_state._JOB, "queue": rq_state._QUEUE, "worker": rq_state._WORKER,
-        "workers": rq_state._WORKERS, "pubsub": rq_state._PUBSUB, "results": rq_state._RESULTS,
-        "job_executions": rq_state._JOB_EXECUTIONS, "intermediate": rq_state._INTERMEDIATE,
+        "job": rq_layout._JOB, "queue": rq_layout._QUEUE, "worker": rq_layout._WORKER,
+        "workers": rq_layout._WORKERS, "pubsub": rq_layout._PUBSUB, "results": rq_layout._RESULTS,
+        "job_executions": rq_layout._JOB_EXECUTIONS, "intermediate": rq_layout.INTERMEDIATE_SUFFIX,
     }
 
 

@@ -15,7 +15,7 @@ from reconciler.aio import TaskSet
 from reconciler.config import from_mapping
 from reconciler.model import RqJob, RqStatus
 from reconciler.processes import ProcIdentity
-from reconciler.rq_state import DEFAULT_KEYS, WorkerRecord
+from reconciler.rq_layout import DEFAULT_KEYS, WorkerRecord
 from reconciler.stop import HorseStop, Stopper
 
 HORSE = ProcIdentity(4242, 1.0)
