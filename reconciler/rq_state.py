@@ -15,6 +15,8 @@ RQ 2.x and 3.x side by side: each worker's layout is read from Redis, never take
 rq this package imports, so a fleet mid-upgrade is read worker by worker (rq_layout.py).
 Job data is never deserialized: reads are raw fields, and RQ's API gets a serializer that
 refuses to load or dump anything.
+
+Its ~600 lines are mostly its two read scripts, kept beside the calls that pass their ARGV.
 """
 
 from __future__ import annotations

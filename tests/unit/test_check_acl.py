@@ -11,8 +11,8 @@ import redis.exceptions
 import reconciler.rq_api
 import reconciler.rq_layout
 import reconciler.rq_state
-from reconciler.checks import AclProbe, _denial, acl_probes
 from reconciler.config import from_mapping
+from reconciler.redis_acl import AclProbe, acl_probes, denial
 from reconciler.rq_state import RqState
 
 SOURCE = "\n".join(Path(m.__file__).read_text()
@@ -64,7 +64,7 @@ def sent_by_rq_state() -> set[str]:
         elif method not in NOT_COMMANDS:
             raise AssertionError(
                 f"rq_state.py calls {obj}.{method}(): add the commands it sends to "
-                "reconciler.checks.acl_probes and to SENDS here")
+                "reconciler.redis_acl.acl_probes and to SENDS here")
     return found
 
 
@@ -122,4 +122,4 @@ def test_probes_use_the_daemons_key_and_channel_shapes() -> None:
 ])
 def test_denials_say_what_to_grant(exc: redis.exceptions.ResponseError, probe: AclProbe,
                                    what: str, rule: str) -> None:
-    assert _denial(exc, probe) == (what, rule)
+    assert denial(exc, probe) == (what, rule)
