@@ -21,20 +21,9 @@ from pathlib import Path
 from rq.command import send_stop_job_command
 from rq.job import Job
 
-from bench.common import (
-    banner,
-    bench_env,
-    bucket_summary,
-    env_info,
-    footer,
-    histogram_quantile,
-    make_workdir,
-    ms,
-    percentile,
-    print_table,
-    run,
-    verdict,
-)
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.stack import bench_env, make_workdir
+from bench.stats import bucket_summary, histogram_quantile, ms, percentile
 from reconciler.devstack import (
     DaemonProc,
     Pg,

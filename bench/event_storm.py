@@ -22,24 +22,11 @@ from datetime import datetime
 import psutil
 from rq.job import Job
 
-from bench.common import (
-    DriverWorker,
-    ProcSampler,
-    banner,
-    bench_env,
-    cpu_seconds,
-    env_info,
-    footer,
-    make_workdir,
-    mb,
-    ms,
-    pace,
-    percentile,
-    pg_copy_rows,
-    print_table,
-    run,
-    verdict,
-)
+from bench.procs import ProcSampler, cpu_seconds
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import DriverWorker, pace
+from bench.stack import bench_env, make_workdir, pg_copy_rows
+from bench.stats import mb, ms, percentile
 from reconciler.devstack import DaemonProc, Pg, metric_value, pg_fetch
 
 CHANGES_PER_S = 5000

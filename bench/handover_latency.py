@@ -19,7 +19,9 @@ import os
 import signal
 from pathlib import Path
 
-from bench.common import banner, bench_env, env_info, footer, make_workdir, ms, percentile, print_table, run
+from bench.report import banner, env_info, footer, print_table, run
+from bench.stack import bench_env, make_workdir
+from bench.stats import ms, percentile
 from reconciler.devstack import (
     Host,
     Pg,

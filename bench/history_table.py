@@ -2,7 +2,7 @@
 
 9,980,000 finished rows (completed, failed, cancelled over three years; loaded by one
 INSERT ... SELECT generate_series, indexes built afterwards) and, after them, 20,000
-active rows in issue 13's mix (SWEEP_MIX in bench/common.py: half started on one live,
+active rows in issue 13's mix (SWEEP_MIX in bench/rq_data.py: half started on one live,
 idle local `rq worker`, the rest finished, failed, stopped/canceled, missing in Redis or
 without an RQ id), RQ hashes made with RQ's API. The table has what the seed's has: a
 primary key and an index on rq_job_id.
@@ -27,21 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (
-    SEED,
-    banner,
-    bench_env,
-    env_info,
-    footer,
-    load_history,
-    make_workdir,
-    median,
-    mixed_kinds,
-    print_table,
-    run,
-    seed_mixed,
-    verdict,
-)
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import SEED, load_history, mixed_kinds, seed_mixed
+from bench.stack import bench_env, make_workdir
+from bench.stats import median
 from reconciler.config import load
 from reconciler.devstack import REPO_ROOT, Pg, WorkerPool, harness_env, run_cli
 from reconciler.devstack.explain import explain_store_queries

@@ -14,19 +14,10 @@ import time
 
 import psutil
 
-from bench.common import (
-    banner,
-    bench_env,
-    cpu_seconds,
-    env_info,
-    footer,
-    make_workdir,
-    mb,
-    pg_copy_rows,
-    print_table,
-    run,
-    verdict,
-)
+from bench.procs import cpu_seconds
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.stack import bench_env, make_workdir, pg_copy_rows
+from bench.stats import mb
 from reconciler.devstack import DaemonProc, WorkerPool
 
 IDLE_SECONDS = 60.0

@@ -17,18 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    banner,
-    bench_env,
-    env_info,
-    footer,
-    make_workdir,
-    ms,
-    percentile,
-    print_table,
-    run,
-    verdict,
-)
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.stack import bench_env, make_workdir
+from bench.stats import ms, percentile
 from reconciler.devstack import (
     DaemonProc,
     Pg,

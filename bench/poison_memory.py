@@ -25,17 +25,9 @@ from pathlib import Path
 
 import redis
 
-from bench.common import (
-    banner,
-    bench_env,
-    create_rq_jobs,
-    env_info,
-    footer,
-    make_workdir,
-    print_table,
-    run,
-    verdict,
-)
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import create_rq_jobs
+from bench.stack import bench_env, make_workdir
 from reconciler.devstack import (
     DaemonProc,
     Pg,

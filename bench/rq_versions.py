@@ -23,20 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import (
-    Env,
-    banner,
-    bench_env,
-    env_info,
-    footer,
-    make_workdir,
-    ms,
-    pace,
-    percentile,
-    pg_copy_rows,
-    print_table,
-    run,
-)
+from bench.report import banner, env_info, footer, print_table, run
+from bench.rq_data import pace
+from bench.stack import Env, bench_env, make_workdir, pg_copy_rows
+from bench.stats import ms, percentile
 from reconciler.devstack import (
     DaemonProc,
     Pg,

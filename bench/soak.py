@@ -25,20 +25,11 @@ from datetime import UTC, datetime
 
 from rq import Queue
 
-from bench.common import (
-    ProcSampler,
-    banner,
-    bench_env,
-    cpu_seconds,
-    env_info,
-    footer,
-    make_workdir,
-    mb,
-    pace,
-    print_table,
-    run,
-    verdict,
-)
+from bench.procs import ProcSampler, cpu_seconds
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import pace
+from bench.stack import bench_env, make_workdir
+from bench.stats import mb
 from reconciler.devstack import DaemonProc, Pg, WorkerPool
 from reconciler.rq_layout import parse_time as parse_rq_time
 

@@ -1,7 +1,7 @@
 """One sweep over 1,000,000 active rows: time and peak memory, CLI and daemon.
 
 1,000,000 rows (status running, started_at 1 h ago) in issue 13's mix (SWEEP_MIX in
-bench/common.py: half started on one live, idle local `rq worker`, 20% finished, 10%
+bench/rq_data.py: half started on one live, idle local `rq worker`, 20% finished, 10%
 failed, 5% stopped/canceled, 10% missing in Redis, 5% with no RQ id): 500,000 change.
 Each status's RQ keys are made once with RQ's API and copied to every id (DUMP/RESTORE:
 clone_rq_jobs), which is what makes a million of them quick to set up.
@@ -28,22 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (
-    SEED,
-    Launcher,
-    ProcSampler,
-    banner,
-    bench_env,
-    env_info,
-    footer,
-    make_workdir,
-    mb,
-    mixed_kinds,
-    print_table,
-    run,
-    seed_mixed,
-    verdict,
-)
+from bench.procs import Launcher, ProcSampler
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import SEED, mixed_kinds, seed_mixed
+from bench.stack import bench_env, make_workdir
+from bench.stats import mb
 from reconciler.devstack import REPO_ROOT, DaemonProc, Pg, WorkerPool, harness_env
 
 ROWS = 1_000_000

@@ -1,7 +1,7 @@
 """`rq-reconciler sweep` vs the seed's cleanup script written the naive way.
 
 20,000 active rows (status running, started_at 1 h ago), in issue 13's mix (SWEEP_MIX in
-bench/common.py): 50% started on one live, idle local `rq worker` (they stay running),
+bench/rq_data.py): 50% started on one live, idle local `rq worker` (they stay running),
 20% finished, 10% failed (exception text in RQ's results stream), 5% stopped or
 canceled, 10% whose RQ job is missing, 5% with no RQ id. RQ hashes are made with RQ's
 own API (Job.create/save/set_status, Result.create_failure). Seeded shuffle, so which
@@ -38,20 +38,10 @@ from pathlib import Path
 
 import redis
 
-from bench.common import (
-    SEED,
-    banner,
-    bench_env,
-    env_info,
-    footer,
-    make_workdir,
-    median,
-    mixed_kinds,
-    print_table,
-    run,
-    seed_mixed,
-    verdict,
-)
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import SEED, mixed_kinds, seed_mixed
+from bench.stack import bench_env, make_workdir
+from bench.stats import median
 from reconciler.devstack import REPO_ROOT, WorkerPool, harness_env, pg_fetch
 
 ROWS = 20_000

@@ -27,25 +27,11 @@ import redis
 from rq import Queue
 from rq.job import Job
 
-from bench.common import (
-    DriverWorker,
-    Env,
-    banner,
-    bench_env,
-    bucket_summary,
-    cpu_seconds,
-    env_info,
-    footer,
-    histogram_quantile,
-    make_workdir,
-    ms,
-    pace,
-    percentile,
-    pg_copy_rows,
-    print_table,
-    run,
-    verdict,
-)
+from bench.procs import cpu_seconds
+from bench.report import banner, env_info, footer, print_table, run, verdict
+from bench.rq_data import DriverWorker, pace
+from bench.stack import Env, bench_env, make_workdir, pg_copy_rows
+from bench.stats import bucket_summary, histogram_quantile, ms, percentile
 from reconciler.devstack import (
     DaemonProc,
     WorkerPool,
