@@ -164,7 +164,7 @@ def async_client(url: str, **kwargs: Any) -> aioredis.Redis:
             timeout=kwargs.get("socket_timeout") or 5.0, **kwargs)
         return aioredis.Redis.from_pool(pool)  # as from_url does: the client owns its pool
     s = parse_sentinel_url(url)
-    sentinel = asentinel.Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = asentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2 on
         list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs(kwargs), **s.connection_kwargs())
     client: aioredis.Redis = sentinel.master_for(s.master, redis_class=_AsyncMaster, **kwargs)
     return client
@@ -175,9 +175,9 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis:
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **kwargs)
     s = parse_sentinel_url(url)
-    sentinel = ssentinel.Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = ssentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2 on
         list(s.sentinels), sentinel_kwargs=s.sentinel_kwargs(kwargs), **s.connection_kwargs())
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         s.master, redis_class=_SyncMaster, **kwargs)
     return client
 

@@ -369,7 +369,7 @@ class RqState:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
         finally:
             with contextlib.suppress(*_REDIS_ERRORS):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             with contextlib.suppress(*_REDIS_ERRORS):
                 await client.aclose()
 
