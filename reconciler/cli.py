@@ -179,11 +179,33 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.cmd == "check":
             return _run(_check(cfg))
     except ReconcilerError as exc:
-        print(f"rq-reconciler: {exc}", file=sys.stderr)
+        print(f"rq-reconciler: {_with_address(cfg, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _with_address(cfg: Config, exc: ReconcilerError) -> str:
+    """`exc`'s message, naming where the backend it is about was sought (host:port, never
+    a password): an outage, or PostgreSQL refusing the login (SQLSTATE class 28)."""
+    from reconciler.urls import addresses
+
+    text = str(exc)
+    backend = getattr(exc, "backend", None)
+    if backend is None and str(getattr(exc.__cause__, "sqlstate", "") or "").startswith("28"):
+        backend, text = "postgres", f"postgres: {text}"
+    if backend == "redis":
+        where = addresses(cfg.redis.url)
+    elif backend == "postgres":
+        where = ",".join(dict.fromkeys(a for a in (addresses(cfg.postgres.dsn),
+                                                   addresses(cfg.postgres.session_dsn)) if a))
+    else:
+        return text
+    prefix = f"{backend}: "
+    if where and text.startswith(prefix):
+        return f"{backend} at {where}: {text[len(prefix):]}"
+    return text
 
 
 async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
