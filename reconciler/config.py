@@ -216,8 +216,23 @@ class MetricsConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        """"9464" alone is loopback's port (127.0.0.1); ":9464", an empty host, is every
+        IPv4 interface (0.0.0.0), as asked for in so many words; "[::1]:9464" IPv6.
+        ValueError when it is none of these."""
+        host, colon, port = self.listen.strip().rpartition(":")
+        if not colon:
+            return "127.0.0.1", _port(port)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError("an IPv6 address goes in brackets: [::1]:9464")
+        return host or "0.0.0.0", _port(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{text!r} is not a port number")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -430,11 +445,10 @@ def _validate(cfg: Config, env_keys: dict[str, str] | None = None) -> None:
                           "LISTEN and the sweep lock need a session; give a direct (or "
                           "session-pooled) DSN")
     try:
-        _host, port = cfg.metrics.host_port
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError("metrics.listen", f"expected HOST:PORT, got {cfg.metrics.listen!r}") from None
+        cfg.metrics.host_port  # noqa: B018 - it raises what is wrong
+    except ValueError as exc:
+        raise ConfigError("metrics.listen", f"expected HOST:PORT (or a port alone, for 127.0.0.1), "
+                          f"got {cfg.metrics.listen!r}: {exc}") from None
     if not 0 < cfg.sweep.max_orphan_fraction <= 1:
         raise ConfigError("sweep.max_orphan_fraction", "must be in (0, 1]")
     if not cfg.instance.name:

@@ -347,3 +347,17 @@ async def test_close_stops_listening_and_drops_connections() -> None:
         idle.close()
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@both_loops
+async def test_metrics_listen_port_alone_binds_loopback_and_empty_host_every_interface() -> None:
+    from reconciler.config import from_mapping
+
+    for listen, bound in (("0", {"127.0.0.1"}), (":0", {"0.0.0.0"})):
+        host, port = from_mapping({"metrics": {"listen": listen}}, environ={}).metrics.host_port
+        srv = MetricsServer(Metrics(), lambda: True, host, port)
+        await srv.start()
+        try:
+            assert {s.getsockname()[0] for s in srv._socks} == bound
+        finally:
+            await srv.close()
