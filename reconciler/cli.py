@@ -28,19 +28,27 @@ GC_THRESHOLD = 10_000
 CONNECT_HEAD_START_STEPS = 4
 
 
+_CONFIG_HELP = ("config file (default: $RQ_RECONCILER_CONFIG, else /etc/rq-reconciler/config.toml); "
+                "before or after the command")
+_DEMO_HELP = "the whole story on throwaway Redis + Postgres and real RQ workers"
+# Commands that read no config: --config given to them is a mistake, said so.
+_NO_CONFIG = ("demo", "example-config", "example-unit")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rq-reconciler",
         description="Keeps a Postgres jobs table true to RQ's real state in Redis.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Before the command or after it: `rq-reconciler --config X check` = `check --config X`.
+    p.add_argument("--config", metavar="PATH", default=None, help=_CONFIG_HELP)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", metavar="PATH",
-                        help="config file (default: $RQ_RECONCILER_CONFIG, else "
-                             "/etc/rq-reconciler/config.toml)")
+        # SUPPRESS: not given here, it leaves the value given before the command.
+        sp.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=_CONFIG_HELP)
         return sp
 
     cmd("run", "run the daemon")
@@ -62,14 +70,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the GRANTs that let database role ROLE request cancels and "
                           "read their outcomes (and nothing more); changes nothing")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
-    sub.add_parser("example-config", help="print the example configuration (every key, its "
-                   "default and what it does) to start /etc/rq-reconciler/config.toml from",
-                   description="print the example configuration")
-    sub.add_parser("example-unit", help="print the systemd unit (for "
-                   "/etc/systemd/system/rq-reconciler.service)",
-                   description="print the systemd unit")
-    sp = cmd("demo", "the whole story on throwaway Redis + Postgres and real RQ workers")
+    # The commands that read no config accept --config only to refuse it with a reason.
+    sp = sub.add_parser("example-config", help="print the example configuration (every key, its "
+                        "default and what it does) to start /etc/rq-reconciler/config.toml from",
+                        description="print the example configuration")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp = sub.add_parser("example-unit", help="print the systemd unit (for "
+                        "/etc/systemd/system/rq-reconciler.service)",
+                        description="print the systemd unit")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp = sub.add_parser("demo", help=_DEMO_HELP, description=_DEMO_HELP + " (it makes its own "
+                        "config: it takes no --config)")
     sp.add_argument("--keep", action="store_true", help="leave everything running at the end")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -138,7 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd in _NO_CONFIG and args.config is not None:
+        why = ("it starts its own Redis and PostgreSQL and writes its own config"
+               if args.cmd == "demo" else "it prints a file and reads none")
+        parser.error(f"{args.cmd} takes no --config: {why}")
     try:
         if args.cmd in ("example-config", "example-unit"):
             # Files a pip-installed package has no other way to hand over.

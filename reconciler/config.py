@@ -468,7 +468,9 @@ def load(path: str | None = None, *, environ: dict[str, str] | None = None,
     if not p.exists():
         if missing_ok:
             return from_mapping({}, source="<defaults>", environ=environ)
-        raise ConfigError("<file>", f"{resolved} does not exist (use --config or ${ENV_CONFIG})")
+        raise ConfigError("<file>", f"{resolved} does not exist (use --config or ${ENV_CONFIG}; "
+                          f"`rq-reconciler example-config > {resolved}` writes one to start "
+                          "from, every key commented)")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
