@@ -35,6 +35,19 @@ _DEMO_HELP = "the whole story on throwaway Redis + Postgres and real RQ workers"
 _NO_CONFIG = ("demo", "example-config", "example-unit")
 
 
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (argparse's float() takes "nan" and "inf")."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rq-reconciler",
@@ -61,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", help="the jobs table's id of the job")
     sp.add_argument("--reason", default="", help="why (stored on the request)")
     sp.add_argument("--by", default="cli", help="who asks (requested_by)")
-    sp.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+    sp.add_argument("--wait", type=_seconds, metavar="SECONDS", default=None,
                     help="wait for the outcome and print it as JSON")
     sp = cmd("migrate", "create/upgrade rq-reconciler's tables and trigger")
     how = sp.add_mutually_exclusive_group()
