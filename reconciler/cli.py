@@ -10,6 +10,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -28,19 +29,40 @@ GC_THRESHOLD = 10_000
 CONNECT_HEAD_START_STEPS = 4
 
 
+_CONFIG_HELP = ("config file (default: $RQ_RECONCILER_CONFIG, else /etc/rq-reconciler/config.toml); "
+                "before or after the command")
+_DEMO_HELP = "the whole story on throwaway Redis + Postgres and real RQ workers"
+# Commands that read no config: --config given to them is a mistake, said so.
+_NO_CONFIG = ("demo", "example-config", "example-unit")
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (argparse's float() takes "nan" and "inf")."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rq-reconciler",
         description="Keeps a Postgres jobs table true to RQ's real state in Redis.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # Before the command or after it: `rq-reconciler --config X check` = `check --config X`.
+    p.add_argument("--config", metavar="PATH", default=None, help=_CONFIG_HELP)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", metavar="PATH",
-                        help="config file (default: $RQ_RECONCILER_CONFIG, else "
-                             "/etc/rq-reconciler/config.toml)")
+        # SUPPRESS: not given here, it leaves the value given before the command.
+        sp.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=_CONFIG_HELP)
         return sp
 
     cmd("run", "run the daemon")
@@ -53,23 +75,33 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("job_id", help="the jobs table's id of the job")
     sp.add_argument("--reason", default="", help="why (stored on the request)")
     sp.add_argument("--by", default="cli", help="who asks (requested_by)")
-    sp.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+    sp.add_argument("--wait", type=_seconds, metavar="SECONDS", default=None,
                     help="wait for the outcome and print it as JSON")
     sp = cmd("migrate", "create/upgrade rq-reconciler's tables and trigger")
     how = sp.add_mutually_exclusive_group()
-    how.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
+    how.add_argument("--print-sql", action="store_true",
+                     help="print the SQL instead of running it; made from the config alone "
+                          "(no connection), for a DBA to run")
+    sp.add_argument("--id-type", metavar="TYPE", default="bigint",
+                    help="with --print-sql: the type of the jobs table's id column (default "
+                         "bigint; the SQL stops with a clear error if it is another)")
     how.add_argument("--print-grants", metavar="ROLE",
                      help="print the GRANTs that let database role ROLE request cancels and "
                           "read their outcomes (and nothing more); changes nothing")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
-    sub.add_parser("example-config", help="print the example configuration (every key, its "
-                   "default and what it does) to start /etc/rq-reconciler/config.toml from",
-                   description="print the example configuration")
-    sub.add_parser("example-unit", help="print the systemd unit (for "
-                   "/etc/systemd/system/rq-reconciler.service)",
-                   description="print the systemd unit")
-    sp = cmd("demo", "the whole story on throwaway Redis + Postgres and real RQ workers")
+    # The commands that read no config accept --config only to refuse it with a reason.
+    sp = sub.add_parser("example-config", help="print the example configuration (every key, its "
+                        "default and what it does) to start /etc/rq-reconciler/config.toml from",
+                        description="print the example configuration")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp = sub.add_parser("example-unit", help="print the systemd unit (for "
+                        "/etc/systemd/system/rq-reconciler.service)",
+                        description="print the systemd unit")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp = sub.add_parser("demo", help=_DEMO_HELP, description=_DEMO_HELP + " (it makes its own "
+                        "config: it takes no --config)")
     sp.add_argument("--keep", action="store_true", help="leave everything running at the end")
+    sp.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -138,7 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd in _NO_CONFIG and args.config is not None:
+        why = ("it starts its own Redis and PostgreSQL and writes its own config"
+               if args.cmd == "demo" else "it prints a file and reads none")
+        parser.error(f"{args.cmd} takes no --config: {why}")
     try:
         if args.cmd in ("example-config", "example-unit"):
             # Files a pip-installed package has no other way to hand over.
@@ -175,15 +212,43 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.cmd == "migrate":
             if args.print_grants is not None:
                 return _run(_print_grants(cfg, args.print_grants))
-            return _run(_migrate(cfg, print_only=args.print_sql))
+            if args.print_sql:
+                return _print_sql(cfg, args.id_type)
+            if args.id_type != "bigint":
+                print("rq-reconciler: --id-type goes with --print-sql (migrate reads the type "
+                      "from the database)", file=sys.stderr)
+                return 2
+            return _run(_migrate(cfg))
         if args.cmd == "check":
             return _run(_check(cfg))
     except ReconcilerError as exc:
-        print(f"rq-reconciler: {exc}", file=sys.stderr)
+        print(f"rq-reconciler: {_with_address(cfg, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _with_address(cfg: Config, exc: ReconcilerError) -> str:
+    """`exc`'s message, naming where the backend it is about was sought (host:port, never
+    a password): an outage, or PostgreSQL refusing the login (SQLSTATE class 28)."""
+    from reconciler.urls import addresses
+
+    text = str(exc)
+    backend = getattr(exc, "backend", None)
+    if backend is None and str(getattr(exc.__cause__, "sqlstate", "") or "").startswith("28"):
+        backend, text = "postgres", f"postgres: {text}"
+    if backend == "redis":
+        where = addresses(cfg.redis.url)
+    elif backend == "postgres":
+        where = ",".join(dict.fromkeys(a for a in (addresses(cfg.postgres.dsn),
+                                                   addresses(cfg.postgres.session_dsn)) if a))
+    else:
+        return text
+    prefix = f"{backend}: "
+    if where and text.startswith(prefix):
+        return f"{backend} at {where}: {text[len(prefix):]}"
+    return text
 
 
 async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> int:
@@ -389,12 +454,58 @@ class _Spool:
             self._file = None
 
 
-async def _migrate(cfg: Config, *, print_only: bool) -> int:
+# A type name as format_type() writes one: words, digits, (precision), [], dots, quotes.
+_TYPE_NAME = re.compile(r'[A-Za-z_"][A-Za-z0-9_ ."$]*(\([0-9, ]+\))?(\[\])*')
+
+
+def _print_sql(cfg: Config, id_type: str) -> int:
+    """`migrate --print-sql`: the SQL `migrate` would run, from the config alone. The one
+    thing it needs from the database, the id column's type, comes from --id-type, and a
+    guard at the top stops the script if the table says otherwise (the foreign key needs
+    the same type). The indexes on the jobs table follow as comments, unchecked: `check`
+    says which exist."""
+    from reconciler.config import quote_ident
+    from reconciler.indexes import active_index_sql, rq_id_index_sql
+    from reconciler.migrations import render_migrations
+
+    id_type = " ".join(id_type.split())
+    if not _TYPE_NAME.fullmatch(id_type):
+        print(f"rq-reconciler: --id-type {id_type!r} is not a type name (bigint, uuid, text, "
+              "integer, character varying(64), ...)", file=sys.stderr)
+        return 2
+    table, column = cfg.jobs.table, cfg.jobs.id_column
+    lit = _sql_literal
+    guard = (
+        f"-- rq-reconciler migrate --print-sql, made from {cfg.source} alone (no connection).\n"
+        f"-- Run it whole, stopping at the first error: psql -v ON_ERROR_STOP=1 "
+        "--single-transaction -f FILE\n"
+        f"-- {table}.{column} is taken to be {id_type} (--id-type); this stops here if it is not.\n"
+        "DO $rq_reconciler_id_type$\nDECLARE found regtype;\nBEGIN\n"
+        "    SELECT atttypid::regtype INTO found FROM pg_attribute\n"
+        f"     WHERE attrelid = to_regclass({lit(quote_ident(table))}) AND attname = {lit(column)}"
+        " AND NOT attisdropped;\n"
+        "    IF found IS NULL THEN\n"
+        f"        RAISE EXCEPTION 'jobs table % has no column %', {lit(table)}, {lit(column)};\n"
+        f"    ELSIF found IS DISTINCT FROM {lit(id_type)}::regtype THEN\n"
+        f"        RAISE EXCEPTION '%.% is %, not %: print the SQL again with --id-type %', "
+        f"{lit(table)}, {lit(column)}, found, {lit(id_type)}, quote_literal(found::text);\n"
+        "    END IF;\nEND\n$rq_reconciler_id_type$;\n\n")
+    indexes = (
+        f"\n-- Indexes on the application's table {table}: `rq-reconciler migrate` never builds "
+        "one.\n-- `rq-reconciler check` says which exist; run each missing one on its own, "
+        "outside a\n-- transaction block (it does not block writes):\n"
+        f"-- {active_index_sql(cfg)}\n-- {rq_id_index_sql(cfg)}\n")
+    print(guard + render_migrations(cfg, id_type) + indexes)
+    return 0
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def _migrate(cfg: Config) -> int:
     from reconciler.migrations import SCHEMA_VERSION, migrate
 
-    if print_only:
-        print(await migrate(cfg, print_only=True))
-        return 0
     before = await _schema_where(cfg)
     await migrate(cfg)
     after = await _schema_where(cfg)

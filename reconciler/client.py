@@ -7,7 +7,19 @@
     return out.as_dict()        # {"success": true, "message": "Job 123 cancelled successfully", ...}
 
 `cancel` takes any DB-API connection the app already has (psycopg 3, psycopg2, SQLAlchemy's
-`engine.raw_connection()`); `cancel_async` an asyncpg connection or pool. Nothing here adds
+`engine.raw_connection()`); `cancel_async` an asyncpg connection or pool.
+
+Where rq-reconciler's config names another requests table or channel than the defaults
+(`cancel.requests_table`, `cancel.channel`), say so once, at start-up, and every call uses
+it (a call's own `requests_table=` / `channel=` still wins):
+
+    from reconciler import client
+    client.configure(requests_table="app.rq_reconciler_cancel_requests")
+    # or from the daemon's own config file:
+    client.configure_from(reconciler.config.load("/etc/rq-reconciler/config.toml"))
+    # or, to keep several apart, a Client of one's own:
+    cancels = client.Client(requests_table="app.rq_reconciler_cancel_requests")
+    out = cancels.cancel(conn, job_id, reason="...", wait=30) Nothing here adds
 a dependency: it speaks SQL through the app's own driver, with the privileges that
 `rq-reconciler migrate --print-grants` prints (INSERT of job_id, requested_by, reason; SELECT
 of the outcome columns), and nothing more.
@@ -20,26 +32,33 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reconciler.config import _IDENT, derived_ident, quote_ident
 from reconciler.errors import InvalidJobId, ReconcilerError, UnknownJob
 from reconciler.model import clean_text, storable
+
+if TYPE_CHECKING:
+    from reconciler.config import Config
 
 __all__ = [
     "DEFAULT_CHANNEL",
     "DEFAULT_REQUESTS_TABLE",
     "CancelOutcome",
     "CancelTimeout",
+    "Client",
     "InvalidJobId",
     "UnknownJob",
     "cancel",
     "cancel_async",
+    "configure",
+    "configure_from",
 ]
 
 DEFAULT_REQUESTS_TABLE = "rq_reconciler_cancel_requests"
@@ -127,6 +146,75 @@ def _names(requests_table: str, channel: str) -> tuple[str, str]:
     return quote_ident(requests_table), derived_ident(channel, "_done")
 
 
+def _check_wait(wait: float | None) -> float | None:
+    """`wait` as seconds: None (do not wait) or a finite number >= 0. A NaN would make the
+    deadline never come (every comparison with it is false), an infinity never end."""
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, int | float):
+        raise TypeError(f"wait must be a number of seconds or None, got {type(wait).__name__}")
+    if not math.isfinite(wait) or wait < 0:
+        raise ValueError(f"wait must be a finite number of seconds >= 0 (or None), got {wait!r}")
+    return float(wait)
+
+
+@dataclass(frozen=True)
+class Client:
+    """Where cancel requests go: the requests table and the channel whose `_done` the
+    outcome is NOTIFYed on, as `cancel.requests_table` and `cancel.channel` in
+    rq-reconciler's config. Checked when made (ValueError for a name that is not a plain
+    identifier)."""
+
+    requests_table: str = DEFAULT_REQUESTS_TABLE
+    channel: str = DEFAULT_CHANNEL
+
+    def __post_init__(self) -> None:
+        _names(self.requests_table, self.channel)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Client:
+        """The names a loaded rq-reconciler config gives (reconciler.config.load)."""
+        return cls(requests_table=cfg.cancel.requests_table, channel=cfg.cancel.channel)
+
+    def cancel(self, conn: DBAPIConnection, job_id: Any, *, reason: str,
+               requested_by: str | None = None, wait: float | None = None) -> CancelOutcome:
+        """`cancel()` on this client's table and channel."""
+        return cancel(conn, job_id, reason=reason, requested_by=requested_by, wait=wait,
+                      requests_table=self.requests_table, channel=self.channel)
+
+    async def cancel_async(self, db: Any, job_id: Any, *, reason: str,
+                           requested_by: str | None = None,
+                           wait: float | None = None) -> CancelOutcome:
+        """`cancel_async()` on this client's table and channel."""
+        return await cancel_async(db, job_id, reason=reason, requested_by=requested_by,
+                                  wait=wait, requests_table=self.requests_table,
+                                  channel=self.channel)
+
+
+_configured = Client()
+
+
+def configure(*, requests_table: str | None = None, channel: str | None = None) -> Client:
+    """Set the requests table and/or channel that `cancel` and `cancel_async` use when a call
+    names none (once, at the app's start-up); returns the Client now in use. What is not
+    given keeps its current value."""
+    global _configured
+    _configured = Client(
+        requests_table=_configured.requests_table if requests_table is None else requests_table,
+        channel=_configured.channel if channel is None else channel)
+    return _configured
+
+
+def configure_from(cfg: Config) -> Client:
+    """`configure()` from a loaded rq-reconciler config (reconciler.config.load)."""
+    return configure(requests_table=cfg.cancel.requests_table, channel=cfg.cancel.channel)
+
+
+def _resolved(requests_table: str | None, channel: str | None) -> tuple[str, str]:
+    return (_configured.requests_table if requests_table is None else requests_table,
+            _configured.channel if channel is None else channel)
+
+
 # -- SQL: the same statements for both drivers; {p1}.. are the driver's placeholders ----------
 
 # The id goes in as text and is cast to what job_id is (bigint, uuid, text, a domain...), so
@@ -189,15 +277,19 @@ def _no_table(requests_table: str) -> ReconcilerError:
 
 async def cancel_async(db: Any, job_id: Any, *, reason: str, requested_by: str | None = None,
                        wait: float | None = None,
-                       requests_table: str = DEFAULT_REQUESTS_TABLE,
-                       channel: str = DEFAULT_CHANNEL) -> CancelOutcome:
+                       requests_table: str | None = None,
+                       channel: str | None = None) -> CancelOutcome:
     """Request the cancel of `job_id` (the jobs table's id: int, str, UUID...) on an asyncpg
     connection or pool. Without `wait`, return at once (state "pending"); with it, wait up
-    to `wait` seconds for the outcome, else raise CancelTimeout.
+    to `wait` seconds (finite, >= 0; else ValueError) for the outcome, else raise
+    CancelTimeout. `requests_table` and `channel`: those `configure()` set (by default
+    rq-reconciler's defaults) unless given here.
 
     UnknownJob: no such job. InvalidJobId: not a value of the id column's type. A
     transaction of the caller's own is kept: the INSERT runs in a savepoint, and commits
     with it; waiting inside one is refused (the daemon could not see the request)."""
+    wait = _check_wait(wait)
+    requests_table, channel = _resolved(requests_table, channel)
     table, done_channel = _names(requests_table, channel)
     jid, reason, requested_by = _texts(job_id, reason, requested_by)
     if hasattr(db, "acquire"):  # a pool: one connection for the LISTEN, the INSERT and reads
@@ -337,14 +429,16 @@ def _one(conn: Any, sql: str, params: Any) -> Sequence[Any] | None:
 
 
 def cancel(conn: DBAPIConnection, job_id: Any, *, reason: str, requested_by: str | None = None,
-           wait: float | None = None, requests_table: str = DEFAULT_REQUESTS_TABLE,
-           channel: str = DEFAULT_CHANNEL) -> CancelOutcome:
+           wait: float | None = None, requests_table: str | None = None,
+           channel: str | None = None) -> CancelOutcome:
     """`cancel_async` for a DB-API connection (psycopg 3, psycopg2, SQLAlchemy's raw
     connection). Called outside a transaction, it commits its INSERT (the daemon sees the
     request at once). Called inside one, it leaves the commit to the caller and runs the
     INSERT in a savepoint (a refusal keeps the caller's transaction); `wait` is then
     refused. A driver that does not say whether a transaction is open is taken to have none.
     Waiting polls the request row (a few ms at first, then every 250 ms)."""
+    wait = _check_wait(wait)
+    requests_table, channel = _resolved(requests_table, channel)
     table, _done = _names(requests_table, channel)  # channel unused: the sync side polls
     jid, reason, requested_by = _texts(job_id, reason, requested_by)
     status = _tx_status(conn)

@@ -15,7 +15,16 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+
+from reconciler.urls import (
+    SCHEME,
+    UrlError,
+    authority_end,
+    check_postgres_dsn,
+    check_redis_url,
+    check_sentinel_userinfo,
+    raw_password_end,
+)
 
 DEFAULT_CONFIG_PATH = "/etc/rq-reconciler/config.toml"
 ENV_CONFIG = "RQ_RECONCILER_CONFIG"
@@ -87,7 +96,6 @@ def _check_ident(key: str, value: str, *, qualified: bool = False) -> str:
     return value
 
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # A query parameter whose name ends in "password" (password, sslpassword, ssl_password):
 # the value runs to the next parameter or the fragment.
 _QUERY_SECRET = re.compile(r"([?&;][^=&;#]*password=)[^&;#]*", re.IGNORECASE)
@@ -101,32 +109,6 @@ _KV_SECRET = re.compile(
 _MASK = "***"
 
 
-def _authority_end(s: str) -> int:
-    return min((i for i in (s.find(c) for c in "/?#") if i != -1), default=len(s))
-
-
-def _raw_password_end(rest: str, end: int) -> int:
-    """Where a password that was not percent-encoded ends, or -1.
-
-    `rest` is a URL after its `scheme://`, and `end` where its authority ends by the RFC.
-    An `@` past that end closes the userinfo unless it sits in a query value
-    (`?user=me@corp` has an `=` before it in its parameter): a raw `/` (base64), `?` or
-    `#` in the password moved it there."""
-    query = rest.find("?", end)
-    fragment = rest.find("#", end)
-    found = -1
-    for i in range(end, len(rest)):
-        if rest[i] != "@":
-            continue
-        in_query = query != -1 and i > query and (fragment == -1 or i < fragment)
-        if in_query:
-            seg = max(rest.rfind(c, 0, i) for c in "?&;")
-            if "=" in rest[seg:i]:
-                continue
-        found = i
-    return found
-
-
 def redact(url: str) -> str:
     """Hide every password in a URL or libpq DSN, for logs and `check` output.
 
@@ -136,17 +118,17 @@ def redact(url: str) -> str:
     and was not (a raw `/`, `?` or `#` in it) is still hidden. libpq key/value DSNs:
     `password=` values, quoted or not. When in doubt it hides too much, never too little.
     """
-    m = _SCHEME.match(url)
+    m = SCHEME.match(url)
     if m is None:
         return _KV_SECRET.sub(lambda k: k.group(1) + _MASK, url)
     head, rest = url[:m.end()], url[m.end():]
-    end = _authority_end(rest)
-    at = max(rest.rfind("@", 0, end), _raw_password_end(rest, end))
+    end = authority_end(rest)
+    at = max(rest.rfind("@", 0, end), raw_password_end(rest, end))
     if at == -1:
         shown, tail = rest[:end], rest[end:]
     else:
         userinfo, after = rest[:at], rest[at:]
-        host_end = _authority_end(after)
+        host_end = authority_end(after)
         user, colon, _password = userinfo.partition(":")
         shown = (f"{user}:{_MASK}" if colon else userinfo) + after[:host_end]
         tail = after[host_end:]
@@ -234,8 +216,23 @@ class MetricsConfig:
 
     @property
     def host_port(self) -> tuple[str, int]:
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]") or "0.0.0.0", int(port)
+        """"9464" alone is loopback's port (127.0.0.1); ":9464", an empty host, is every
+        IPv4 interface (0.0.0.0), as asked for in so many words; "[::1]:9464" IPv6.
+        ValueError when it is none of these."""
+        host, colon, port = self.listen.strip().rpartition(":")
+        if not colon:
+            return "127.0.0.1", _port(port)
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError("an IPv6 address goes in brackets: [::1]:9464")
+        return host or "0.0.0.0", _port(port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError(f"{text!r} is not a port number")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -369,17 +366,48 @@ def from_mapping(raw: dict[str, Any], *, source: str = "<mapping>",
             raise ConfigError(key, f"unknown section (known: {', '.join(sorted(_SECTIONS))})")
         parts[key] = _section(_SECTIONS[key], value, key)
     cfg = Config(**parts, source=source)
+    env_keys = {key: var for key, var in (("redis.url", ENV_REDIS_URL), ("postgres.dsn", ENV_POSTGRES_DSN),
+                                          ("postgres.listen_dsn", ENV_POSTGRES_LISTEN_DSN))
+                if env.get(var)}
     if env.get(ENV_REDIS_URL):
         cfg = replace(cfg, redis=replace(cfg.redis, url=env[ENV_REDIS_URL]))
     if env.get(ENV_POSTGRES_DSN):
         cfg = replace(cfg, postgres=replace(cfg.postgres, dsn=env[ENV_POSTGRES_DSN]))
     if env.get(ENV_POSTGRES_LISTEN_DSN):
         cfg = replace(cfg, postgres=replace(cfg.postgres, listen_dsn=env[ENV_POSTGRES_LISTEN_DSN]))
-    _validate(cfg)
+    _validate(cfg, env_keys)
     return cfg
 
 
-def _validate(cfg: Config) -> None:
+def _check_url(key: str, url: str, env_keys: dict[str, str]) -> None:
+    """ConfigError naming `key` (and the variable it came from), never the password."""
+    where = f" (set by ${env_keys[key]})" if key in env_keys else ""
+    try:
+        if key.startswith("postgres."):
+            check_postgres_dsn(url)
+            return
+        m = SCHEME.match(url)
+        scheme = url[:m.end() - 3].lower() if m else ""
+        if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+            raise UrlError("scheme must be redis://, rediss://, unix:// or (Redis Sentinel) "
+                           f"redis+sentinel://, got {redact(url)!r}")
+        if not scheme.endswith("+sentinel"):
+            check_redis_url(url)
+            return
+        from reconciler.redisconn import RedisUrlError, parse_sentinel_url
+
+        check_sentinel_userinfo(url)
+        try:
+            parse_sentinel_url(url)
+        except RedisUrlError as exc:
+            raise UrlError(f"{exc} (redis+sentinel://host:port,host:port/<master name>/<db>), "
+                           f"got {redact(url)!r}") from None
+    except UrlError as exc:
+        raise ConfigError(key, f"{exc}{where}") from None
+
+
+def _validate(cfg: Config, env_keys: dict[str, str] | None = None) -> None:
+    env_keys = env_keys or {}
     j = cfg.jobs
     _check_ident("jobs.table", j.table, qualified=True)
     for name in ("id_column", "rq_id_column", "status_column", "error_column"):
@@ -406,22 +434,10 @@ def _validate(cfg: Config) -> None:
     if not _KEY_PREFIX.fullmatch(cfg.redis.key_prefix):
         raise ConfigError("redis.key_prefix", "only letters, digits and _ . : - { } are allowed "
                           f"(RQ's own rule for RQ_KEY_PREFIX), got {cfg.redis.key_prefix!r}")
-    u = urlsplit(cfg.redis.url)
-    if u.scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
-        raise ConfigError("redis.url", "scheme must be redis://, rediss://, unix:// or (Redis "
-                          f"Sentinel) redis+sentinel://, got {redact(cfg.redis.url)!r}")
-    if u.scheme.endswith("+sentinel"):
-        from reconciler.redisconn import RedisUrlError, parse_sentinel_url
-
-        try:
-            parse_sentinel_url(cfg.redis.url)
-        except RedisUrlError as exc:
-            raise ConfigError("redis.url", f"{exc} (redis+sentinel://host:port,host:port/"
-                              f"<master name>/<db>), got {redact(cfg.redis.url)!r}") from None
+    _check_url("redis.url", cfg.redis.url, env_keys)
     for key in ("dsn", "listen_dsn"):
-        dsn = getattr(cfg.postgres, key)
-        if "://" in dsn and urlsplit(dsn).scheme not in ("postgres", "postgresql"):
-            raise ConfigError(f"postgres.{key}", "scheme must be postgresql://")
+        if key == "dsn" or getattr(cfg.postgres, key):
+            _check_url(f"postgres.{key}", getattr(cfg.postgres, key), env_keys)
     if cfg.postgres.pooler == "transaction" and not cfg.postgres.listen_dsn:
         # Through such a pooler a LISTEN hears nothing and a session lock is held by
         # whichever client gets that server connection next.
@@ -429,11 +445,10 @@ def _validate(cfg: Config) -> None:
                           "LISTEN and the sweep lock need a session; give a direct (or "
                           "session-pooled) DSN")
     try:
-        _host, port = cfg.metrics.host_port
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError("metrics.listen", f"expected HOST:PORT, got {cfg.metrics.listen!r}") from None
+        cfg.metrics.host_port  # noqa: B018 - it raises what is wrong
+    except ValueError as exc:
+        raise ConfigError("metrics.listen", f"expected HOST:PORT (or a port alone, for 127.0.0.1), "
+                          f"got {cfg.metrics.listen!r}: {exc}") from None
     if not 0 < cfg.sweep.max_orphan_fraction <= 1:
         raise ConfigError("sweep.max_orphan_fraction", "must be in (0, 1]")
     if not cfg.instance.name:
@@ -453,7 +468,9 @@ def load(path: str | None = None, *, environ: dict[str, str] | None = None,
     if not p.exists():
         if missing_ok:
             return from_mapping({}, source="<defaults>", environ=environ)
-        raise ConfigError("<file>", f"{resolved} does not exist (use --config or ${ENV_CONFIG})")
+        raise ConfigError("<file>", f"{resolved} does not exist (use --config or ${ENV_CONFIG}; "
+                          f"`rq-reconciler example-config > {resolved}` writes one to start "
+                          "from, every key commented)")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

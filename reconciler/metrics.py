@@ -10,23 +10,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gzip
 import math
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from reconciler import __version__
 
@@ -42,8 +47,15 @@ _SWEEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 
 class Metrics:
     """All of the daemon's metric objects, in one registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, process: bool = True) -> None:
+        """`process`: also export the process's own series, as prometheus_client's
+        default registry does: process_* (resident memory, CPU seconds, open and maximum
+        file descriptors, start time), python_info and python_gc_*."""
         r = self.registry = CollectorRegistry(auto_describe=True)
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         p = PREFIX
         self.cancel_requests = Counter(
             p + "cancel_requests", "Cancel requests finished, by outcome.", ["outcome"], registry=r
@@ -154,7 +166,23 @@ class Metrics:
         self.poison.labels(kind=kind).inc()
 
     def render(self) -> bytes:
+        """The Prometheus text format (what a scrape without an Accept header gets)."""
         return generate_latest(self.registry)
+
+    def exposition(self, accept: str = "", accept_encoding: str = "",
+                   names: list[str] | None = None) -> tuple[bytes, list[tuple[str, str]]]:
+        """Body and headers of a /metrics answer, by prometheus_client's own rules (as its
+        WSGI app answers): OpenMetrics when `accept` asks for it, else the text format;
+        gzip when `accept_encoding` allows it; only the families in `names` (the
+        `name[]` query parameter) when given."""
+        encoder, content_type = choose_encoder(accept)
+        registry = self.registry.restricted_registry(names) if names else self.registry
+        body = encoder(registry)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(accept_encoding):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        return body, headers
 
 
 HealthCheck = Callable[[], bool]
@@ -460,15 +488,23 @@ class MetricsServer:
         if method not in (b"GET", b"HEAD"):
             self._count("bad_request")
             return self._response(405, b"method not allowed\n", extra="Allow: GET, HEAD\r\n")
-        path = target.split(b"?", 1)[0]
+        path, _, query = target.partition(b"?")
+        head_only = method == b"HEAD"
         if path == b"/metrics":
-            status, ctype, body = 200, CONTENT_TYPE_LATEST, self._metrics.render()
-        elif path == b"/healthz":
+            headers = _headers(head)
+            names = parse_qs(query.decode("latin-1")).get("name[]")
+            body, fields = self._metrics.exposition(
+                headers.get("accept", ""), headers.get("accept-encoding", ""), names)
+            ctype = fields[0][1]
+            extra = "".join(f"{k}: {v}\r\n" for k, v in fields[1:])
+            return self._response(200, body, ctype=ctype, head_only=head_only,
+                                  extra=extra + "Vary: Accept, Accept-Encoding\r\n")
+        if path == b"/healthz":
             ok = self._healthy()
-            status, ctype, body = (200 if ok else 503), _TEXT, (b"ok\n" if ok else b"unhealthy\n")
+            status, body = (200 if ok else 503), (b"ok\n" if ok else b"unhealthy\n")
         else:
-            status, ctype, body = 404, _TEXT, b"not found\n"
-        return self._response(status, body, ctype=ctype, head_only=method == b"HEAD")
+            status, body = 404, b"not found\n"
+        return self._response(status, body, head_only=head_only)
 
     @staticmethod
     def _response(status: int, body: bytes, *, ctype: str = _TEXT, extra: str = "",
@@ -478,6 +514,17 @@ class MetricsServer:
             f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
         ).encode("latin-1")
         return head if head_only else head + body
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    """A request's headers by lower-case name (a repeated one: its values joined by ,)."""
+    out: dict[str, str] = {}
+    for line in head.decode("latin-1").splitlines()[1:]:
+        name, colon, value = line.partition(":")
+        if colon:
+            key = name.strip().lower()
+            out[key] = f"{out[key]}, {value.strip()}" if key in out else value.strip()
+    return out
 
 
 def _log_if_failed(task: asyncio.Task[None]) -> None:

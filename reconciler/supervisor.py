@@ -230,6 +230,15 @@ class Daemon:
             await self.server.close()
         log.info("stopped", instance=self.cfg.instance.name)
 
+    def _address(self, backend: str) -> str:
+        """Where `backend` is sought (host:port or a socket; never a password)."""
+        from reconciler.urls import addresses
+
+        if backend == "redis":
+            return addresses(self.cfg.redis.url)
+        return ",".join(dict.fromkeys(a for a in (addresses(self.cfg.postgres.dsn),
+                                                  addresses(self.cfg.postgres.session_dsn)) if a))
+
     async def connect(self) -> bool:
         """Connect both backends and take back our own stale claims, retrying with backoff
         until that works or we are told to stop. False if told to stop first."""
@@ -254,7 +263,7 @@ class Daemon:
                 self.health.outage(exc)
                 delay = backoff.next()
                 log.warning("connect_retry", backend=exc.backend, error=str(exc),
-                            retry_in=round(delay, 2))
+                            address=self._address(exc.backend), retry_in=round(delay, 2))
                 if await wait_event(self.stopping, delay):
                     return False
         return not self.stopping.is_set()

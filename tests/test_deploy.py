@@ -54,7 +54,7 @@ EXAMPLE_LABEL_VALUES: dict[str, tuple[str, ...]] = {
 # Labels Prometheus adds at scrape time; `le` is on every histogram bucket.
 TARGET_LABELS = frozenset({"job", "instance"})
 
-METRIC_TOKEN = re.compile(r"(?<![A-Za-z0-9_:])rq_reconciler_[A-Za-z0-9_:]*")
+METRIC_TOKEN = re.compile(r"(?<![A-Za-z0-9_:])(?:rq_reconciler|process)_[A-Za-z0-9_:]*")
 MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 
 
@@ -414,9 +414,16 @@ def test_metric_name_check_can_fail() -> None:
     assert _metric_problems(good, exported) == []
 
 
+# The process's own series the dashboard must show (prometheus_client's ProcessCollector
+# exports a few more: virtual memory, start time; and python_* from its other collectors).
+PROCESS_FAMILIES = {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"}
+
+
 def test_dashboard_shows_every_exported_metric() -> None:
     exported = _exported_samples()
-    families = {re.sub(r"_(bucket|count|sum)$", "", n) for n in exported}
+    assert set(exported) >= PROCESS_FAMILIES
+    families = {re.sub(r"_(bucket|count|sum)$", "", n) for n in exported
+                if n.startswith("rq_reconciler_")} | PROCESS_FAMILIES
     shown = " ".join(_dashboard_exprs(_dashboard()))
     missing = sorted(f for f in families if not re.search(rf"{f}(_bucket|_count|_sum)?\b", shown))
     assert missing == [], f"no panel shows {missing}"

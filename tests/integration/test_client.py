@@ -17,7 +17,8 @@ import psycopg2
 import pytest
 import sqlalchemy
 
-from reconciler.client import CancelTimeout, cancel, cancel_async
+from reconciler import client
+from reconciler.client import CancelTimeout, Client, cancel, cancel_async
 from reconciler.devstack import (
     DaemonProc,
     Pg,
@@ -180,6 +181,57 @@ def test_uuid_ids_in_a_schema_qualified_table(tmp_path: Path, redis_url: str, pg
     assert (first.job_id, second.job_id) == (str(ids[0]), str(ids[1]).upper())
     with Pg(pg_dsn) as pg:
         assert [r["job_id"] for r in pg.fetch(f"SELECT job_id FROM {req} ORDER BY id")] == ids
+
+
+@pytest.mark.parametrize("driver", list(DRIVERS))
+def test_the_requests_table_is_configured_once(tmp_path: Path, redis_url: str, pg_dsn: str,
+                                               driver: str) -> None:
+    """An app whose requests table is not the default says so once; no call repeats it."""
+    req = "app.rq_reconciler_cancel_requests"
+    with Pg(pg_dsn) as pg:
+        pg.execute("CREATE SCHEMA app")
+    migrated(tmp_path, redis_url, pg_dsn, cancel={"requests_table": req})
+    job = insert_job(pg_dsn, "rq-1")
+    saved = client._configured
+    try:
+        client.configure(requests_table=req)
+        with DRIVERS[driver](pg_dsn) as do_cancel:
+            out = do_cancel(job, reason="configured once")
+            # A wait that would never end is refused before anything is written.
+            with pytest.raises(ValueError, match="finite number of seconds"):
+                do_cancel(job, reason="nan", wait=float("nan"))
+            # A call's own table still wins (the default one does not exist here).
+            with pytest.raises(ReconcilerError, match="rq_reconciler_cancel_requests not found"):
+                do_cancel(job, reason="x", requests_table="rq_reconciler_cancel_requests")
+    finally:
+        client._configured = saved
+    with Pg(pg_dsn) as pg:
+        assert pg.fetch(f"SELECT id, reason FROM {req}") == [(out.request_id, "configured once")]
+
+
+def test_a_client_object_keeps_its_own_names(tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    req = "app.rq_reconciler_cancel_requests"
+    with Pg(pg_dsn) as pg:
+        pg.execute("CREATE SCHEMA app")
+    cfg = migrated(tmp_path, redis_url, pg_dsn, cancel={"requests_table": req})
+    job = insert_job(pg_dsn, "rq-1")
+    from reconciler.config import load
+
+    cancels = Client.from_config(load(str(cfg)))
+    with psycopg.connect(pg_dsn) as conn:
+        first = cancels.cancel(conn, job, reason="sync")
+
+    async def via_pool() -> int:
+        pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+        try:
+            return (await cancels.cancel_async(pool, job, reason="async")).request_id
+        finally:
+            await pool.close()
+
+    second = asyncio.run(via_pool())
+    with Pg(pg_dsn) as pg:
+        assert [tuple(r) for r in pg.fetch(f"SELECT id, reason FROM {req} ORDER BY id")] == [
+            (first.request_id, "sync"), (second, "async")]
 
 
 # -- outcomes, from the real daemon -------------------------------------------------------------

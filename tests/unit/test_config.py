@@ -133,3 +133,24 @@ def test_cli_missing_file_and_bad_toml(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "reconciler", "check", "--config", str(bad)],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "not valid TOML" in p.stderr
+
+
+@pytest.mark.parametrize(("listen", "host_port"), [
+    ("19464", ("127.0.0.1", 19464)),  # a port alone: loopback, never every interface
+    (" 9464 ", ("127.0.0.1", 9464)),
+    (":9464", ("0.0.0.0", 9464)),  # an empty host, written out: every IPv4 interface
+    ("0.0.0.0:9464", ("0.0.0.0", 9464)),
+    ("localhost:9464", ("localhost", 9464)),
+    ("[::1]:9464", ("::1", 9464)),
+    ("[::]:0", ("::", 0)),
+])
+def test_metrics_listen_forms(listen: str, host_port: tuple[str, int]) -> None:
+    cfg = from_mapping({"metrics": {"listen": listen}}, environ={})
+    assert cfg.metrics.host_port == host_port
+
+
+@pytest.mark.parametrize("listen", ["nowhere", "h:", "h:70000", "::1:9464", "h:-1", ""])
+def test_metrics_listen_mistakes(listen: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        from_mapping({"metrics": {"listen": listen}}, environ={})
+    assert err.value.key == "metrics.listen"

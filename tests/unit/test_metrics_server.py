@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import resource
 import socket
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 import uvloop
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.metrics import Metrics, MetricsServer
@@ -50,8 +52,11 @@ class Health:
 
 
 @contextlib.asynccontextmanager
-async def serving(**kw: float) -> AsyncIterator[tuple[MetricsServer, Metrics, Health]]:
-    m = Metrics()
+async def serving(process: bool = False,
+                  **kw: float) -> AsyncIterator[tuple[MetricsServer, Metrics, Health]]:
+    """Without the process's own series unless asked: their values move between two
+    renders, and most tests compare bodies byte for byte."""
+    m = Metrics(process=process)
     health = Health()
     srv = MetricsServer(m, health, "127.0.0.1", 0, **kw)  # type: ignore[arg-type]
     await srv.start()
@@ -81,6 +86,11 @@ def split(resp: bytes) -> tuple[int, dict[str, str], bytes]:
     status = int(lines[0].split(" ")[1])
     headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
     return status, headers, body
+
+
+async def get_with(port: int, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    return split(await request(port, f"GET /metrics HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()))
 
 
 def errors(m: Metrics, kind: str) -> float:
@@ -114,13 +124,64 @@ async def test_get_metrics_is_the_exposition_unchanged() -> None:
     async with serving() as (srv, m, _h):
         status, headers, body = await get(srv.port)
     assert status == 200
-    assert headers["content-type"] == CONTENT_TYPE_LATEST
+    # prometheus_client's choice for a scrape that states no preference.
+    assert headers["content-type"] == choose_encoder("")[1]
+    assert headers["content-type"].startswith("text/plain; version=")
     assert int(headers["content-length"]) == len(body)
     assert headers["connection"] == "close"
     assert body == m.render()
     names = {f.name for f in text_string_to_metric_families(body.decode())}
     assert "rq_reconciler_backend_up" in names
     assert "rq_reconciler_metrics_server_errors" in names
+    assert headers["vary"] == "Accept, Accept-Encoding"
+    assert "content-encoding" not in headers
+
+
+@both_loops
+async def test_process_series_are_exported_by_prometheus_clients_collectors() -> None:
+    async with serving(process=True) as (srv, _m, _h):
+        _status, _headers, body = await get(srv.port)
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for name in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds",
+                 "process_cpu_seconds", "process_start_time_seconds", "python_info"):
+        assert name in families, name
+    [rss] = families["process_resident_memory_bytes"].samples
+    assert rss.value > 1_000_000  # a Python process holds more than a megabyte
+    [fds] = families["process_open_fds"].samples
+    assert fds.value >= 3
+
+
+@both_loops
+async def test_openmetrics_when_accepted() -> None:
+    async with serving() as (srv, _m, _h):
+        status, headers, body = await get_with(
+            srv.port, Accept="application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
+    families = {f.name for f in openmetrics_families(body.decode())}
+    assert "rq_reconciler_backend_up" in families
+
+
+@both_loops
+async def test_gzip_when_accepted_and_head_says_the_same_length() -> None:
+    async with serving() as (srv, m, _h):
+        status, headers, body = await get_with(srv.port, Accept_Encoding="gzip, deflate")
+        _s, h_headers, h_body = split(await request(
+            srv.port, b"HEAD /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\n"))
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert gzip.decompress(body) == m.render()
+    assert int(headers["content-length"]) == len(body)
+    assert h_body == b"" and h_headers["content-encoding"] == "gzip"
+    assert int(h_headers["content-length"]) == len(body)
+
+
+@both_loops
+async def test_name_filter_keeps_only_the_families_asked_for() -> None:
+    async with serving() as (srv, _m, _h):
+        _s, _h2, body = await get(srv.port, "/metrics?name[]=rq_reconciler_backend_up")
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert names == {"rq_reconciler_backend_up"}
 
 
 @both_loops
@@ -347,3 +408,17 @@ async def test_close_stops_listening_and_drops_connections() -> None:
         idle.close()
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@both_loops
+async def test_metrics_listen_port_alone_binds_loopback_and_empty_host_every_interface() -> None:
+    from reconciler.config import from_mapping
+
+    for listen, bound in (("0", {"127.0.0.1"}), (":0", {"0.0.0.0"})):
+        host, port = from_mapping({"metrics": {"listen": listen}}, environ={}).metrics.host_port
+        srv = MetricsServer(Metrics(), lambda: True, host, port)
+        await srv.start()
+        try:
+            assert {s.getsockname()[0] for s in srv._socks} == bound
+        finally:
+            await srv.close()
