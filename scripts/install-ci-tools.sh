@@ -4,6 +4,9 @@
 #   systemd-analyze (package `systemd`)     - verify the unit and score its sandboxing
 #   pgbouncer       (package `pgbouncer`)   - tests/integration/test_pooler.py starts its
 #                                             own, on a free port (never the service)
+#   podman, buildah, debootstrap, runc      - tests/deploy/test_container.py builds the
+#                                             image without a registry
+#                                             (deploy/container/build-local.sh) and runs it
 #
 # Idempotent: a tool already on PATH is left alone, and apt is not touched at all when
 # all are present. Needs root (CI and the dev machines run as root).
@@ -30,9 +33,12 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # Debian installs it in /usr/sbin, which may not be on PATH.
 command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+=(pgbouncer)
+for tool in podman buildah debootstrap runc; do
+    command -v "$tool" >/dev/null 2>&1 || [[ -x /usr/sbin/$tool ]] || missing+=("$tool")
+done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    log "promtool, systemd-analyze and pgbouncer already present; nothing to do"
+    log "promtool, systemd-analyze, pgbouncer, podman, buildah, debootstrap, runc already present; nothing to do"
 else
     log "installing: ${missing[*]}"
     POLICY=/usr/sbin/policy-rc.d
@@ -62,6 +68,11 @@ else
             log "warning: a prometheus server is running (pids: $(pgrep -x prometheus | tr '\n' ' '))"
         fi
     fi
+    if [[ " ${missing[*]} " == *" podman "* && -d /run/systemd/system ]]; then
+        # Only the command is wanted, not its API socket or restart service.
+        $SUDO systemctl disable --now podman.socket podman.service podman-restart.service \
+            >/dev/null 2>&1 || true
+    fi
     if [[ " ${missing[*]} " == *" pgbouncer "* && -d /run/systemd/system ]]; then
         # Only its binary is wanted; its service must not hold :6432 now or after a boot.
         $SUDO systemctl disable --now pgbouncer.service >/dev/null 2>&1 || true
@@ -71,3 +82,5 @@ fi
 promtool --version 2>&1 | head -n 1
 systemd-analyze --version | head -n 1
 { command -v pgbouncer >/dev/null 2>&1 && pgbouncer --version || /usr/sbin/pgbouncer --version; } | head -n 1
+podman --version
+buildah --version
