@@ -1,13 +1,28 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both build their venv first.
 #
-# Two venvs for the package itself, one per RQ series it supports (rq>=2.0,<4):
-#   .venv      rq 2.x: the development venv, and the full suite (slow suites included);
-#   .venv-rq3  rq 3.x: what `pip install rq-reconciler` resolves to today; the demo, and
-#              the suite but the slow runs.
-# Apart from these, the tests start `rq worker`s of both series from venvs of their own
-# (.venvs/workers-rq2, .venvs/workers-rq3, built on first use: reconciler/devstack/rqvenv.py),
-# so each leg runs every worker test against RQ 2 and RQ 3 workers.
+# The gate (.ci/run) covers a matrix, each leg what only it can:
+#
+#   leg              package's rq   workers' rq   servers                  suites
+#   make test        2.x            2.x and 3.x   the machine's            unit, integration, faults
+#   make test-slow   2.x            2.x and 3.x   the machine's            chaos, storms, busy minute
+#   make test-rq3    3.x            2.x and 3.x   the wheels' (Valkey 9,   unit, integration, faults
+#                                                 PostgreSQL 18)
+#
+# Every pair of the three axes meets in some leg: the package's rq decides only how the
+# daemon writes to RQ (its API, its constants) and how the tests enqueue, so it is crossed
+# with both worker series; the servers decide the protocol (Valkey's WATCH, PostgreSQL 18's
+# SQL), crossed with both worker series too. What a third leg used to add (the package's
+# rq 3 on the machine's servers, or rq 2 on the wheels') meets no axis the two do not.
+#
+# Venvs: .venv (rq 2.x, the development venv) and .venv-rq3 (rq 3.x, what pip resolves to
+# today; the demo). Workers come from venvs of their own series (.venvs/workers-rq2,
+# .venvs/workers-rq3, built on first use: reconciler/devstack/rqvenv.py).
+#
+# Tests run in XDIST test processes (pytest-xdist): each has its own servers, ports and
+# temp dirs (reconciler/devstack). Tests marked `alone` load the whole machine on purpose
+# and run afterwards, by themselves.
 PY ?= python3
+XDIST ?= -n 4
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,7 +30,7 @@ VENV3 := .venv-rq3
 BIN3 := $(VENV3)/bin
 STAMP3 := $(VENV3)/.installed
 
-.PHONY: demo test test-embedded lint test-fast test-slow test-rq3 worker-venvs bench clean
+.PHONY: demo test test-unit test-fast test-slow test-rq3 ci lint tools worker-venvs bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +48,11 @@ worker-venvs: $(STAMP)
 	$(BIN)/python -c "from reconciler.devstack import RQ_SERIES, worker_python; \
 		[print(worker_python(s)) for s in RQ_SERIES]"
 
+# promtool, systemd-analyze and pgbouncer from Debian's packages (tests/test_deploy.py,
+# the pooler tests); a no-op once they are there.
+tools:
+	bash scripts/install-ci-tools.sh
+
 demo: $(STAMP3)
 	$(BIN3)/rq-reconciler demo
 
@@ -42,33 +62,33 @@ lint: $(STAMP) $(STAMP3)
 	$(BIN)/mypy --strict reconciler
 	$(BIN3)/mypy --strict reconciler
 
-# Everything, the slow chaos and replica-storm suites included: they guard what users
-# trust most, so they belong in the gate (CI runs this target); then the package on RQ 3.
-test: $(STAMP) lint worker-venvs
-	bash scripts/install-ci-tools.sh
-	$(BIN)/pytest -q
-	$(MAKE) test-rq3
+# README's test command: lint and types, then every unit, integration and fault test but
+# the slow runs, on the package's rq 2 with RQ 2 and RQ 3 workers and the machine's servers.
+test: $(STAMP) lint worker-venvs tools
+	$(BIN)/pytest -q $(XDIST) -m "not slow and not alone"
+	$(BIN)/pytest -q -m "alone and not slow"
 
-# The package's own rq at 3.x, every test but the slow ones.
-test-rq3: $(STAMP3) worker-venvs
-	$(BIN3)/pytest -q -m "not slow"
+# The pure core, config, parsers, work queue, stop ladder and supervisor: no server.
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -p no:xdist tests/unit
 
-# A developer's quicker loop: all but the slow suites, on the package's rq 2.
-test-fast: $(STAMP) lint worker-venvs
-	bash scripts/install-ci-tools.sh
-	$(BIN)/pytest -q -m "not slow"
+# test without lint: the developer's loop after a change that types already cover.
+test-fast: $(STAMP) worker-venvs tools
+	$(BIN)/pytest -q $(XDIST) -m "not slow and not alone"
 
+# The chaos run, the replica storms and the busy minute: long, and what users trust most,
+# so they are in the gate (.ci/run). Two at a time: each loads the machine.
 test-slow: $(STAMP) worker-venvs
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -n 2 -m slow
 
-# CI's second leg: the integration and fault suites once more on the servers that the
-# `embedded` extra's wheels ship (Valkey 9, PostgreSQL 18) instead of the machine's, so
-# that RQ on Valkey and our SQL on PostgreSQL 18 are covered (restarts, flushes and
-# failovers included), and so is a fresh machine's demo. The unit tests touch no server
-# and the slow storms ran in the first leg; RQ 3 workers only, since the first leg ran
-# both series: about 7 minutes on 2 cores.
-test-embedded: $(STAMP)
-	RQ_DEVSTACK_SERVERS=wheels RQ_WORKER_VERSIONS=3 $(BIN)/pytest -q -m "not slow" tests/integration tests/faults
+# The package on rq 3 against the servers the `embedded` extra's wheels ship (Valkey 9,
+# PostgreSQL 18), as a fresh machine without redis-server or PostgreSQL runs them.
+test-rq3: $(STAMP3) worker-venvs tools
+	RQ_DEVSTACK_SERVERS=wheels $(BIN3)/pytest -q $(XDIST) -m "not slow and not alone"
+	RQ_DEVSTACK_SERVERS=wheels $(BIN3)/pytest -q -m "alone and not slow"
+
+# What .ci/run runs: every leg of the matrix above.
+ci: test test-slow test-rq3
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.sweep_vs_naive

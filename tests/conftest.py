@@ -21,6 +21,12 @@ _db_counter = itertools.count(1)
 RQ_WORKER_VERSIONS = [v for v in os.environ.get("RQ_WORKER_VERSIONS", "2,3").split(",") if v]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long runs first: under pytest-xdist a chaos run that starts last is the whole
+    suite's tail, one that starts first overlaps everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
     """At session end: stop everything the harness started and kill any straggler."""

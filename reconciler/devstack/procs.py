@@ -34,12 +34,48 @@ TOKEN_ENV = "RQ_HARNESS_TOKEN"  # noqa: S105 - an env var name, not a secret
 WORKER_TOKEN_ENV = "RQ_HARNESS_WORKER"  # noqa: S105 - an env var name
 
 
+#: Under pytest-xdist each test process takes its ports from a block of its own, below
+#: the kernel's ephemeral range: two processes asking the OS for "any free port" at once
+#: can be handed the same one between its probe and the server's bind.
+_PORT_BLOCK_BASE = 20000
+_PORT_BLOCK_SIZE = 1000
+_port_lock = threading.Lock()
+_port_next: int | None = None
+
+
+def _xdist_index() -> int | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
+    """Return a TCP port on 127.0.0.1 that is free right now: the OS picks it, except in
+    a pytest-xdist test process, which walks its own block of ports."""
+    global _port_next
+    index = _xdist_index()
+    if index is not None and index < 10:
+        first = _PORT_BLOCK_BASE + index * _PORT_BLOCK_SIZE
+        with _port_lock:
+            if _port_next is None:
+                _port_next = first + (os.getpid() % _PORT_BLOCK_SIZE)
+            for _ in range(_PORT_BLOCK_SIZE):
+                port = first + (_port_next - first) % _PORT_BLOCK_SIZE
+                _port_next = port + 1
+                if _bindable(port):
+                    return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def pid_alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import DaemonProc, metric_value, run_cli, write_config
@@ -94,6 +95,7 @@ def _notifications(d: DaemonProc) -> list[str]:
     return out
 
 
+@pytest.mark.alone  # 1,000 clients want the CPU: beside other tests, scrapes starve
 def test_thousand_slow_clients_do_not_starve_a_scrape(tmp_path: Path, redis_url: str,
                                                       pg_dsn: str) -> None:
     cfg = write_config(tmp_path / "config.toml", redis_url, pg_dsn)
