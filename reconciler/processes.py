@@ -116,6 +116,22 @@ def _state(ident: ProcIdentity) -> str:
     return st[1] if st is not None and st[0] == ident.create_time else ""
 
 
+def is_process(pid: int) -> bool:
+    """True if `pid` names a process (a thread-group leader), not one of some process's
+    threads: /proc/<tid> answers for a thread too, although /proc does not list it, so in
+    a PID namespace of its own a worker's pid can name a thread of this very daemon."""
+    if pid == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 def to_wall(boot_seconds: float) -> float:
     """A time after boot as wall-clock time, by the wall clock as it reads now."""
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_seconds)
@@ -165,7 +181,7 @@ class Processes:
         if known is not None and known.pid == rec.pid:
             return known if identity_alive(known) else None
         ct = proc_start(rec.pid)
-        if ct is None:
+        if ct is None or not is_process(rec.pid):
             return None
         if rec.birth is not None:
             wall = to_wall(ct)
@@ -424,8 +440,12 @@ class PidWatcher:
             return True
         try:
             fd = os.pidfd_open(ident.pid)
-        except OSError:
+        except ProcessLookupError:
             self._on_exit(key)
+            return False
+        except OSError:
+            # EINVAL (a thread, not a process), EMFILE...: no death was seen. The passes
+            # still judge this worker by its pid and by Redis; nothing is reported here.
             return False
         if not identity_alive(ident):
             os.close(fd)

@@ -140,15 +140,6 @@ def test_separate_pid_namespace_cancel_falls_back_to_stop_job(setup: Setup) -> N
     assert worker.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "The worker registered pid 2 (its pod's PID namespace); in the daemon's own PID "
-    "namespace TID 2 is the daemon's first asyncio.to_thread() worker thread, created at "
-    "its first cancel, within BIRTH_SLACK_SECONDS of the worker's birth: "
-    "Processes.worker_identity() accepts it (/proc/2/stat is readable for a thread), "
-    "PidWatcher.watch()'s pidfd_open() fails on a non-leader thread and reports an exit at "
-    "once, and the daemon logs local_worker_exited in a loop (~100/s). Needs a Tgid == pid "
-    "check and a pidfd_open failure not read as death. Not strict: the collision needs "
-    "the cancel within 2 s of the worker's birth."))
 def test_separate_pid_namespace_never_takes_another_process_for_the_worker(setup: Setup) -> None:
     _pod, worker, daemon = setup.start("separate")
     jid, _rq_id, _marker = setup.running_job("separate-cancel")

@@ -4,6 +4,7 @@ an orphan's stop leaves RQ's word (failed) alone."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
@@ -35,3 +36,38 @@ def test_a_horse_stop_says_whether_it_is_for_a_cancel(row_status: str, worker: W
     report, _ = asyncio.run(rec.apply([ev], dry_run=True))
     [stop] = report.horse_stops
     assert stop.for_cancel is for_cancel
+
+
+def test_a_thread_is_never_taken_for_a_worker_process() -> None:
+    """In a PID namespace of its own, a worker's registered pid can name one of the
+    daemon's threads: /proc/<tid>/stat answers for it, but it is no process of a worker."""
+    import subprocess
+    import sys
+    import threading
+
+    from reconciler.processes import is_process
+
+    tid: list[int] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(5)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert ready.wait(5)
+        assert not is_process(tid[0])
+    finally:
+        done.set()
+        t.join()
+    assert not is_process(os.getpid())  # the daemon is never its own worker
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        assert is_process(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not is_process(child.pid)
