@@ -25,6 +25,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from reconciler import client
 from reconciler.devstack import (
     REPO_ROOT,
     DaemonProc,
@@ -180,7 +181,11 @@ exec $(sed -n 's/^ExecStart=//p' /etc/systemd/system/rq-reconciler.service)
         # README's Python, as the app (psycopg 3, the app's role).
         with psycopg.connect(as_role(pg_dsn, app_role)) as conn:
             scope: dict[str, Any] = {"conn": conn, "run_id": runs["by-client"]}
-            exec(python[0], scope)  # README's snippet, run as written
+            before = client.configure()
+            try:
+                exec(python[0], scope)  # README's snippet, run as written
+            finally:  # it configures the client once, for the process: put it back
+                client.configure(requests_table=before.requests_table, channel=before.channel)
         assert scope["out"].outcome == "cancelled" and scope["out"].success
         assert state("by-client")["state"] == "stopped"
         assert daemon.stop() == 0
