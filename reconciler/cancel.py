@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -377,6 +377,8 @@ class CancelProcessor:
 
     async def _finish(self, reqs: Sequence[CancelRequest], outcome: str,
                       detail: dict[str, Any]) -> None:
+        detail.setdefault("path", "local")
+        detail.setdefault("graceful", graceful(detail))
         done = await self.store.requests.finish([r.id for r in reqs], outcome, detail)
         now = datetime.now(UTC)
         for _rid, requested_at in done:
@@ -387,6 +389,16 @@ class CancelProcessor:
         level = log.info if outcome != "failed" else log.error
         level("cancel_done", outcome=outcome, requests=[r.id for r in reqs],
               message=detail.get("message"), horse_signals=detail.get("horse_signals"))
+
+
+def graceful(detail: Mapping[str, Any]) -> bool | None:
+    """Did the job get SIGTERM first? None when no horse was signalled (the job was not
+    running, or ended by itself); False when the first stop was RQ's stop-job (an
+    immediate SIGKILL) or a SIGKILL: a cancel that could not be graceful never reads as one."""
+    signals = detail.get("horse_signals") or detail.get("signals") or []
+    if not isinstance(signals, list) or not signals:
+        return None
+    return bool(signals[0] == "SIGTERM")
 
 
 def _cancelled_detail(job_id: Any, *, rq_cancelled: bool, signals: list[str]) -> dict[str, Any]:

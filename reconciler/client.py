@@ -95,7 +95,7 @@ class CancelOutcome:
 
     `outcome`: "cancelled", "already_finished" or "failed"; None until `state` is "done".
     `detail`: the daemon's JSON (at least `success` and `message`; `rq_cancelled`,
-    `horse_signals`, `status`, `path` where they apply)."""
+    `horse_signals`, `status`, `path`, `graceful` where they apply)."""
 
     request_id: int
     job_id: str
@@ -110,6 +110,13 @@ class CancelOutcome:
     @property
     def success(self) -> bool:
         return self.outcome == "cancelled"
+
+    @property
+    def graceful(self) -> bool | None:
+        """True if the job got SIGTERM first; False if it was stopped without (RQ's
+        stop-job is an immediate SIGKILL); None if no running job was signalled."""
+        g = self.detail.get("graceful")
+        return g if isinstance(g, bool) else None
 
     @property
     def message(self) -> str:

@@ -126,6 +126,13 @@ class Metrics:
         )
         for result in ("handed", "taken", "fallback"):
             self.cancel_handovers.labels(result=result)
+        self.graceful_stop_available = Gauge(
+            p + "graceful_stop_available",
+            "1 while this replica can see and signal every live worker registered from its "
+            "hostname (so their cancels start with SIGTERM); 0 when one runs in a PID "
+            "namespace or as a user it cannot reach, whose cancels fall back to RQ's stop-job.",
+            registry=r,
+        )
         self.metrics_server_errors = Counter(
             p + "metrics_server_errors",
             "Problems of the /metrics server, by kind: accept (e.g. EMFILE), io, timeout, "

@@ -173,6 +173,26 @@ class Processes:
             return True
         return self.worker_identity(rec) is not None
 
+    def unseen(self, rec: WorkerRecord) -> str:
+        """Why this replica cannot stop `rec`'s jobs gracefully although the worker says it
+        runs on this hostname, or '' if it can (or the worker is another host's). A worker
+        on our hostname whose pid we cannot prove lives in another PID namespace: a
+        container of its own, a pod without a shared process namespace."""
+        if not rec.hostname or rec.hostname != self.hostname or rec.pid is None:
+            return ""
+        ident = self.worker_identity(rec)
+        if ident is None:
+            return (f"worker {rec.name} registered from this hostname with pid {rec.pid}, "
+                    "which this replica cannot see: it runs in another PID namespace")
+        try:
+            os.kill(ident.pid, 0)
+        except PermissionError:
+            return (f"worker {rec.name} (pid {rec.pid}) runs as another user: this replica "
+                    "may not signal its horses")
+        except ProcessLookupError:
+            return ""
+        return ""
+
     def worker_identity(self, rec: WorkerRecord) -> ProcIdentity | None:
         """The live process that registered `rec`, or None."""
         if rec.pid is None or rec.pid <= 0:

@@ -62,6 +62,8 @@ class Daemon:
         self.deaths.workers = self.workers
         self.replicas = Replicas(self.store, self.health, m, lambda: self.workers.local)
         self.workers.on_local_change = self.replicas.workers_changed
+        self.workers.on_unseen = self._worker_unseen
+        m.graceful_stop_available.set_function(lambda: 0.0 if self.workers.unseen else 1.0)
         self.reconciler = Reconciler(cfg, self.store, self.rq, self.workers, m)
         self.followups = TaskSet("followup")
         self.stopper = Stopper(cfg, self.rq, self.procs, self.workers, self.followups)
@@ -86,6 +88,13 @@ class Daemon:
         self.forced = asyncio.Event()
         self.ready = False
         self._signals = 0
+
+    def _worker_unseen(self, name: str, why: str) -> None:
+        log.warning("graceful_stop_unavailable", worker=name, why=why,
+                    fix="run rq-reconciler in the workers' PID namespace and as their user: "
+                        "a sidecar with shareProcessNamespace: true, compose's "
+                        "pid: \"service:<worker>\", or on the host itself; until then its "
+                        "cancels use RQ's stop-job (an immediate SIGKILL)")
 
     def _queue_overflowed(self, dropped: int) -> None:
         log.warning("dirty_set_overflow", dropped=dropped, cap=self.queue.cap,

@@ -61,6 +61,10 @@ class Workers:
         self._untracked: dict[str, Pending] = {}
         # Told when the set of local workers changes (the replica registry lists them).
         self.on_local_change: Callable[[], None] | None = None
+        # Workers registered from our hostname that we cannot see or signal, and why:
+        # their cancels cannot be graceful (the layout is wrong, never silently).
+        self.unseen: dict[str, str] = {}
+        self.on_unseen: Callable[[str, str], None] | None = None
 
     # -- queries --------------------------------------------------------------------------
 
@@ -230,7 +234,24 @@ class Workers:
         for name, rec in recs.items():
             if rec.exists and not rec.death and self.procs.is_local(rec):
                 self._add_local(name, rec)
+        self._judge_unseen({n: r for n, r in recs.items() if r.exists and not r.death},
+                           complete=True)
         self.watch_local()
+
+    def _judge_unseen(self, recs: Mapping[str, WorkerRecord], *, complete: bool) -> None:
+        """Note the workers of our hostname we cannot stop gracefully; `complete`: `recs`
+        is every live worker, so those not in it are forgotten."""
+        if complete:
+            for name in [n for n in self.unseen if n not in recs]:
+                del self.unseen[name]
+        for name, rec in recs.items():
+            why = self.procs.unseen(rec)
+            if not why:
+                self.unseen.pop(name, None)
+            elif name not in self.unseen and len(self.unseen) < MAX_REMOTE:
+                self.unseen[name] = why
+                if self.on_unseen is not None:
+                    self.on_unseen(name, why)
 
     async def learn(self, name: str) -> None:
         """A worker key we have not seen: local (watch its pid) or remote (its heartbeats
@@ -238,6 +259,7 @@ class Workers:
         rec = (await self.rq.read_workers([name])).get(name)
         if rec is None or not rec.exists or rec.death:
             return
+        self._judge_unseen({name: rec}, complete=False)
         if self.procs.is_local(rec):
             self._add_local(name, rec)
             self.watch_local()

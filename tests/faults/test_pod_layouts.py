@@ -26,6 +26,7 @@ from reconciler.devstack import (
     Pg,
     enqueue,
     insert_job,
+    metric_value,
     migrate,
     request_cancel,
     rq_status,
@@ -100,6 +101,8 @@ def test_sidecar_cancel_is_graceful(setup: Setup) -> None:
     assert req["outcome"] == "cancelled", req
     detail = req["detail"]
     assert detail["horse_signals"] == ["SIGTERM"], detail
+    assert detail["graceful"] is True, detail
+    assert metric_value(daemon.scrape(), "rq_reconciler_graceful_stop_available") == 1
     assert detail["path"] == "local" and detail["instance"] == "rqr-sidecar", detail
     assert "SIGTERM" in marker.read_text(), "the job's own handler never ran"
     assert rq_status(setup.redis_url, rq_id) == "canceled"
@@ -127,7 +130,7 @@ def test_sidecar_worker_sigkill_fails_the_row_at_once(setup: Setup) -> None:
 
 
 def test_separate_pid_namespace_cancel_falls_back_to_stop_job(setup: Setup) -> None:
-    _pod, worker, _daemon = setup.start("separate")
+    _pod, worker, daemon = setup.start("separate")
     jid, rq_id, marker = setup.running_job("separate-cancel")
     req = _cancel(setup, jid)
     # It cannot see the worker's processes: RQ's stop-job (an immediate SIGKILL), said so.
@@ -135,6 +138,11 @@ def test_separate_pid_namespace_cancel_falls_back_to_stop_job(setup: Setup) -> N
     detail = req["detail"]
     assert detail["path"] == "stop-job", detail
     assert "SIGTERM" not in detail["horse_signals"], detail
+    assert detail["graceful"] is False, detail  # never reads as a graceful stop
+    # ... and the replica said so when it found the worker, and says so to Prometheus.
+    warned = [e for e in daemon.log_events() if e.get("event") == "graceful_stop_unavailable"]
+    assert warned and "shareProcessNamespace" in warned[0]["fix"], warned
+    assert metric_value(daemon.scrape(), "rq_reconciler_graceful_stop_available") == 0
     assert "SIGTERM" not in marker.read_text()
     assert rq_status(setup.redis_url, rq_id) in ("stopped", "canceled")
     assert worker.proc.poll() is None

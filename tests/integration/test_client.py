@@ -263,6 +263,7 @@ def test_wait_gives_each_outcome_from_the_daemon_or_a_clear_timeout(
             assert (out.outcome, out.state, out.success) == ("cancelled", "done", True), driver
             assert out.message == f"Job {running[driver]} cancelled successfully"
             assert out.as_dict()["horse_signals"] == ["SIGTERM"]
+            assert out.graceful is True
             assert out.as_dict()["rq_cancelled"] is True
         finished = insert_job(pg_dsn, "rq-done", status="completed")
         with via_psycopg2(pg_dsn) as do_cancel:

@@ -97,6 +97,7 @@ def test_the_seeds_delete_endpoint_over_http(api: str, redis_url: str, tmp_path:
     assert status == 200, body
     assert body["success"] is True and body["message"] == f"Job {job} cancelled successfully"
     assert body["rq_cancelled"] is True and body["horse_signals"] == ["SIGTERM"]
+    assert body["graceful"] is True and body["path"] == "local"
     assert body["outcome"] == "cancelled"
     assert (tmp_path / "checkpoints" / f"{job}.txt").read_text().startswith("stopped after")
     row = call("GET", f"{api}/api/training/{job}")[1]
