@@ -99,8 +99,13 @@ def _host_port(spec: str) -> tuple[str, int | None]:
             port = None
     if _BAD_PERCENT.search(host):
         raise UrlError(f"host {host!r}: a % must begin an escape")
+    if port == "":
+        # `redis://user:?x=@h/` reads as host "user" with an empty port: a raw ? / or # in
+        # a password ends the authority there. Say how to write it, and show no part of it.
+        raise UrlError("a host with an empty port (HOST: with nothing after the colon); if "
+                       "that is a user and password, " + _NEEDS_ENCODING)
     host = unquote(host)
-    if port is None or port == "":
+    if port is None:
         return host, None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise UrlError(f"the port after host {host!r} is not a number from 1 to 65535")

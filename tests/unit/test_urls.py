@@ -29,7 +29,7 @@ def pg_cfg(dsn: str, key: str = "dsn") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("pw", ["Kq7/Wx9", "Kq7@Wx9", "Kq7%zzWx9", "Kq7?Wx9", "Kq7#Wx9", "Kq7Wx9%",
-                                "Kq7/Wx9@Lm3:Pr4%"])
+                                "Kq7/Wx9@Lm3:Pr4%", "?=Kq7Wx9", "/x=Kq7Wx9"])
 @pytest.mark.parametrize(("raw", "key"), [
     (lambda pw: redis_cfg(f"redis://u:{pw}@127.0.0.1:6379/0"), "redis.url"),
     (lambda pw: redis_cfg(f"redis+sentinel://u:{pw}@s1:26379,s2:26379/mymaster/0"), "redis.url"),
