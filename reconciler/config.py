@@ -23,6 +23,7 @@ from reconciler.urls import (
     check_postgres_dsn,
     check_redis_url,
     check_sentinel_userinfo,
+    cut_password_end,
     raw_password_end,
 )
 
@@ -123,7 +124,7 @@ def redact(url: str) -> str:
         return _KV_SECRET.sub(lambda k: k.group(1) + _MASK, url)
     head, rest = url[:m.end()], url[m.end():]
     end = authority_end(rest)
-    at = max(rest.rfind("@", 0, end), raw_password_end(rest, end))
+    at = max(rest.rfind("@", 0, end), raw_password_end(rest, end), cut_password_end(rest, end))
     if at == -1:
         shown, tail = rest[:end], rest[end:]
     else:

@@ -65,6 +65,20 @@ def raw_password_end(rest: str, end: int) -> int:
     return found
 
 
+def cut_password_end(rest: str, end: int) -> int:
+    """Where a password that begins with a raw `?` or `/` ends, or -1: `user:?a=b@host`
+    has an authority of `user:` (a port that is empty or no number) and its `@` in what
+    reads as a query value. No host of a URL written as meant looks like that."""
+    authority = rest[:end]
+    if "@" in authority or "@" not in rest[end:]:
+        return -1
+    for part in authority.split(","):
+        _host, colon, port = part.rpartition(":")
+        if colon and not port.isdigit() and not part.endswith("]"):
+            return rest.find("@", end)
+    return -1
+
+
 @dataclass(frozen=True)
 class Url:
     """A URL split as the drivers will split it. `hosts` are decoded, ports None where
@@ -120,7 +134,7 @@ def split(url: str) -> Url:
     scheme = url[:m.end() - 3].lower()
     rest = url[m.end():]
     end = authority_end(rest)
-    if raw_password_end(rest, end) != -1:
+    if raw_password_end(rest, end) != -1 or cut_password_end(rest, end) != -1:
         raise UrlError(_NEEDS_ENCODING)
     userinfo, at, hostspec = rest[:end].rpartition("@")
     if at and ("@" in userinfo or not _USERINFO.fullmatch(userinfo)
@@ -162,7 +176,7 @@ def check_sentinel_userinfo(url: str) -> None:
     m = SCHEME.match(url)
     rest = url[m.end():] if m else url
     end = authority_end(rest)
-    if raw_password_end(rest, end) != -1:
+    if raw_password_end(rest, end) != -1 or cut_password_end(rest, end) != -1:
         raise UrlError(_NEEDS_ENCODING)
     userinfo, at, _hosts = rest[:end].rpartition("@")
     if at and ("@" in userinfo or not _USERINFO.fullmatch(userinfo)

@@ -14,6 +14,8 @@ from reconciler.config import redact
 CASES: list[tuple[str, str, str]] = [
     # userinfo passwords
     ("redis://:s3cret@h:1/2", "redis://:***@h:1/2", "s3cret"),
+    ("redis://user:?=Kq7Wx9@s1:26379/0", "redis://user:***@s1:26379/0", "Kq7Wx9"),
+    ("redis+sentinel://u:?=Kq7Wx9@s1:26379,s2/m/0", "redis+sentinel://u:***@s1:26379,s2/m/0", "Kq7Wx9"),
     ("redis://default:s3cret@h:6379/0", "redis://default:***@h:6379/0", "s3cret"),
     ("rediss://app:s3cret@redis.example:6380/1?ssl_cert_reqs=required",
      "rediss://app:***@redis.example:6380/1?ssl_cert_reqs=required", "s3cret"),
