@@ -58,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("migrate", "create/upgrade rq-reconciler's tables and trigger")
     how = sp.add_mutually_exclusive_group()
     how.add_argument("--print-sql", action="store_true", help="print the SQL instead of running it")
-    how.add_argument("--print-grants", metavar="ROLE",
-                     help="print the GRANTs that let database role ROLE request cancels and "
-                          "read their outcomes (and nothing more); changes nothing")
+    how.add_argument("--print-grants", metavar="APP_ROLE", nargs="?", const="",
+                     help="print the GRANTs the daemon's role (postgres.dsn's user) needs, and "
+                          "with APP_ROLE those that let that role request cancels and read "
+                          "their outcomes (and nothing more); from the config alone")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
     sub.add_parser("example-config", help="print the example configuration (every key, its "
                    "default and what it does) to start /etc/rq-reconciler/config.toml from",
@@ -390,11 +391,12 @@ class _Spool:
 
 
 async def _migrate(cfg: Config, *, print_only: bool) -> int:
-    from reconciler.migrations import SCHEMA_VERSION, migrate
+    from reconciler.migrations import SCHEMA_VERSION, migrate, preflight
 
     if print_only:
         print(await migrate(cfg, print_only=True))
         return 0
+    await preflight(cfg)  # what it lacks, in one line, before anything else asks
     before = await _schema_where(cfg)
     await migrate(cfg)
     after = await _schema_where(cfg)
@@ -451,13 +453,14 @@ async def _schema_where(cfg: Config) -> _SchemaWhere:
 
 
 async def _print_grants(cfg: Config, role: str) -> int:
-    from reconciler.migrations import print_grants
+    from reconciler.schema_needs import dsn_role, render_grants
 
-    if not role or len(role.encode()) > 63 or not role.isprintable():
+    if role and (len(role.encode()) > 63 or not role.isprintable()):
         print("rq-reconciler: --print-grants needs a role name of 1 to 63 bytes, "
               "printable characters only", file=sys.stderr)
         return 2
-    print(await print_grants(cfg, role), end="")
+    print(render_grants(cfg, daemon_role=dsn_role(cfg.postgres.dsn), app_role=role or None),
+          end="")
     return 0
 
 

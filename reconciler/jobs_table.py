@@ -62,6 +62,7 @@ from reconciler.pgpool import (
 )
 from reconciler.replicas_table import ReplicaTable
 from reconciler.requests_table import CancelRequestTable, intent_queries
+from reconciler.schema_needs import Table, find_table, one_line, startup_problems
 
 log = structlog.get_logger("reconciler.jobs_table")
 
@@ -170,12 +171,16 @@ class Store:
         return need_pool(self.pool)
 
     async def _introspect(self) -> None:
-        row = await self._p().fetchrow(
+        # Found through the catalog: to_regclass() fails without USAGE on the schema, and
+        # then startup_problems says which GRANT is missing.
+        table = await self._jobs_table()
+        row = None if table is None else await self._p().fetchrow(
             "SELECT format_type(a.atttypid, a.atttypmod) AS t FROM pg_attribute a "
-            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.names.jobs, self.cfg.jobs.id_column,
+            "WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+            table.oid, self.cfg.jobs.id_column,
         )
         if row is None:
+            await self._refuse_if_unworkable()
             raise SchemaError(
                 f"jobs table {self.cfg.jobs.table!r} or its id column "
                 f"{self.cfg.jobs.id_column!r} does not exist (jobs.table / jobs.id_column)"
@@ -189,23 +194,51 @@ class Store:
         """How many characters a jobs-table column holds: n for varchar(n) / char(n) (also
         behind a domain), else TEXT_CAP. What information_schema calls
         character_maximum_length, without its privilege filter and name matching."""
-        rec = await self._p().fetchrow(
+        table = await self._jobs_table()
+        rec = None if table is None else await self._p().fetchrow(
             "SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END "
             "  IN ('varchar'::regtype, 'bpchar'::regtype) AS chars, "
             "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END AS typmod "
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.names.jobs, column,
+            "WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+            table.oid, column,
         )
         if rec is None or not rec["chars"] or rec["typmod"] is None or rec["typmod"] < 5:
             return TEXT_CAP  # unbounded (or missing: verify_schema says so)
         return min(int(rec["typmod"]) - 4, TEXT_CAP)  # typmod of (n) is n + 4
 
+    async def _jobs_table(self) -> Table | None:
+        async with self._p().acquire() as conn:
+            return await find_table(conn, self.cfg.jobs.table)
+
+    async def _refuse_if_unworkable(self) -> None:
+        """Raise SchemaError, in one line, if what `check` says of the jobs table, its
+        columns and the role's privileges fails (the first such line, and how many more)."""
+        async with self._p().acquire() as conn:
+            fails = await startup_problems(conn, self.cfg)
+        if fails:
+            raise SchemaError(one_line(fails))
+
+    async def explain_refusal(self) -> str | None:
+        """After a statement was refused as a schema error: the line `check` would print
+        for it (a column renamed or retyped, a privilege revoked), or None if it finds
+        nothing wrong now."""
+        try:
+            async with asyncio.timeout(10):
+                await self._refuse_if_unworkable()
+        except SchemaError as exc:
+            return str(exc)
+        except Exception:  # (the server's own words are said instead)
+            return None
+        return None
+
     async def verify_schema(self) -> None:
-        """Our own tables and the mapped columns exist: a daemon that cannot work says so
-        once, at start-up, instead of failing every query. It only reads: a read-only
+        """Our own tables and the mapped columns exist, of types the statements work with,
+        and the role holds every privilege the daemon uses: a daemon that cannot work says
+        so once, at start-up, instead of failing every query. It only reads: a read-only
         server (a standby, default_transaction_read_only) passes, and its refused writes
         are outages later, retried."""
+        await self._refuse_if_unworkable()
         n = self.names
         missing = [
             name for name, reg in [
