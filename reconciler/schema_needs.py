@@ -320,7 +320,8 @@ async def lacking(conn: asyncpg.Connection, cfg: Config, *,
         unwritten = [c for c in _written_columns(cfg) if not await has(c, "UPDATE")]
         if unwritten:
             out.append(Lack(f"UPDATE of {', '.join(unwritten)} on {j.table}",
-                            "it writes them on every transition",
+                            f"it writes {'it' if len(unwritten) == 1 else 'them'} on every "
+                            "transition",
                             f"GRANT UPDATE ({_cols(unwritten)}) ON {t} TO {r};"))
     ours = [(name, await find_table(conn, name)) for name in _our_tables(cfg)]
     our_schema = ours[0][1].schema if ours[0][1] else _schema_of(cfg.cancel.requests_table)
