@@ -333,10 +333,12 @@ class Store:
         return await self._read_isolating(self._by_rq_ids, ids)
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
-        """The rows of `ids`; one that cannot be read is left out (logged once, counted)."""
+        """The rows of `ids`; one that cannot be read is left out (logged once, counted).
+        A single id that cannot be read raises DataRejected (logged once, counted): "no
+        such row" would be a lie, and the caller (a cancel) says what happened instead."""
         if not ids:
             return []
-        return await self._read_isolating(self._by_ids, list(ids))
+        return await self._read_isolating(self._by_ids, list(ids), alone_raises=len(ids) == 1)
 
     async def _by_rq_ids(self, rq_ids: list[Any]) -> list[ActiveRow]:
         s = self.cfg.jobs.statuses
@@ -350,15 +352,17 @@ class Store:
         return [active_row(r) for r in recs]
 
     async def _read_isolating(self, read: Callable[[list[Any]], Awaitable[list[ActiveRow]]],
-                              keys: list[Any]) -> list[ActiveRow]:
+                              keys: list[Any], *, alone_raises: bool = False) -> list[ActiveRow]:
         """`read(keys)`; if the database refuses it for one row's sake, halve the keys until
         the row at fault is alone, as `apply` does for writes: it is logged once, reported
-        to `on_poison`, and left out; the others are read."""
+        to `on_poison`, and left out (or, `alone_raises`, raised); the others are read."""
         try:
             rows = await read(keys)
         except DataRejected as err:
             if len(keys) == 1:
                 self._unreadable(keys[0], err)
+                if alone_raises:
+                    raise
                 return []
             mid = len(keys) // 2
             return (await self._read_isolating(read, keys[:mid])

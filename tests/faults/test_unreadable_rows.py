@@ -12,6 +12,8 @@ import json
 import uuid
 from pathlib import Path
 
+import pytest
+
 from reconciler.config import load
 from reconciler.devstack import (
     DaemonProc,
@@ -30,6 +32,7 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
+from reconciler.errors import DataRejected
 from reconciler.jobs_table import Store
 
 
@@ -127,6 +130,10 @@ def test_a_row_no_read_can_hand_over_is_skipped_logged_once_and_counted(
             assert [r.row.id for r in page] == ids[3:]
             assert sorted(r.row.id for r in await store.rows_by_ids(ids)) == [*ids[:2], *ids[3:]]
             assert poisoned == [("row", str(ids[2]))]  # once, however often it was met
+            # Asked for alone (a cancel), it is not "no such row": the caller is told.
+            with pytest.raises(DataRejected):
+                await store.rows_by_ids([ids[2]])
+            assert poisoned == [("row", str(ids[2]))]
             assert store.pool is not None
             await store.pool.execute("UPDATE training_jobs SET name = 'fine' WHERE id = $1",
                                      ids[2])
