@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import structlog
 
-from reconciler.errors import BackendUnavailable
+from reconciler.errors import BackendUnavailable, SchemaError
 
 log = structlog.get_logger("reconciler.aio")
 
@@ -63,13 +64,22 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task[Any]], every: float = 0
             t.exception()
 
 
+# Where a background task that met a configuration that cannot work (a SchemaError: a
+# column renamed, a privilege revoked) reports it: the supervisor sets it for the tasks it
+# runs, and ends the daemon with exit 2. Tasks started in its tasks inherit it.
+on_schema_error: ContextVar[Callable[[SchemaError], None] | None] = ContextVar(
+    "on_schema_error", default=None)
+
+
 class TaskSet:
     """Background tasks with an owner. Each task is kept until it ends; a failure is
-    logged (never "exception was never retrieved"); shutdown drains or cancels them."""
+    logged (never "exception was never retrieved"), or, if it is a SchemaError and the
+    spawner set `on_schema_error`, handed to it; shutdown drains or cancels them."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._fatal: dict[asyncio.Task[Any], Callable[[SchemaError], None]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -77,15 +87,21 @@ class TaskSet:
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.owner}:{name}")
         self._tasks.add(task)
+        handler = on_schema_error.get()
+        if handler is not None:
+            self._fatal[task] = handler
         task.add_done_callback(self._ended)
         return task
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        handler = self._fatal.pop(task, None)
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if isinstance(exc, SchemaError) and handler is not None:
+            handler(exc)
+        elif exc is not None:
             log.error("task_failed", task=task.get_name(), error=f"{type(exc).__name__}: {exc}",
                       exc_info=exc)
 

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -29,29 +29,30 @@ from reconciler.redis_acl import acl_probes, denial, probe_replies, whoami
 from reconciler.redisconn import async_client, is_sentinel, parse_sentinel_url, sentinel_masters
 from reconciler.rq_layout import missing_keyspace_flags, worker_gone_reason
 from reconciler.rq_state import RqState
-
-_TEXT_TYPES = {"text", "character varying", "character", "citext", "name"}
-_TIME_TYPES = {"timestamp with time zone", "timestamp without time zone"}
-
-
-@dataclass(frozen=True)
-class Line:
-    level: str  # OK, WARN, FAIL
-    what: str
-    message: str
-
-    def render(self) -> str:
-        return f"{self.level:<4} {self.what}: {self.message}"
+from reconciler.schema_needs import Line, column_lines, find_table, privilege_lines
 
 
 async def run_checks(cfg: Config) -> list[Line]:
     out = [Line("OK", "config", f"{cfg.source} is valid")]
-    out += await _check_redis_route(cfg)
-    out += await _check_redis(cfg)
-    out += await _check_postgres(cfg)
-    out += await _check_postgres_session(cfg)
-    out.append(await _check_metrics_listen(cfg))
+    out += await _guarded("redis", _check_redis_route(cfg))
+    out += await _guarded("redis", _check_redis(cfg))
+    out += await _guarded("postgres", _check_postgres(cfg))
+    out += await _guarded("postgres listen", _check_postgres_session(cfg))
+    out += await _guarded("metrics", _listed(_check_metrics_listen(cfg)))
     return out
+
+
+async def _listed(line: Coroutine[Any, Any, Line]) -> list[Line]:
+    return [await line]
+
+
+async def _guarded(what: str, lines: Coroutine[Any, Any, list[Line]]) -> list[Line]:
+    """A check that fails in a way it did not foresee is one FAIL line, never a traceback
+    that hides the lines of the others."""
+    try:
+        return await lines
+    except Exception as exc:
+        return [Line("FAIL", what, f"the check itself failed: {type(exc).__name__}: {exc}")]
 
 
 async def _check_redis(cfg: Config) -> list[Line]:
@@ -185,23 +186,6 @@ async def _check_redis_acl(cfg: Config, rq: RqState) -> list[Line]:
 # -- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _bounded_text_line(cfg: Config, key: str, col: str, typ: str, n: int) -> Line:
-    """A text column with a length limit: fine for the error column (the daemon clips what
-    it writes there to fit), fatal for a status column too short for a status word."""
-    shown = f"{col} ({typ}({n}))"
-    if key == "jobs.error_column":
-        return Line("OK", key, f"{shown}: texts longer than {n} characters are clipped to "
-                    f"{n} (an exception's last line can be long); use text to keep them whole")
-    if key == "jobs.status_column":
-        s = cfg.jobs.statuses
-        long = [w for w in (*s.active, *s.terminal) if len(w) > n]
-        if long:
-            return Line("FAIL", key, f"{shown} cannot hold {', '.join(map(repr, long))} "
-                        "(jobs.statuses): widen the column or choose shorter words")
-    return Line("OK", key, shown)
-
-
-
 async def _check_postgres(cfg: Config) -> list[Line]:
     shown = redact(cfg.postgres.dsn)
     try:
@@ -211,74 +195,52 @@ async def _check_postgres(cfg: Config) -> list[Line]:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         return [Line("FAIL", "postgres", f"cannot connect to {shown}: {exc}. Is PostgreSQL "
                      "running, and is postgres.dsn (or $RQ_RECONCILER_POSTGRES_DSN) right?")]
+    lines = [Line("OK", "postgres", f"connected to {shown}")]
     try:
-        lines = [Line("OK", "postgres", f"connected to {shown}")]
-        j = cfg.jobs
-        table_oid = await conn.fetchval("SELECT to_regclass($1)::oid", quote_ident(j.table))
-        if table_oid is None:
-            lines.append(Line("FAIL", "jobs table", f"{j.table!r} does not exist in this database; "
-                              "set jobs.table (schema-qualified if needed, names are "
-                              "case-sensitive)"))
-            return lines
-        lines.append(Line("OK", "jobs table", f"{j.table} exists"))
-        cols: dict[str, str] = {}
-        max_chars: dict[str, int] = {}  # varchar(n) / char(n) columns: n
-        # A domain is judged by its base type, as the daemon judges it.
-        for r in await conn.fetch(
-                "SELECT attname, format_type(b.oid, NULL) AS t, CASE WHEN b.oid IN "
-                "('varchar'::regtype, 'bpchar'::regtype) AND b.mod > 4 THEN b.mod - 4 END AS n "
-                "FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid, LATERAL (SELECT "
-                "CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE a.atttypid END AS oid, "
-                "CASE WHEN ty.typtype = 'd' THEN ty.typtypmod ELSE a.atttypmod END AS mod) b "
-                "WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped", table_oid):
-            cols[r["attname"]] = r["t"]
-            if r["n"] is not None:
-                max_chars[r["attname"]] = int(r["n"])
-        wanted = [
-            ("jobs.id_column", j.id_column, None),
-            ("jobs.rq_id_column", j.rq_id_column, _TEXT_TYPES),
-            ("jobs.status_column", j.status_column, _TEXT_TYPES),
-            ("jobs.error_column", j.error_column, _TEXT_TYPES),
-            ("jobs.started_at_column", j.started_at_column, _TIME_TYPES),
-            ("jobs.completed_at_column", j.completed_at_column, _TIME_TYPES),
-        ]
-        for key, col, types in wanted:
-            if not col:
-                lines.append(Line("OK", key, "not configured (optional)"))
-                continue
-            typ = cols.get(col)
-            if typ is None:
-                lines.append(Line("FAIL", key, f"column {col!r} not found in {j.table}; existing: "
-                                  f"{', '.join(sorted(cols))}"))
-            elif types is not None and typ not in types:
-                lines.append(Line("FAIL", key, f"column {col!r} is {typ}; expected one of "
-                                  f"{', '.join(sorted(types))}"))
-            elif col in max_chars:
-                lines.append(_bounded_text_line(cfg, key, col, typ, max_chars[col]))
-            else:
-                lines.append(Line("OK", key, f"{col} ({typ})"))
-        # The index checks EXPLAIN the daemon's own queries: not on columns that are missing.
-        if not any(ln.level == "FAIL" for ln in lines):
-            try:
-                for advice in await advise(conn, cfg):
-                    if advice.ok:
-                        lines.append(Line("OK", advice.what, advice.message))
-                    else:
-                        lines.append(Line("WARN", advice.what,
-                                          f"{advice.message}. Fix: {advice.statement}"))
-            except asyncpg.PostgresError as exc:
-                lines.append(Line("WARN", "indexes", f"could not ask the planner ({exc})"))
-        req = await conn.fetchval("SELECT to_regclass($1)", quote_ident(cfg.cancel.requests_table))
-        events = await conn.fetchval("SELECT to_regclass($1)", quote_ident(cfg.events_table))
-        if req is None or events is None:
-            lines.append(Line("FAIL", "schema", "rq-reconciler's tables are missing; run "
-                              "`rq-reconciler migrate` (or `migrate --print-sql` for your DBA)"))
-        else:
-            lines.append(Line("OK", "schema", f"{cfg.cancel.requests_table} and "
-                              f"{cfg.events_table} exist"))
-        return lines
+        await _check_tables(conn, cfg, lines)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        # Whatever the server refused, the lines so far stand, and this one says what.
+        lines.append(Line("FAIL", "postgres", f"the checks stopped at: {type(exc).__name__}: "
+                          f"{exc}"))
     finally:
-        await conn.close()
+        with contextlib.suppress(Exception):
+            await conn.close()
+    return lines
+
+
+async def _check_tables(conn: asyncpg.Connection, cfg: Config, lines: list[Line]) -> None:
+    j = cfg.jobs
+    privileges = await privilege_lines(conn, cfg)
+    table = await find_table(conn, j.table)
+    if table is None:
+        lines.append(Line("FAIL", "jobs table", f"{j.table!r} does not exist in this database; "
+                          "set jobs.table (schema-qualified if needed, names are "
+                          "case-sensitive)"))
+        lines += privileges
+        return
+    lines.append(Line("OK", "jobs table", f"{j.table} exists"))
+    lines += await column_lines(conn, cfg, table)
+    lines += privileges
+    # The index checks EXPLAIN the daemon's own queries: not on columns that are missing,
+    # nor without the privileges to read them.
+    if not any(ln.level == "FAIL" for ln in lines):
+        try:
+            for advice in await advise(conn, cfg):
+                if advice.ok:
+                    lines.append(Line("OK", advice.what, advice.message))
+                else:
+                    lines.append(Line("WARN", advice.what,
+                                      f"{advice.message}. Fix: {advice.statement}"))
+        except asyncpg.PostgresError as exc:
+            lines.append(Line("WARN", "indexes", f"could not ask the planner ({exc})"))
+    missing = [name for name in (cfg.cancel.requests_table, cfg.events_table)
+               if await find_table(conn, name) is None]
+    if missing:
+        lines.append(Line("FAIL", "schema", "rq-reconciler's tables are missing; run "
+                          "`rq-reconciler migrate` (or `migrate --print-sql` for your DBA)"))
+    else:
+        lines.append(Line("OK", "schema", f"{cfg.cancel.requests_table} and "
+                          f"{cfg.events_table} exist"))
 
 
 # -- PostgreSQL behind a pooler -----------------------------------------------------------------

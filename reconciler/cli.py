@@ -10,7 +10,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -82,12 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--print-sql", action="store_true",
                      help="print the SQL instead of running it; made from the config alone "
                           "(no connection), for a DBA to run")
-    sp.add_argument("--id-type", metavar="TYPE", default="bigint",
-                    help="with --print-sql: the type of the jobs table's id column (default "
-                         "bigint; the SQL stops with a clear error if it is another)")
-    how.add_argument("--print-grants", metavar="ROLE",
-                     help="print the GRANTs that let database role ROLE request cancels and "
-                          "read their outcomes (and nothing more); changes nothing")
+    how.add_argument("--print-grants", metavar="APP_ROLE", nargs="?", const="",
+                     help="print the GRANTs the daemon's role (postgres.dsn's user) needs, and "
+                          "with APP_ROLE those that let that role request cancels and read "
+                          "their outcomes (and nothing more); from the config alone")
     cmd("check", "check config, connectivity, table, columns, index and keyspace setting")
     # The commands that read no config accept --config only to refuse it with a reason.
     sp = sub.add_parser("example-config", help="print the example configuration (every key, its "
@@ -212,13 +209,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.cmd == "migrate":
             if args.print_grants is not None:
                 return _run(_print_grants(cfg, args.print_grants))
-            if args.print_sql:
-                return _print_sql(cfg, args.id_type)
-            if args.id_type != "bigint":
-                print("rq-reconciler: --id-type goes with --print-sql (migrate reads the type "
-                      "from the database)", file=sys.stderr)
-                return 2
-            return _run(_migrate(cfg))
+            return _run(_migrate(cfg, print_only=args.print_sql))
         if args.cmd == "check":
             return _run(_check(cfg))
     except ReconcilerError as exc:
@@ -454,58 +445,13 @@ class _Spool:
             self._file = None
 
 
-# A type name as format_type() writes one: words, digits, (precision), [], dots, quotes.
-_TYPE_NAME = re.compile(r'[A-Za-z_"][A-Za-z0-9_ ."$]*(\([0-9, ]+\))?(\[\])*')
+async def _migrate(cfg: Config, *, print_only: bool) -> int:
+    from reconciler.migrations import SCHEMA_VERSION, migrate, preflight
 
-
-def _print_sql(cfg: Config, id_type: str) -> int:
-    """`migrate --print-sql`: the SQL `migrate` would run, from the config alone. The one
-    thing it needs from the database, the id column's type, comes from --id-type, and a
-    guard at the top stops the script if the table says otherwise (the foreign key needs
-    the same type). The indexes on the jobs table follow as comments, unchecked: `check`
-    says which exist."""
-    from reconciler.config import quote_ident
-    from reconciler.indexes import active_index_sql, rq_id_index_sql
-    from reconciler.migrations import render_migrations
-
-    id_type = " ".join(id_type.split())
-    if not _TYPE_NAME.fullmatch(id_type):
-        print(f"rq-reconciler: --id-type {id_type!r} is not a type name (bigint, uuid, text, "
-              "integer, character varying(64), ...)", file=sys.stderr)
-        return 2
-    table, column = cfg.jobs.table, cfg.jobs.id_column
-    lit = _sql_literal
-    guard = (
-        f"-- rq-reconciler migrate --print-sql, made from {cfg.source} alone (no connection).\n"
-        f"-- Run it whole, stopping at the first error: psql -v ON_ERROR_STOP=1 "
-        "--single-transaction -f FILE\n"
-        f"-- {table}.{column} is taken to be {id_type} (--id-type); this stops here if it is not.\n"
-        "DO $rq_reconciler_id_type$\nDECLARE found regtype;\nBEGIN\n"
-        "    SELECT atttypid::regtype INTO found FROM pg_attribute\n"
-        f"     WHERE attrelid = to_regclass({lit(quote_ident(table))}) AND attname = {lit(column)}"
-        " AND NOT attisdropped;\n"
-        "    IF found IS NULL THEN\n"
-        f"        RAISE EXCEPTION 'jobs table % has no column %', {lit(table)}, {lit(column)};\n"
-        f"    ELSIF found IS DISTINCT FROM {lit(id_type)}::regtype THEN\n"
-        f"        RAISE EXCEPTION '%.% is %, not %: print the SQL again with --id-type %', "
-        f"{lit(table)}, {lit(column)}, found, {lit(id_type)}, quote_literal(found::text);\n"
-        "    END IF;\nEND\n$rq_reconciler_id_type$;\n\n")
-    indexes = (
-        f"\n-- Indexes on the application's table {table}: `rq-reconciler migrate` never builds "
-        "one.\n-- `rq-reconciler check` says which exist; run each missing one on its own, "
-        "outside a\n-- transaction block (it does not block writes):\n"
-        f"-- {active_index_sql(cfg)}\n-- {rq_id_index_sql(cfg)}\n")
-    print(guard + render_migrations(cfg, id_type) + indexes)
-    return 0
-
-
-def _sql_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-async def _migrate(cfg: Config) -> int:
-    from reconciler.migrations import SCHEMA_VERSION, migrate
-
+    if print_only:
+        print(await migrate(cfg, print_only=True))
+        return 0
+    await preflight(cfg)  # what it lacks, in one line, before anything else asks
     before = await _schema_where(cfg)
     await migrate(cfg)
     after = await _schema_where(cfg)
@@ -562,13 +508,14 @@ async def _schema_where(cfg: Config) -> _SchemaWhere:
 
 
 async def _print_grants(cfg: Config, role: str) -> int:
-    from reconciler.migrations import print_grants
+    from reconciler.schema_needs import dsn_role, render_grants
 
-    if not role or len(role.encode()) > 63 or not role.isprintable():
+    if role and (len(role.encode()) > 63 or not role.isprintable()):
         print("rq-reconciler: --print-grants needs a role name of 1 to 63 bytes, "
               "printable characters only", file=sys.stderr)
         return 2
-    print(await print_grants(cfg, role), end="")
+    print(render_grants(cfg, daemon_role=dsn_role(cfg.postgres.dsn), app_role=role or None),
+          end="")
     return 0
 
 

@@ -3,8 +3,8 @@
 A jobs table holds years of finished rows and a few thousand active ones. The sweep
 reads the active rows in keyset pages (`status IN (...) ORDER BY id`), and the event path
 looks rows up by RQ id; without the right index each page, and each burst of events,
-reads the whole table. `check` and `migrate --print-sql` say which index is missing and
-print the `CREATE INDEX CONCURRENTLY` that adds it. Nothing here builds one: the table is
+reads the whole table. `check` says which index is missing and prints the `CREATE INDEX
+CONCURRENTLY` that adds it; `migrate --print-sql` prints both. Nothing here builds one: the table is
 the application's, and an index on a large table is its DBA's call (CONCURRENTLY does
 not block writes, but it takes time and cannot run inside a transaction).
 """
@@ -194,16 +194,14 @@ async def advise(conn: asyncpg.Connection, cfg: Config) -> list[IndexAdvice]:
     return [await active_index_advice(conn, cfg), await rq_id_index_advice(conn, cfg)]
 
 
-def print_sql_section(advice: list[IndexAdvice], cfg: Config) -> str:
-    """What `migrate --print-sql` adds after our own schema: the indexes the jobs table
-    lacks, as comments (run them yourself; CONCURRENTLY cannot run in a transaction)."""
-    missing = [a for a in advice if not a.ok]
-    head = (f"-- Indexes on the application's table {cfg.jobs.table}: `rq-reconciler migrate` "
-            "never builds one.\n")
-    if not missing:
-        return head + "-- Both indexes rq-reconciler's queries need are there.\n"
-    lines = [head, "-- Missing; run each on its own, outside a transaction block (it does "
-             "not block writes):\n"]
-    for a in missing:
-        lines.append(f"-- {a.what}: {a.message}\n-- {a.statement}\n")
-    return "".join(lines)
+def print_sql_section(cfg: Config) -> str:
+    """What `migrate --print-sql` adds after our own schema, from the config alone: the
+    indexes the jobs table should have, as comments (`check` says which it lacks; run each
+    yourself: CONCURRENTLY cannot run in a transaction)."""
+    return (f"-- Indexes on the application's table {cfg.jobs.table}: `rq-reconciler migrate` "
+            "never builds one.\n"
+            "-- `rq-reconciler check` says which of these your table lacks (an equivalent index "
+            "under\n-- another name does as well); run each on its own, outside a transaction "
+            "block (it does not block writes):\n"
+            f"-- active rows index (sweep pages):\n-- {active_index_sql(cfg)}\n"
+            f"-- rq id index (the event path):\n-- {rq_id_index_sql(cfg)}\n")

@@ -49,13 +49,36 @@ def _started(n: Names) -> str:
     return f"t.{n.started}" if n.started else "NULL::timestamptz"
 
 
+# A timestamptz PostgreSQL holds but Python's datetime cannot: '-infinity', 'infinity', and
+# years past 9999 (asyncpg fails to decode those, outside any SQL error). What a row reads
+# is clamped to what Python holds, and its age is computed from the clamped time:
+# '-infinity' (or year 1) is "very old" (about 64 billion seconds: min_age has passed, and
+# the row counts as stuck), a time in the future (up to 'infinity') is "just now" (age 0:
+# min_age counts from when it is reached). Unclamped, `now() - '-infinity'` fails the
+# whole statement ("cannot subtract infinite timestamps"), for every row of the page.
+_EARLIEST = "'0001-01-01 00:00:00+00'::timestamptz"
+_LATEST = "'9999-12-31 00:00:00+00'::timestamptz"
+
+
+def readable_time(expr: str) -> str:
+    """`expr` (a timestamptz) clamped to what Python's datetime holds; NULL stays NULL."""
+    return f"CASE WHEN {expr} IS NOT NULL THEN greatest(least({expr}, {_LATEST}), {_EARLIEST}) END"
+
+
+def age_seconds(started: str, first_seen: str) -> str:
+    """Seconds since `started` (else `first_seen`, else now): 0 for a time in the future,
+    finite for an infinite one (see _EARLIEST)."""
+    since = f"greatest(least(coalesce({started}, {first_seen}, now()), now()), {_EARLIEST})"
+    return f"extract(epoch FROM now() - {since})::float8"
+
+
 def row_select(n: Names) -> str:
     """A job row as `active_row` reads it, up to its WHERE (the jobs table is `t`)."""
     t, cid, crq, cst, started = n.jobs, n.id, n.rq_id, n.status, _started(n)
     return (
         f"SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
-        f"{started} AS started_at, f.first_seen, "
-        f"extract(epoch FROM now() - coalesce({started}, f.first_seen, now()))::float8 AS age "
+        f"{readable_time(started)} AS started_at, {readable_time('f.first_seen')} AS first_seen, "
+        f"{age_seconds(started, 'f.first_seen')} AS age "
         f"FROM {t} t LEFT JOIN {n.first_seen} f ON f.job_id = t.{cid}::text "
     )
 
@@ -74,22 +97,29 @@ def read_queries(n: Names, id_type: str, active: str, select: str) -> dict[str, 
     # hash the (small) first-seen table and then sort every active row after the
     # cursor to take 1,000 of them, for each page: quadratic in the active rows.
     page = (
-        f"SELECT p.id, p.rq_id, p.status, p.started_at, f.first_seen, "
-        f"extract(epoch FROM now() - coalesce(p.started_at, f.first_seen, now()))::float8 AS age "
+        f"SELECT p.id, p.rq_id, p.status, {readable_time('p.started_at')} AS started_at, "
+        f"{readable_time('f.first_seen')} AS first_seen, "
+        f"{age_seconds('p.started_at', 'f.first_seen')} AS age "
         f"FROM (SELECT t.{cid} AS id, t.{crq}::text AS rq_id, t.{cst} AS status, "
         f"{started} AS started_at FROM {t} t WHERE {{where}} ORDER BY t.{cid} LIMIT $1) p "
         f"LEFT JOIN {n.first_seen} f ON f.job_id = p.id::text ORDER BY p.id"
     )
+    cancelled = (
+        f"WHERE t.{cid} IN (SELECT r.job_id FROM {n.requests} r WHERE r.outcome = 'cancelled' "
+        f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
+        f"AND t.{crq} IS NOT NULL ORDER BY t.{cid} LIMIT $3"
+    )
+    # The ids alone, for finding the row at fault when a page cannot be read whole.
+    page_ids = f"SELECT t.{cid} FROM {t} t WHERE {{where}} ORDER BY t.{cid} LIMIT $1"
     return {
         "page_first": page.format(where=active),
         "page_next": page.format(where=f"{active} AND t.{cid} > $2::{id_type}"),
+        "page_ids_first": page_ids.format(where=active),
+        "page_ids_next": page_ids.format(where=f"{active} AND t.{cid} > $2::{id_type}"),
         "by_rq_ids": select + f"WHERE t.{crq} = ANY($1::text[]) AND t.{cst} = ANY($2::text[])",
         "by_ids": select + f"WHERE t.{cid} = ANY($1::text[]::{id_type}[])",
-        "recently_cancelled": select + (
-            f"WHERE t.{cid} IN (SELECT r.job_id FROM {n.requests} r WHERE r.outcome = 'cancelled' "
-            f"AND r.done_at > now() - make_interval(secs => $1)) AND t.{cst} = $2 "
-            f"AND t.{crq} IS NOT NULL ORDER BY t.{cid} LIMIT $3"
-        ),
+        "recently_cancelled": select + cancelled,
+        "recently_cancelled_ids": f"SELECT t.{cid} FROM {t} t " + cancelled,
     }
 
 

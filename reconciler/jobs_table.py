@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from operator import itemgetter
@@ -45,6 +45,7 @@ from reconciler.model import (
     ActiveRow,
     BoundedMemory,
     CancelIntent,
+    Page,
     PoisonCallback,
     sql_json,
     sql_text,
@@ -62,6 +63,7 @@ from reconciler.pgpool import (
 )
 from reconciler.replicas_table import ReplicaTable
 from reconciler.requests_table import CancelRequestTable, intent_queries
+from reconciler.schema_needs import Table, find_table, one_line, startup_problems
 
 log = structlog.get_logger("reconciler.jobs_table")
 
@@ -149,6 +151,8 @@ class Store:
         self._on_poison = on_poison
         # job id (text) -> fingerprint of the change the database refused for it.
         self._poison = BoundedMemory()
+        # Job ids or RQ ids (text) of rows the database could not hand over to a read.
+        self._poison_reads = BoundedMemory()
         self.names = Names.of(cfg)
         self._sql: dict[str, str] = {}
         self.requests = CancelRequestTable(self)
@@ -170,12 +174,16 @@ class Store:
         return need_pool(self.pool)
 
     async def _introspect(self) -> None:
-        row = await self._p().fetchrow(
+        # Found through the catalog: to_regclass() fails without USAGE on the schema, and
+        # then startup_problems says which GRANT is missing.
+        table = await self._jobs_table()
+        row = None if table is None else await self._p().fetchrow(
             "SELECT format_type(a.atttypid, a.atttypmod) AS t FROM pg_attribute a "
-            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.names.jobs, self.cfg.jobs.id_column,
+            "WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+            table.oid, self.cfg.jobs.id_column,
         )
         if row is None:
+            await self._refuse_if_unworkable()
             raise SchemaError(
                 f"jobs table {self.cfg.jobs.table!r} or its id column "
                 f"{self.cfg.jobs.id_column!r} does not exist (jobs.table / jobs.id_column)"
@@ -189,23 +197,51 @@ class Store:
         """How many characters a jobs-table column holds: n for varchar(n) / char(n) (also
         behind a domain), else TEXT_CAP. What information_schema calls
         character_maximum_length, without its privilege filter and name matching."""
-        rec = await self._p().fetchrow(
+        table = await self._jobs_table()
+        rec = None if table is None else await self._p().fetchrow(
             "SELECT CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END "
             "  IN ('varchar'::regtype, 'bpchar'::regtype) AS chars, "
             "CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END AS typmod "
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-            "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-            self.names.jobs, column,
+            "WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+            table.oid, column,
         )
         if rec is None or not rec["chars"] or rec["typmod"] is None or rec["typmod"] < 5:
             return TEXT_CAP  # unbounded (or missing: verify_schema says so)
         return min(int(rec["typmod"]) - 4, TEXT_CAP)  # typmod of (n) is n + 4
 
+    async def _jobs_table(self) -> Table | None:
+        async with self._p().acquire() as conn:
+            return await find_table(conn, self.cfg.jobs.table)
+
+    async def _refuse_if_unworkable(self) -> None:
+        """Raise SchemaError, in one line, if what `check` says of the jobs table, its
+        columns and the role's privileges fails (the first such line, and how many more)."""
+        async with self._p().acquire() as conn:
+            fails = await startup_problems(conn, self.cfg)
+        if fails:
+            raise SchemaError(one_line(fails))
+
+    async def explain_refusal(self) -> str | None:
+        """After a statement was refused as a schema error: the line `check` would print
+        for it (a column renamed or retyped, a privilege revoked), or None if it finds
+        nothing wrong now."""
+        try:
+            async with asyncio.timeout(10):
+                await self._refuse_if_unworkable()
+        except SchemaError as exc:
+            return str(exc)
+        except Exception:  # (the server's own words are said instead)
+            return None
+        return None
+
     async def verify_schema(self) -> None:
-        """Our own tables and the mapped columns exist: a daemon that cannot work says so
-        once, at start-up, instead of failing every query. It only reads: a read-only
+        """Our own tables and the mapped columns exist, of types the statements work with,
+        and the role holds every privilege the daemon uses: a daemon that cannot work says
+        so once, at start-up, instead of failing every query. It only reads: a read-only
         server (a standby, default_transaction_read_only) passes, and its refused writes
         are outages later, retried."""
+        await self._refuse_if_unworkable()
         n = self.names
         missing = [
             name for name, reg in [
@@ -265,30 +301,92 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def active_page(self, after: Any, limit: int) -> list[ActiveRow]:
-        async with translated(self.pool):
-            if after is None:
-                recs = await self._p().fetch(self._sql["page_first"], limit)
-            else:
-                recs = await self._p().fetch(self._sql["page_next"], limit, after)
-        return [active_row(r) for r in recs]
+    async def active_page(self, after: Any, limit: int) -> Page:
+        """Up to `limit` active rows after id `after`. A row the database cannot hand over
+        (a value no statement of ours foresaw) is found, logged once, counted as poison and
+        left out; the page still ends where it would have."""
+        try:
+            async with translated(self.pool):
+                if after is None:
+                    recs = await self._p().fetch(self._sql["page_first"], limit)
+                else:
+                    recs = await self._p().fetch(self._sql["page_next"], limit, after)
+        except DataRejected:
+            async with translated(self.pool):
+                ids = [r[0] for r in await (
+                    self._p().fetch(self._sql["page_ids_first"], limit) if after is None else
+                    self._p().fetch(self._sql["page_ids_next"], limit, after))]
+            rows = await self._read_isolating(self._by_ids, ids)
+            return Page(rows, ids[-1] if ids else after, len(ids))
+        rows = [active_row(r) for r in recs]
+        self._readable(rows)
+        return Page(rows, rows[-1].row.id if rows else after, len(rows))
 
     async def rows_by_rq_ids(self, rq_ids: Sequence[str]) -> list[ActiveRow]:
-        """Active rows, and cancelled ones (a cancel holds until RQ agrees)."""
-        s = self.cfg.jobs.statuses
+        """Active rows, and cancelled ones (a cancel holds until RQ agrees). A row that
+        cannot be read is left out (logged once, counted as poison)."""
         # An id PostgreSQL cannot even hold (NUL, a lone surrogate) matches no row; sent,
         # it would fail the whole lookup for its neighbours.
         ids = [i for i in rq_ids if storable(i)]
         if not ids:
             return []
-        async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["by_rq_ids"], ids, [*s.active, s.cancelled])
-        return [active_row(r) for r in recs]
+        return await self._read_isolating(self._by_rq_ids, ids)
 
     async def rows_by_ids(self, ids: Sequence[Any]) -> list[ActiveRow]:
+        """The rows of `ids`; one that cannot be read is left out (logged once, counted).
+        A single id that cannot be read raises DataRejected (logged once, counted): "no
+        such row" would be a lie, and the caller (a cancel) says what happened instead."""
+        if not ids:
+            return []
+        return await self._read_isolating(self._by_ids, list(ids), alone_raises=len(ids) == 1)
+
+    async def _by_rq_ids(self, rq_ids: list[Any]) -> list[ActiveRow]:
+        s = self.cfg.jobs.statuses
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["by_rq_ids"], rq_ids, [*s.active, s.cancelled])
+        return [active_row(r) for r in recs]
+
+    async def _by_ids(self, ids: list[Any]) -> list[ActiveRow]:
         async with translated(self.pool):
             recs = await self._p().fetch(self._sql["by_ids"], id_texts(ids))
         return [active_row(r) for r in recs]
+
+    async def _read_isolating(self, read: Callable[[list[Any]], Awaitable[list[ActiveRow]]],
+                              keys: list[Any], *, alone_raises: bool = False) -> list[ActiveRow]:
+        """`read(keys)`; if the database refuses it for one row's sake, halve the keys until
+        the row at fault is alone, as `apply` does for writes: it is logged once, reported
+        to `on_poison`, and left out (or, `alone_raises`, raised); the others are read."""
+        try:
+            rows = await read(keys)
+        except DataRejected as err:
+            if len(keys) == 1:
+                self._unreadable(keys[0], err)
+                if alone_raises:
+                    raise
+                return []
+            mid = len(keys) // 2
+            return (await self._read_isolating(read, keys[:mid])
+                    + await self._read_isolating(read, keys[mid:]))
+        self._readable(rows)
+        return rows
+
+    def _unreadable(self, key: Any, err: DataRejected) -> None:
+        shown = str(key)
+        if shown in self._poison_reads:
+            return
+        self._poison_reads.put(shown)
+        log.warning("poison_row_read", key=shown, error=str(err), pg_error=err.pg_error,
+                    sqlstate=err.sqlstate, hint="the row is skipped until it can be read")
+        if self._on_poison is not None:
+            self._on_poison("row", shown, str(err))
+
+    def _readable(self, rows: list[ActiveRow]) -> None:
+        """Rows read again (changed since, or the statement fixed): poison no more."""
+        if self._poison_reads:
+            for r in rows:
+                self._poison_reads.discard(str(r.row.id))
+                if r.row.rq_id:
+                    self._poison_reads.discard(r.row.rq_id)
 
     async def remember_first_seen(self, job_ids: Sequence[Any]) -> None:
         if not job_ids:
@@ -321,10 +419,17 @@ class Store:
 
     async def recently_cancelled(self, within: float, limit: int = 10_000) -> list[ActiveRow]:
         """Rows a cancel request cancelled in the last `within` seconds (still cancelled):
-        a job enqueued after its cancel is looked for there by each sweep."""
-        async with translated(self.pool):
-            recs = await self._p().fetch(self._sql["recently_cancelled"], within,
-                                         self.cfg.jobs.statuses.cancelled, limit)
+        a job enqueued after its cancel is looked for there by each sweep. A row that
+        cannot be read is left out (logged once, counted as poison)."""
+        args = (within, self.cfg.jobs.statuses.cancelled, limit)
+        try:
+            async with translated(self.pool):
+                recs = await self._p().fetch(self._sql["recently_cancelled"], *args)
+        except DataRejected:
+            async with translated(self.pool):
+                ids = [r[0] for r in await self._p().fetch(
+                    self._sql["recently_cancelled_ids"], *args)]
+            return await self._read_isolating(self._by_ids, ids)
         return [active_row(r) for r in recs]
 
     async def job_status(self, job_id: Any) -> str | None:

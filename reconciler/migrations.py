@@ -1,5 +1,6 @@
-"""Our own schema: versioned migrations (sql/), the names derived from the request table's,
-and the grants an application role needs. Must never touch the application's own table
+"""Our own schema: versioned migrations (sql/) and the names derived from the request table's.
+The SQL is written from the config alone (`migrate --print-sql` connects to nothing); the
+grants both roles need are schema_needs'. Must never touch the application's own table
 beyond reading its id column's type (for the foreign key)."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import asyncpg
 
 from reconciler.config import MAX_IDENT_BYTES, Config, derived_ident, quote_ident
 from reconciler.errors import SchemaError
-from reconciler.indexes import advise, print_sql_section
+from reconciler.indexes import print_sql_section
 from reconciler.pgpool import translated
+from reconciler.schema_needs import find_table, lacking, shown_role
 
 MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -39,11 +41,6 @@ def _fill(text: str, subs: dict[str, str]) -> str:
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _quote_role(role: str) -> str:
-    # A role name is one identifier, dots and all (quote_ident would split it).
-    return '"' + role.replace('"', '""') + '"'
 
 
 class _Derived(NamedTuple):
@@ -108,7 +105,7 @@ def _legacy_names_sql(cfg: Config) -> str:
     )
 
 
-def render_migrations(cfg: Config, id_type: str) -> str:
+def render_migrations(cfg: Config) -> str:
     req = cfg.cancel.requests_table
     base = _bare(req)
     pre = _schema_prefix(req)
@@ -117,8 +114,9 @@ def render_migrations(cfg: Config, id_type: str) -> str:
         "requests_table": quote_ident(req),
         "requests_table_literal": _literal(quote_ident(req)),
         "jobs_table": quote_ident(cfg.jobs.table),
+        "jobs_table_literal": _literal(quote_ident(cfg.jobs.table)),
         "jobs_id": quote_ident(cfg.jobs.id_column),
-        "id_type": id_type,
+        "jobs_id_literal": _literal(cfg.jobs.id_column),
         "requests_open_index": quote_ident(names["requests_open_index"]),
         "requests_job_index": quote_ident(names["requests_job_index"]),
         "requests_done_index": quote_ident(names["requests_done_index"]),
@@ -148,84 +146,62 @@ def render_migrations(cfg: Config, id_type: str) -> str:
     return "\n".join(parts)
 
 
-# The columns an application reads to learn what became of its request.
-OUTCOME_COLUMNS = ("id", "job_id", "requested_at", "requested_by", "reason", "state", "outcome",
-                   "detail", "done_at")
-# The columns it writes; `requested_by` defaults to its role name.
-REQUEST_COLUMNS = ("job_id", "requested_by", "reason")
+async def _preflight(conn: asyncpg.Connection, cfg: Config) -> None:
+    """What `migrate` needs, asked before it changes anything: a refusal halfway says only
+    `permission denied for schema ml`, not whose, nor the GRANT that fixes it."""
+    role, lacks = await lacking(conn, cfg, migrating=True)
+    if lacks:
+        raise SchemaError(
+            f"migrate as role {shown_role(role)}: it lacks "
+            f"{'; '.join(f'{x.what} ({x.why})' for x in lacks)}. Fix, as the owner of "
+            f"{cfg.jobs.table} (or a superuser): {' '.join(x.fix for x in lacks)}")
+    jobs = await find_table(conn, cfg.jobs.table)
+    has_id = jobs is not None and await conn.fetchval(
+        "SELECT true FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND NOT attisdropped",
+        jobs.oid, cfg.jobs.id_column)
+    if not has_id:
+        raise SchemaError(
+            f"jobs table {cfg.jobs.table!r} with id column {cfg.jobs.id_column!r} not found "
+            "(jobs.table / jobs.id_column); migrate needs it for the foreign key"
+        )
 
 
-def render_grants(cfg: Config, role: str, *, schema: str, sequence: str) -> str:
-    """What an application role needs to ask for cancels and read their outcomes, and no
-    more: it can never write state, outcome, claimed_by or the audit tables. `schema` is
-    the request table's schema, `sequence` its id sequence (already quoted, as
-    pg_get_serial_sequence() gives it)."""
-    req = quote_ident(cfg.cancel.requests_table)
-    r = _quote_role(role)
-    # A line break in the role's name must not end the comment it is shown in.
-    shown = "".join(c if c.isprintable() else "?" for c in r)
-    return (
-        f"-- rq-reconciler: what role {shown} needs to request cancels "
-        f"(`rq-reconciler migrate --print-grants`).\n"
-        f"-- LISTEN {cfg.done_channel} (to hear outcomes) needs no grant.\n"
-        f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r};\n"
-        f"GRANT INSERT ({', '.join(REQUEST_COLUMNS)}) ON {req} TO {r};\n"
-        f"GRANT USAGE ON SEQUENCE {sequence} TO {r};\n"
-        f"GRANT SELECT ({', '.join(OUTCOME_COLUMNS)}) ON {req} TO {r};\n"
-    )
-
-
-async def print_grants(cfg: Config, role: str) -> str:
-    """render_grants() for the tables as they are in the database (run `migrate` first)."""
+async def preflight(cfg: Config) -> None:
+    """Raise SchemaError, in one line with the GRANTs that fix it, if `migrate` as the
+    configured role could not do its work. Changes nothing."""
     async with translated():
-        # A session (listen_dsn, if dsn is a transaction pooler): asyncpg's prepared
-        # statements do not survive a pooler's switch of server connection.
         conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
     try:
         async with translated():
-            rec = await conn.fetchrow(
-                "SELECT n.nspname, pg_get_serial_sequence($1, 'id') AS seq FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
-                quote_ident(cfg.cancel.requests_table),
-            )
-        if rec is None or rec["seq"] is None:
-            raise SchemaError(f"{cfg.cancel.requests_table} does not exist here: run "
-                              "`rq-reconciler migrate` first")
-        return render_grants(cfg, role, schema=str(rec["nspname"]), sequence=str(rec["seq"]))
+            await _preflight(conn, cfg)
     finally:
         await conn.close()
 
 
 async def migrate(cfg: Config, *, print_only: bool = False) -> str:
-    """Create/upgrade our tables in one transaction, serialized by an advisory lock."""
+    """Create/upgrade our tables in one transaction, serialized by an advisory lock.
+    `print_only`: the SQL it runs, and the indexes the jobs table should have, from the
+    config alone."""
+    sql = render_migrations(cfg)
+    if print_only:
+        # For the DBA: the indexes our queries need on the app's table, as comments
+        # (migrate never builds an index on a table that is not ours).
+        return f"{sql}\n{print_sql_section(cfg)}"
     async with translated():
         # A session (listen_dsn, if dsn is a transaction pooler): asyncpg's prepared
         # statements do not survive a pooler's switch of server connection.
         conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
     try:
         async with translated():
-            id_type = await conn.fetchval(
-                "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                "WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped",
-                quote_ident(cfg.jobs.table), cfg.jobs.id_column,
-            )
-        if id_type is None:
-            raise SchemaError(
-                f"jobs table {cfg.jobs.table!r} with id column {cfg.jobs.id_column!r} not found "
-                "(jobs.table / jobs.id_column); migrate needs it for the foreign key"
-            )
-        sql = render_migrations(cfg, str(id_type))
-        if print_only:
-            # For the DBA: the indexes our queries need on the app's table, as comments
-            # (migrate never builds an index on a table that is not ours).
-            try:
-                section = print_sql_section(await advise(conn, cfg), cfg)
-            except asyncpg.PostgresError as exc:  # a column the config names is missing
-                section = f"-- Indexes on {cfg.jobs.table} not checked: {exc}\n"
-            return f"{sql}\n{section}"
-        async with translated(), conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
-            await conn.execute(sql)
+            await _preflight(conn, cfg)
+        try:
+            async with translated(), conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
+                await conn.execute(sql)
+        except SchemaError as exc:
+            role = await conn.fetchval("SELECT current_user")
+            raise SchemaError(f"migrate as role {shown_role(str(role))}: {exc} (what each role "
+                              "needs: `rq-reconciler migrate --print-grants`)") from exc
         return sql
     finally:
         await conn.close()

@@ -93,6 +93,20 @@ class ActiveRow(NamedTuple):
     age_seconds: float
 
 
+class Page(list[ActiveRow]):
+    """One page of the sweep: the rows read, and where the next page starts. A row the
+    database could not hand over (poison on a read) is not in it, but the page's end and
+    size count it: the next page starts after it, and a page short of rows it skipped is
+    not taken for the last one."""
+
+    __slots__ = ("last_id", "read")
+
+    def __init__(self, rows: list[ActiveRow], last_id: Any, read: int) -> None:
+        super().__init__(rows)
+        self.last_id = last_id
+        self.read = read
+
+
 class RqJob(NamedTuple):
     """What Redis says about one RQ job, read fresh."""
 

@@ -30,6 +30,7 @@ from reconciler.model import (
     ActiveRow,
     CancelIntent,
     Decision,
+    Page,
     Reason,
     RqJob,
     RqStatus,
@@ -360,9 +361,13 @@ class Reconciler:
         def next_page(previous: list[ActiveRow] | None) -> Rows | None:
             if previous is None:
                 return self.store.active_page(None, size)
-            if len(previous) < size:
+            if isinstance(previous, Page):  # (it may have skipped rows it could not read)
+                read, last = previous.read, previous.last_id
+            else:
+                read, last = len(previous), previous[-1].row.id if previous else None
+            if read < size:
                 return None  # a short page is the last one
-            return self.store.active_page(previous[-1].row.id, size)
+            return self.store.active_page(last, size)
 
         async def write(page: list[ActiveRow], evaluated: list[Evaluated]) -> None:
             await self._apply_page(page, evaluated, total, held, counts, stuck_after, dry_run,

@@ -20,7 +20,7 @@ import structlog
 
 from reconciler import __version__
 from reconciler import log as logsetup
-from reconciler.aio import Backoff, TaskSet, cancel_until_done, wait_event
+from reconciler.aio import Backoff, TaskSet, cancel_until_done, on_schema_error, wait_event
 from reconciler.cancel import CancelProcessor
 from reconciler.config import Config, ConfigError, load, redact
 from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
@@ -87,6 +87,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
         self.ready = False
+        self.schema_error: SchemaError | None = None
         self._signals = 0
 
     def _worker_unseen(self, name: str, why: str) -> None:
@@ -159,16 +160,23 @@ class Daemon:
         log.info("starting", version=__version__, instance=self.cfg.instance.name,
                  redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
                  metrics=f"http://{host}:{self.server.port}/metrics")
+        running = False
         try:
             try:
                 if not await self.connect():
                     return 0
+                running = True
+                self.wake.request_sweep()  # the start-up sweep
+                await self._run_tasks()
+                if self.schema_error is not None:
+                    raise self.schema_error
             except SchemaError as exc:
                 # Not an outage: restarting cannot fix it (the unit does not restart on 2).
-                log.error("schema_error", error=str(exc))
+                # Refused mid-run (a column renamed or retyped, a privilege revoked), the
+                # server's words seldom say what: the line is the one `check` would print.
+                said = (await self.store.explain_refusal() if running else None) or str(exc)
+                log.error("schema_error", error=said)
                 return 2
-            self.wake.request_sweep()  # the start-up sweep
-            await self._run_tasks()
             await self._drain()
             return 0
         finally:
@@ -177,7 +185,26 @@ class Daemon:
                     loop.remove_signal_handler(sig)
             await self.close()
 
+    def _schema_error_met(self, exc: SchemaError) -> None:
+        """A background task met a configuration that cannot work: stop (exit 2)."""
+        if self.schema_error is None:
+            self.schema_error = exc
+        self.stopping.set()
+
     async def _run_tasks(self) -> None:
+        token = on_schema_error.set(self._schema_error_met)
+        try:
+            await self._task_group()
+        except ExceptionGroup as eg:
+            # One task's SchemaError ends them all: the daemon says it once and exits 2.
+            found, _rest = eg.split(SchemaError)
+            if found is None:
+                raise
+            raise _first_leaf(found) from eg
+        finally:
+            on_schema_error.reset(token)
+
+    async def _task_group(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(self.notifications.run(), name="listen"),
@@ -276,6 +303,11 @@ class Daemon:
                 if await wait_event(self.stopping, delay):
                     return False
         return not self.stopping.is_set()
+
+
+def _first_leaf(eg: BaseExceptionGroup[SchemaError]) -> SchemaError:
+    first = eg.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def run_daemon(cfg: Config, *, install_signals: bool = True,

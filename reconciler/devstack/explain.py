@@ -88,9 +88,12 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
     return {
         "page_first": [n],
         "page_next": [n, ids[len(ids) // 2]],
+        "page_ids_first": [n],
+        "page_ids_next": [n, ids[len(ids) // 2]],
         "by_rq_ids": [rq_ids, [*s.active, s.cancelled]],
         "by_ids": [texts[:100]],
         "recently_cancelled": [3600.0, s.cancelled, 10_000],
+        "recently_cancelled_ids": [3600.0, s.cancelled, 10_000],
         "apply": [texts[:1], json.dumps([change]), "explain", list(s.active)],
         "first_seen": [texts],
         "prune_first_seen": [],

@@ -1,9 +1,24 @@
 -- rq-reconciler schema v1. Placeholders in braces are filled with quoted identifiers
--- from the config (and the jobs id column's own type) by `rq-reconciler migrate`.
+-- from the config by `rq-reconciler migrate`.
 
-CREATE TABLE IF NOT EXISTS {requests_table} (
+-- job_id has the jobs id column's own type, read from the catalog when this runs: the
+-- script is written from the config alone (`migrate --print-sql` needs no connection).
+DO $rqr_requests$
+DECLARE
+    id_type text;
+BEGIN
+    IF to_regclass({requests_table_literal}) IS NULL THEN
+        SELECT format_type(a.atttypid, a.atttypmod) INTO id_type FROM pg_attribute a
+        WHERE a.attrelid = {jobs_table_literal}::regclass AND a.attname = {jobs_id_literal}
+          AND NOT a.attisdropped;
+        IF id_type IS NULL THEN
+            RAISE EXCEPTION 'jobs table % has no column % (jobs.table / jobs.id_column)',
+                {jobs_table_literal}, {jobs_id_literal};
+        END IF;
+        EXECUTE format($rqr_create$
+CREATE TABLE {requests_table} (
     id            bigserial PRIMARY KEY,
-    job_id        {id_type} NOT NULL REFERENCES {jobs_table} ({jobs_id}) ON DELETE CASCADE,
+    job_id        %s NOT NULL REFERENCES {jobs_table} ({jobs_id}) ON DELETE CASCADE,
     requested_at  timestamptz NOT NULL DEFAULT now(),
     requested_by  text,
     reason        text,
@@ -14,7 +29,10 @@ CREATE TABLE IF NOT EXISTS {requests_table} (
     outcome       text CHECK (outcome IS NULL OR outcome IN ('cancelled', 'already_finished', 'failed')),
     detail        jsonb,
     done_at       timestamptz
-);
+)$rqr_create$, id_type);
+    END IF;
+END
+$rqr_requests$;
 
 -- Open requests are few; this index keeps the claim query cheap however long history grows.
 CREATE INDEX IF NOT EXISTS {requests_open_index} ON {requests_table} (id) WHERE state <> 'done';

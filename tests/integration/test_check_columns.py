@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import asyncpg
@@ -63,3 +64,26 @@ async def test_a_domain_over_varchar_is_judged_by_its_base_type(
     assert p.returncode == 0, p.stdout
     [line] = lines(p.stdout, "jobs.error_column")
     assert "(character varying(120))" in line and "clipped to 120" in line
+
+
+async def test_an_enum_status_column_fails_check_and_run_refuses_to_start(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    """The daemon compares and writes its status words as text: an enum column fails its
+    statements (`operator does not exist: job_state = text`). `check` says so, and `run`
+    exits 2 at start-up with the same line, not a traceback at the first event."""
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn)
+    assert run_cli(cfg, "migrate").returncode == 0
+    await alter(pg_dsn, "CREATE TYPE job_state AS ENUM ('queued', 'running', 'completed', "
+                        "'failed', 'cancelled'); ALTER TABLE training_jobs ALTER COLUMN status "
+                        "DROP DEFAULT, ALTER COLUMN status TYPE job_state USING status::job_state")
+    p = run_cli(cfg, "check")
+    assert p.returncode == 1, p.stdout
+    [line] = lines(p.stdout, "jobs.status_column")
+    assert line.startswith("FAIL jobs.status_column: column 'status' is an enum job_state; "
+                           "expected one of "), line
+    p = run_cli(cfg, "run", timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    said = [json.loads(ln)["error"] for ln in p.stdout.splitlines()
+            if ln.startswith("{") and json.loads(ln).get("event") == "schema_error"]
+    assert said == [line.removeprefix("FAIL ")], said

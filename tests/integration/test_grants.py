@@ -63,7 +63,7 @@ async def test_printed_grants_let_an_app_request_a_cancel_and_nothing_more(
         tmp_path: Path, pg_dsn: str, app_role: str) -> None:
     grants = await asyncio.to_thread(migrate_and_grant, tmp_path, pg_dsn, app_role)
     assert f"GRANT INSERT (job_id, requested_by, reason) ON \"{REQ}\" TO \"{app_role}\";" in grants
-    assert f"GRANT USAGE ON SEQUENCE public.{REQ}_id_seq TO \"{app_role}\";" in grants
+    assert f"GRANT USAGE ON SEQUENCE \"{REQ}_id_seq\" TO \"{app_role}\";" in grants
     owner = await asyncpg.connect(pg_dsn)
     app = None
     try:
@@ -179,8 +179,10 @@ async def test_tables_are_owner_only_even_where_public_had_default_privileges(
         await owner.close()
 
 
-def test_print_grants_needs_the_tables(tmp_path: Path, pg_dsn: str) -> None:
-    cfg = write_config(tmp_path / "config.toml", DUMMY_REDIS, pg_dsn)
+def test_print_grants_needs_no_tables_nor_server(tmp_path: Path) -> None:
+    """Written from the config alone: a DBA gets them before anything exists."""
+    cfg = write_config(tmp_path / "config.toml", DUMMY_REDIS, "postgresql://rqr@127.0.0.1:1/x")
     p = run_cli(cfg, "migrate", "--print-grants", "web_app")
-    assert p.returncode == 1
-    assert "run `rq-reconciler migrate` first" in p.stderr
+    assert p.returncode == 0, p.stderr
+    assert f'GRANT INSERT (job_id, requested_by, reason) ON "{REQ}" TO "web_app";' in p.stdout
+    assert 'REFERENCES ("id") ON "training_jobs" TO "rqr";' in p.stdout

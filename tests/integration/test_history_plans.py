@@ -88,8 +88,7 @@ def test_every_jobs_query_is_index_driven_with_the_recommended_index(history: Pa
     lines = _index_lines(p.stdout)
     assert lines["active rows index"].startswith("OK   active rows index: "), p.stdout
     assert "training_jobs_rq_reconciler_active_idx" in lines["active rows index"]
-    # --print-sql (made without a connection) still lists it: IF NOT EXISTS, a no-op now.
-    assert f"-- {statement}" in run_cli(history, "migrate", "--print-sql").stdout
+    assert f"-- {statement}" in run_cli(history, "migrate", "--print-sql").stdout  # (config alone)
 
     explained = explain_store_queries(cfg.postgres.dsn, cfg)
     names = {e.name for e in explained}

@@ -1,8 +1,10 @@
 """README's "Integrating it", run as written: its shell steps (the site's values and the
 `systemctl` line aside) install the package with pip into a fresh venv under /opt, write
-/etc/rq-reconciler, migrate, grant, check and install the unit; then the daemon starts as
+/etc/rq-reconciler, grant, migrate, grant, check and install the unit; then the daemon starts as
 the unit would start it, and the README's SQL and Python cancel runs of the app's own
-table: schema-qualified, uuid ids, status words of its own.
+table: schema-qualified, uuid ids, status words of its own. The daemon and the app each
+connect as a role of their own that is no superuser and holds only what `--print-grants`
+gave it.
 
 The steps run as root in a mount namespace of their own, with overlays on /etc, /opt and
 /usr/local: they write where the README says, and the machine keeps none of it.
@@ -62,16 +64,28 @@ def app_role(pg_dsn: str) -> Iterator[str]:
         pg.execute(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
 
 
+@pytest.fixture
+def daemon_role(pg_dsn: str) -> Iterator[str]:
+    """The daemon's login role: no superuser, nothing granted but what the README grants."""
+    role = f"rq_reconciler_{uuid.uuid4().hex[:8]}"
+    with Pg(pg_dsn) as pg:
+        pg.execute(f'CREATE ROLE "{role}" LOGIN')
+    yield role
+    with Pg(pg_dsn) as pg:
+        pg.execute(f'DROP OWNED BY "{role}" CASCADE; DROP ROLE "{role}"')
+
+
 def as_role(dsn: str, role: str) -> str:
     return dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
 
 
 def test_readme_integration_steps_as_written(tmp_path: Path, redis_url: str, pg_dsn: str,
-                                            app_role: str) -> None:
+                                            app_role: str, daemon_role: str) -> None:
     sh, sql, python = blocks("sh"), blocks("sql"), blocks("python")
     assert len(sh) >= 5 and len(sql) == 2 and len(python) == 1
     site, steps = sh[0], sh[1:]
-    assert "RQR_PACKAGE=" in site and "PG_DSN=" in site  # the block the test replaces
+    # the block the test replaces
+    assert all(f"{v}=" in site for v in ("RQR_PACKAGE", "PG_DSN", "DBA_DSN", "APP_ROLE"))
     # The app's table, created by the README's own statement.
     with Pg(pg_dsn) as pg:
         pg.execute("CREATE SCHEMA app")
@@ -97,7 +111,8 @@ export PATH={shim}:$PATH
 cd /
 unset PYTHONPATH
 RQR_PACKAGE={shlex.quote(str(REPO_ROOT))}
-PG_DSN={shlex.quote(pg_dsn)}
+PG_DSN={shlex.quote(as_role(pg_dsn, daemon_role))}
+DBA_DSN={shlex.quote(pg_dsn)}
 REDIS_URL={shlex.quote(redis_url)}
 APP_ROLE={shlex.quote(app_role)}
 RQ_USER=root
@@ -131,7 +146,10 @@ exec $(sed -n 's/^ExecStart=//p' /etc/systemd/system/rq-reconciler.service)
         with Pg(pg_dsn) as pg:
             schemas = {r["schemaname"] for r in pg.fetch(
                 "SELECT schemaname FROM pg_tables WHERE tablename LIKE 'rq_reconciler_%'")}
+            owners = {r["tableowner"] for r in pg.fetch(
+                "SELECT tableowner FROM pg_tables WHERE tablename LIKE 'rq_reconciler_%'")}
         assert schemas == {"app"}
+        assert owners == {daemon_role}  # the daemon's role owns its tables, and no more
 
         # The app, as README's "what your app writes" says: the row first, then the job.
         pool.start(), pool.start()  # the two long runs at once

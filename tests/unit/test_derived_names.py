@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reconciler.config import MAX_IDENT_BYTES, ConfigError, derived_ident, from_mapping
-from reconciler.migrations import render_grants, render_migrations
+from reconciler.migrations import render_migrations
+from reconciler.schema_needs import render_grants
 
 _ident = st.from_regex(r"[A-Za-z_][A-Za-z0-9_$]{0,62}", fullmatch=True)
 _suffix = st.sampled_from(["_open_idx", "_job_idx", "_notify", "_done", "_x"])
@@ -66,14 +67,13 @@ def test_rendered_sql_has_no_identifier_over_63_bytes() -> None:
 
     cfg = from_mapping({"cancel": {"requests_table": "app." + "q" * 63,
                                    "channel": "n" * 63}}, environ={})
-    sql = render_migrations(cfg, "bigint") + render_grants(cfg, "r" * 63, schema="app",
-                                                           sequence='app."s"')
+    sql = render_migrations(cfg) + render_grants(cfg, daemon_role="d" * 63, app_role="r" * 63)
     for ident in re.findall(r'"((?:[^"]|"")*)"', sql):
         assert len(ident.encode()) <= MAX_IDENT_BYTES, ident
 
 
 def test_short_names_render_no_legacy_cleanup() -> None:
-    sql = render_migrations(from_mapping({}, environ={}), "bigint")
+    sql = render_migrations(from_mapping({}, environ={}))
     assert "legacy_names" not in sql
     assert '"rq_reconciler_cancel_requests_open_idx"' in sql
     assert '"rq_reconciler_cancel_requests_notify"' in sql
