@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,9 @@ def test_a_row_the_app_holds_locked_stalls_nothing_else(
         workers()
         lags = []
         for _ in range(5):
-            rq_id = enqueue(redis_url, "tests.jobs.succeed", 1)
+            rq_id = str(uuid.uuid4())  # the row first, as an app writes it: a worker is running
             jid = insert_job(pg_dsn, rq_id, "running")
+            enqueue(redis_url, "tests.jobs.succeed", 1, job_id=rq_id)
             t0 = time.monotonic()
             wait_status(pg_dsn, jid, "completed", timeout=10)
             lags.append(time.monotonic() - t0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -286,7 +287,7 @@ def test_a_read_only_database_is_an_outage_not_a_schema_error(tmp_path: Path, re
     _sql(pg_dsn, f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
     p = run_cli(path, "sweep")
     assert p.returncode == 1, p.stderr
-    assert "postgres: ReadOnlySQLTransactionError" in p.stderr
+    assert re.search(r"postgres at 127\.0\.0\.1:\d+: ReadOnlySQLTransactionError", p.stderr), p.stderr
 
     async def start_up() -> None:
         # What the daemon does at start-up: it must pass (and then retry its writes).

@@ -4,6 +4,7 @@ and logs the bad key once, keeps syncing everything else, and resumes when it ca
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ def test_a_nul_in_a_job_key_costs_only_that_key(tmp_path: Path, redis_url: str, 
             r.hset(b"rq:job:a\x00b", mapping={"status": "finished"})
             r.hset(b"rq:job:a\x00b", mapping={"status": "failed"})  # a second event, same key
         workers()
-        rq_id = enqueue(redis_url, "tests.jobs.succeed", 1)
+        rq_id = str(uuid.uuid4())  # the row first, as an app writes it: a worker is running
         jid = insert_job(pg_dsn, rq_id, "running")
+        enqueue(redis_url, "tests.jobs.succeed", 1, job_id=rq_id)
         wait_status(pg_dsn, jid, "completed", timeout=10)
         wait_until(lambda: metric_value(d.scrape(), POISON, kind="key") >= 1, 10, "poison counted")
         assert metric_value(d.scrape(), POISON, kind="key") == 1

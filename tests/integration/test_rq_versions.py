@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -498,15 +499,16 @@ def test_a_minute_of_four_busy_rq3_workers_logs_no_error(tmp_path: Path, redis_u
         n = 0
         while time.monotonic() < t_end:
             n += 1
+            rq_id = str(uuid.uuid4())  # the row first, as an app writes it
+            rows.append(insert_job(pg_dsn, rq_id, status="queued", started_ago=None))
             if n % 7 == 0:
-                rq_id = enqueue(redis_url, "tests.jobs.fail", "expected")
+                enqueue(redis_url, "tests.jobs.fail", "expected", job_id=rq_id)
             elif n % 5 == 0:
                 m = tmp_path / f"m{n}"
                 m.touch()
-                rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 3, str(m))
+                enqueue(redis_url, "tests.jobs.trap_sigterm", 3, str(m), job_id=rq_id)
             else:
-                rq_id = enqueue(redis_url, "tests.jobs.sleep", 0.5 + (n % 3))
-            rows.append(insert_job(pg_dsn, rq_id, status="queued", started_ago=None))
+                enqueue(redis_url, "tests.jobs.sleep", 0.5 + (n % 3), job_id=rq_id)
             if n % 5 == 0:
                 wait_until(lambda m=m: started(m), 30, what="job to cancel running")
                 request_cancel(pg_dsn, rows[-1])
