@@ -175,8 +175,7 @@ class Reconciler:
         the worker tracker has learnt from that reading (which workers live, which horses
         it can prove now)."""
         reading = reading if reading is not None else await self.read(rows, settle, extra_intents)
-        now = datetime.now(UTC)
-        states = await self.workers.observe(reading.jobs, reading.workers, now)
+        states = await self.workers.observe(reading.jobs, reading.workers)
         if extra_intents:
             reading.intents.update(extra_intents)
         return self.decide(rows, reading, states)
