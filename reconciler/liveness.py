@@ -10,9 +10,10 @@ clock. What counts, strongest first:
    no heartbeat came within the TTL every heartbeat sets) or a recorded death.
 3. What several readings show on the daemon's *monotonic* clock: a hash that never
    expires whose heartbeat value stops changing; a command channel nobody listens to
-   (PUBSUB NUMSUB 0) *and* a heartbeat that stops changing, both for several of the
-   worker's heartbeat intervals. NUMSUB 0 alone is never a death: RQ's pub/sub thread
-   can die, or its connection drop, while the worker works on.
+   (PUBSUB NUMSUB 0) *and* a heartbeat that stops changing, both for SILENT_SECONDS,
+   while the server says that heartbeat is late (the TTL RQ set with the last one is
+   down to its margin: rq_layout.heartbeat_late). NUMSUB 0 alone is never a death: RQ's
+   pub/sub thread can die, or its connection drop, while the worker works on.
 
 `judge()` is pure: the facts of one reading, what earlier readings showed (`Seen`) and a
 monotonic instant in, the verdict and what to remember out. `Memory` keeps the `Seen` of
@@ -32,14 +33,11 @@ from reconciler.rq_layout import (
     worker_gone_reason,
 )
 
-# A silent command channel is a death only once the heartbeat has also stood still for
-# this many of the worker's heartbeat intervals.
-STALL_INTERVALS = 3
-# Changes of the heartbeat seen before its interval is trusted. The instants we see
-# changes at lag the writes by up to an interval; over three changes the largest gap is
-# at least about the true interval, so STALL_INTERVALS of it are at least two real ones.
-INTERVAL_CHANGES = 3
-MIN_INTERVAL = 1.0
+# A silent command channel is a death only once it has stayed silent, and the heartbeat
+# has stood still, this long on our monotonic clock, with the server saying the heartbeat
+# is late (the hash has less than its worker's margin left: rq_layout.heartbeat_late).
+# RQ's default busy heartbeat interval is 30 s.
+SILENT_SECONDS = 30.0
 MAX_REMEMBERED = 100_000
 
 
@@ -54,10 +52,6 @@ class Seen:
     # When an unbroken run of readings with nobody on the command channel began; None
     # while someone listens (or Redis could not tell).
     silent_since: float | None = None
-    # The largest gap seen between two changes of the heartbeat: an upper bound of the
-    # worker's heartbeat interval, trusted once `changes` reaches INTERVAL_CHANGES.
-    interval: float = 0.0
-    changes: int = 0
 
 
 def remember(prev: Seen | None, rec: WorkerRecord, now: float) -> Seen:
@@ -67,18 +61,8 @@ def remember(prev: Seen | None, rec: WorkerRecord, now: float) -> Seen:
         return Seen(rec.last_heartbeat, now, now if silent else None)
     silent_since = (now if prev.silent_since is None else prev.silent_since) if silent else None
     if rec.last_heartbeat == prev.heartbeat:
-        return Seen(prev.heartbeat, prev.since, silent_since, prev.interval, prev.changes)
-    return Seen(rec.last_heartbeat, now, silent_since, max(prev.interval, now - prev.since),
-                min(prev.changes + 1, INTERVAL_CHANGES))
-
-
-def stall_window(seen: Seen) -> float:
-    """How long the heartbeat (and the channel) must stand still before a silent channel
-    counts: several intervals once the interval is known, else the longest TTL RQ sets
-    (by when the server would have expired the hash anyway)."""
-    if seen.changes < INTERVAL_CHANGES:
-        return float(HEARTBEAT_STALE_SECONDS)
-    return STALL_INTERVALS * max(seen.interval, MIN_INTERVAL)
+        return Seen(prev.heartbeat, prev.since, silent_since)
+    return Seen(rec.last_heartbeat, now, silent_since)
 
 
 def judge(rec: WorkerRecord | None, name: str, prev: Seen | None, now: float, *,
@@ -105,11 +89,12 @@ def judge(rec: WorkerRecord | None, name: str, prev: Seen | None, now: float, *,
     still = now - seen.since
     if rec.persistent and still > HEARTBEAT_STALE_SECONDS:
         return f"heartbeat unchanged for {int(still)} s and its hash never expires", seen
-    if seen.silent_since is not None:
-        silent, window = now - seen.silent_since, stall_window(seen)
-        if silent > window and still > window:
-            return (f"nobody subscribed to {keys.channel(name)} for {int(silent)} s and "
-                    f"heartbeat unchanged for {int(still)} s"), seen
+    if seen.silent_since is not None and rec.heartbeat_late:
+        silent = now - seen.silent_since
+        if silent > SILENT_SECONDS and still > SILENT_SECONDS:
+            return (f"nobody subscribed to {keys.channel(name)} for {int(silent)} s, "
+                    f"heartbeat unchanged for {int(still)} s and late by the server's "
+                    "clock"), seen
     return "", seen
 
 

@@ -112,6 +112,11 @@ WORKER_PREFIX: str = DEFAULT_KEYS.worker
 # within this long of the daemon's monotonic time: the longest TTL RQ sets by default,
 # plus slack.
 HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
+# ...and each of those TTLs is the worker's heartbeat interval plus this margin (rq 2.12 /
+# 3.0: heartbeat(job_monitoring_interval + 60), get_heartbeat_ttl, worker_ttl + 60): a
+# hash with less time than this left has missed the heartbeat its worker promised, by the
+# server's clock.
+HEARTBEAT_MARGIN_SECONDS = 60
 # Keyspace flags we need: K keyspace channel, g generic (del/expire), h hash, x expired.
 NEEDED_KEYSPACE_FLAGS = "Kghx"
 
@@ -164,6 +169,13 @@ class WorkerRecord:
     # The hash exists and has no TTL: the server will never expire it, so its existence
     # says nothing about heartbeats.
     persistent: bool = False
+    # Seconds until the server expires the hash, as it said (None: not known).
+    expires_in: float | None = None
+
+    @property
+    def heartbeat_late(self) -> bool:
+        """The server's own clock says the worker missed the heartbeat it promised."""
+        return self.expires_in is not None and self.expires_in < HEARTBEAT_MARGIN_SECONDS
     # The key exists but is not a hash RQ wrote (WRONGTYPE): it says nothing either way.
     unreadable: bool = False
     version: str = ""
@@ -376,7 +388,9 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
         return WorkerRecord(name, exists=False, subscribers=subscribers)
     set_size = vals[7] if isinstance(vals[7], int) else -1
     # (The key's PTTL: -1 means it never expires; a reply without it is an older script's.)
-    persistent = len(vals) > 10 and vals[10] == -1
+    pttl = vals[10] if len(vals) > 10 and isinstance(vals[10], int) else None
+    persistent = pttl == -1
+    expires_in = pttl / 1000 if pttl is not None and pttl >= 0 else None
     live3: list[Any] = vals[8] if isinstance(vals[8], list) else []
     live2: list[Any] = vals[9] if isinstance(vals[9], list) else []
     pid: int | None
@@ -412,6 +426,7 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
         current_job=current,
         subscribers=subscribers,
         persistent=persistent,
+        expires_in=expires_in,
         version=version,
         layout=layout,
         execution_id=execution_id,
