@@ -104,6 +104,9 @@ def test_each_workers_layout_is_read_from_redis(redis_url: str, workers: WorkerP
     assert rec.version.startswith(f"{rq_version}.")
     assert rec.layout is (Layout.RQ3 if rq_version == "3" else Layout.RQ2)
     assert rec.current_job == rq_id and rec.executions == 1 and rec.provable
+    # a busy worker's heartbeat gives its hash job_monitoring_interval + 60 s (90 s)
+    assert not rec.persistent and rec.expires_in is not None and 60 < rec.expires_in <= 90
+    assert not rec.heartbeat_late
     # both versions keep an execution record; RQ 3 also names it in the worker's set
     job, execution = w.current_execution()
     assert job == rq_id
