@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from collections.abc import Coroutine
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -116,8 +115,7 @@ async def _workers_line(rq: RqState) -> Line:
         records = await rq.read_workers(names)
     except BackendUnavailable as exc:
         return Line("WARN", "rq workers", f"{len(names)} registered; could not read them: {exc}")
-    now = datetime.now(UTC)
-    gone = {n: why for n in names if (why := worker_gone_reason(records.get(n), n, now, rq.keys))}
+    gone = {n: why for n in names if (why := worker_gone_reason(records.get(n), n, rq.keys))}
     alive = len(names) - len(gone)
     shown = "; ".join(f"{n} ({why})" for n, why in list(gone.items())[:5])
     more = f" and {len(gone) - 5} more" if len(gone) > 5 else ""

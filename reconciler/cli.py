@@ -302,6 +302,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
     out.finish({
         "checked": report.checked, "changed": report.changed, "lost_races": report.lost_races,
         "breaker_open": report.breaker_open, "not_found": report.not_found_held,
+        "worker_breaker_open": report.worker_breaker_open, "worker_gone": report.gone_held,
         "active": report.counts, "stuck": report.stuck,
         "duration_seconds": round(report.duration, 3),
     })
@@ -309,6 +310,11 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         print(f"rq-reconciler: mass-orphan breaker open: {report.not_found_held} of "
               f"{report.checked} rows have no RQ job; none were failed. Is redis.url the right "
               "server and db? Re-run with --force to fail them anyway.", file=sys.stderr)
+        return 1
+    if report.worker_breaker_open:
+        print(f"rq-reconciler: worker breaker open: {report.gone_held} rows run on workers whose "
+              "hashes vanished at once; none were failed. Re-run with --force to fail them "
+              "anyway.", file=sys.stderr)
         return 1
     return 0
 

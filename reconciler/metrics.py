@@ -167,6 +167,13 @@ class Metrics:
         )
         for kind in ("row", "key", "job_hash"):
             self.poison.labels(kind=kind)
+        self.worker_breaker_open = Gauge(
+            p + "worker_breaker_open",
+            "1 when the last sweep refused to take a mass of workers for gone on Redis' "
+            "word alone (their keys vanished at once: a failover, a flush, a clock jump).",
+            registry=r,
+        )
+        self.worker_breaker_open.set(0)
 
     def count_poison(self, kind: str, _name: str = "", _error: str = "") -> None:
         """A PoisonCallback for Store(on_poison=...) and RqState(on_poison=...)."""

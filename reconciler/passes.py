@@ -183,6 +183,12 @@ class EventPasses:
         if report.not_found_held:
             log.info("not_found_held", count=report.not_found_held,
                      judged_in=NOT_FOUND_WINDOW_SECONDS)
+        if report.gone_held:
+            # Only Redis says their workers are gone: judged together too, under the
+            # worker breaker (a failover or a server clock jump drops every worker hash).
+            log.info("worker_gone_held", count=report.gone_held,
+                     judged_in=NOT_FOUND_WINDOW_SECONDS)
+        if report.not_found_held or report.gone_held:
             self.wake.request_sweep(NOT_FOUND_WINDOW_SECONDS)
         self.after(report)
 
@@ -258,16 +264,19 @@ class Sweeps:
             # an operator's one-shot sweep) finds this sweep's log line and metrics out.
             self.health.set_up("postgres", True)
             self.health.set_up("redis", True)
-            m.sweeps.labels(result="breaker" if report.breaker_open else "ok").inc()
+            breaker = report.breaker_open or report.worker_breaker_open
+            m.sweeps.labels(result="breaker" if breaker else "ok").inc()
             m.sweep_duration.observe(report.duration)
             m.last_sweep_success.set(time.time())
             m.orphan_breaker_open.set(1 if report.breaker_open else 0)
+            m.worker_breaker_open.set(1 if report.worker_breaker_open else 0)
             for status, n in report.counts.items():
                 m.jobs_active.labels(status=status).set(n)
             m.jobs_stuck.set(report.stuck)
             m.oldest_active_age.set(report.oldest_age)
             log.info("sweep_done", checked=report.checked, changed=report.changed,
                      lost_races=report.lost_races, breaker_open=report.breaker_open,
+                     worker_breaker_open=report.worker_breaker_open,
                      seconds=round(report.duration, 3))
         self.after(report)
         self.wake.cancel.set()  # pending requests are part of every sweep

@@ -234,6 +234,14 @@ class Processes:
             return f"pid {rec.pid} is dead"
         return ""
 
+    def known_worker_gone(self, name: str) -> str | None:
+        """For a worker whose process was proven here once: '' while that process lives,
+        else why it is gone. None if it never was (this host has no proof either way)."""
+        known = self._workers.get(name)
+        if known is None:
+            return None
+        return "" if identity_alive(known) else f"pid {known.pid} is dead"
+
     def find_horse(self, rec: WorkerRecord, job_id: str,
                    job_started_at: datetime | None) -> ProcIdentity | None:
         """The one process that can be `job_id`'s horse under the live worker `rec`.

@@ -4,7 +4,9 @@ The sweep is the same pass over every active row, page by page (keyset paginatio
 Redis pipeline and one UPDATE per page). A pass never holds a transaction across Redis
 calls and never reads a Redis error as "not found": on RedisUnavailable it stops and
 changes nothing more. "Not found" failures are held back until the whole sweep has been
-seen, so that the mass-orphan breaker can refuse them all at once.
+seen, so that the mass-orphan breaker can refuse them all at once; so are the decisions
+that rest on a worker being gone by Redis' word alone (the worker breaker: a failover, a
+flush or a jump of the server's clock expires every worker hash at once).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ RECENTLY_CANCELLED_SECONDS = 3600.0
 # trip a page otherwise). It acts on "missing" only for a row with a cancel intent; the
 # rows it holds as not found are read again, with a fresh answer, before any is failed.
 AUTHORITY_MAX_AGE = 1.0
+# The worker breaker: a sweep that would take more than sweep.max_orphan_fraction of the
+# workers it knows (those it judged, and those RQ registers), and at least this many, for
+# gone on Redis' word alone (no process of theirs proven dead on this host) takes none.
+WORKER_BREAKER_MIN = 3
 
 
 @dataclass
@@ -70,6 +76,10 @@ class PassReport:
     horse_stops: list[HorseStop] = field(default_factory=list)
     breaker_open: bool = False
     not_found_held: int = 0
+    # Rows whose decision rests on a worker gone by Redis' word alone: held for a sweep to
+    # judge together (event path), or refused by the worker breaker (sweep).
+    gone_held: int = 0
+    worker_breaker_open: bool = False
     counts: dict[str, int] = field(default_factory=dict)
     oldest_age: float = 0.0
     stuck: int = 0
@@ -98,6 +108,9 @@ class Evaluated(NamedTuple):
     rq_job: RqJob | None
     worker: WorkerState | None
     decision: Decision
+    # The decision would differ were the worker alive, and only Redis says it is gone (no
+    # process of it proven dead here): the worker breaker judges it.
+    gone_by_redis: bool = False
 
 
 class Reading(NamedTuple):
@@ -176,8 +189,7 @@ class Reconciler:
         the worker tracker has learnt from that reading (which workers live, which horses
         it can prove now)."""
         reading = reading if reading is not None else await self.read(rows, settle, extra_intents)
-        now = datetime.now(UTC)
-        states = await self.workers.observe(reading.jobs, reading.workers, now)
+        states = await self.workers.observe(reading.jobs, reading.workers)
         if extra_intents:
             reading.intents.update(extra_intents)
         return self.decide(rows, reading, states)
@@ -197,9 +209,17 @@ class Reconciler:
             if job is not None and job.status is RqStatus.STARTED:
                 worker = states.get(job.worker_name) if job.worker_name else WorkerState(
                     "", gone_because="job has no worker_name")
-            d = decide(row, job, worker, intents.get(row.id), words,
+            cancel = intents.get(row.id)
+            d = decide(row, job, worker, cancel, words,
                        old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
-            out.append(Evaluated(ar, job, worker, d))
+            by_redis = False
+            if worker is not None and worker.name and not worker.alive and not worker.local \
+                    and (d.to_status is not None or d.action is not Action.NONE):
+                alive = WorkerState(worker.name, "", False, worker.pid, worker.current_job)
+                by_redis = d != decide(row, job, alive, cancel, words,
+                                       old_enough=ar.age_seconds >= min_age,
+                                       orphaned_horse_kill=kill)
+            out.append(Evaluated(ar, job, worker, d, by_redis))
         return out
 
     # -- apply --------------------------------------------------------------------------------
@@ -225,14 +245,20 @@ class Reconciler:
                          d.set_started_at, d.set_completed_at, detail)
 
     async def apply(self, evaluated: Sequence[Evaluated], *, dry_run: bool = False,
-                    hold_not_found: bool = False) -> tuple[PassReport, list[Evaluated]]:
-        """Apply decided changes; returns the report and (if asked) the held not-found ones."""
+                    hold_not_found: bool = False, hold_gone: bool = False,
+                    ) -> tuple[PassReport, list[Evaluated]]:
+        """Apply decided changes; returns the report and (if asked) the held ones: not
+        found (`decision.not_found`), and those resting on a worker gone by Redis' word
+        alone (`gone_by_redis`: neither their change nor their horse stop is made)."""
         report = PassReport(checked=len(evaluated))
         held: list[Evaluated] = []
         changes: list[RowChange] = []
         cancel_if_applied: dict[Any, str] = {}
         for ev in evaluated:
             d = ev.decision
+            if hold_gone and ev.gone_by_redis:
+                held.append(ev)
+                continue
             if d.action is Action.STOP_HORSE and ev.rq_job is not None:
                 report.horse_stops.append(HorseStop(
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
@@ -314,8 +340,9 @@ class Reconciler:
         if not rows:
             return PassReport()
         evaluated = await self.evaluate(rows)
-        report, held = await self.apply(evaluated, hold_not_found=True)
-        report.not_found_held = len(held)
+        report, held = await self.apply(evaluated, hold_not_found=True, hold_gone=True)
+        report.gone_held = sum(1 for ev in held if ev.gone_by_redis)
+        report.not_found_held = len(held) - report.gone_held
         return report
 
     async def reconcile_job_ids(self, job_ids: Sequence[Any],
@@ -354,6 +381,7 @@ class Reconciler:
         t0 = time.monotonic()
         total = PassReport()
         held = _HeldIds()
+        gone = _GoneWorkers()
         counts: dict[str, int] = {s: 0 for s in self.cfg.jobs.statuses.active}
         stuck_after = self.cfg.sweep.stuck_after_seconds
         size = self.cfg.sweep.page_size
@@ -370,8 +398,8 @@ class Reconciler:
             return self.store.active_page(last, size)
 
         async def write(page: list[ActiveRow], evaluated: list[Evaluated]) -> None:
-            await self._apply_page(page, evaluated, total, held, counts, stuck_after, dry_run,
-                                   on_page)
+            await self._apply_page(page, evaluated, total, held, gone, counts, stuck_after,
+                                   dry_run, on_page)
 
         await self._pipeline(next_page, lambda page: self._read_page(page, dry_run), write)
         total.counts = counts
@@ -391,11 +419,38 @@ class Reconciler:
                     log.warning("orphan_breaker_forced", not_found=n, checked=checked)
                 await self._apply_not_found(held, total, counts, stuck_after, dry_run=dry_run,
                                             on_page=on_page)
+        if gone.rows:
+            await self._judge_gone(gone, total, counts, stuck_after, dry_run=dry_run,
+                                   force=force, on_page=on_page)
         await self._recheck_cancelled(total, dry_run=dry_run, on_page=on_page)
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
         return total
+
+    async def _judge_gone(self, gone: _GoneWorkers, total: PassReport, counts: dict[str, int],
+                          stuck_after: float, *, dry_run: bool, force: bool,
+                          on_page: PageSink | None) -> None:
+        """The worker breaker over a whole sweep: the rows whose worker only Redis says is
+        gone are failed (read afresh first) unless that would take too many of the
+        workers known for gone at once."""
+        total.gone_held = len(gone.rows)
+        known = len(gone.judged | set(await self.rq.worker_names()))
+        n = len(gone.names)
+        fraction = self.cfg.sweep.max_orphan_fraction
+        trips = n >= WORKER_BREAKER_MIN and n > fraction * known
+        if trips and not force:
+            total.worker_breaker_open = True
+            log.error("worker_breaker_open", gone=n, known=known, rows=len(gone.rows),
+                      max_fraction=fraction, first_workers=sorted(gone.names)[:10],
+                      hint="their hashes vanished at once: a failover, a flush or a jump of "
+                           "the Redis server's clock? `rq-reconciler sweep --force` "
+                           "overrides once")
+            return
+        if trips:
+            log.warning("worker_breaker_forced", gone=n, known=known)
+        await self._apply_not_found(gone.rows, total, counts, stuck_after, dry_run=dry_run,
+                                    on_page=on_page)
 
     async def _recheck_cancelled(self, total: PassReport, *, dry_run: bool,
                                  on_page: PageSink | None) -> None:
@@ -418,9 +473,10 @@ class Reconciler:
         return await self.read(page, id_range=True)
 
     async def _apply_page(self, page: list[ActiveRow], evaluated: list[Evaluated], total: PassReport,
-                          held: _HeldIds, counts: dict[str, int], stuck_after: float,
-                          dry_run: bool, on_page: PageSink | None) -> None:
-        report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True)
+                          held: _HeldIds, gone: _GoneWorkers, counts: dict[str, int],
+                          stuck_after: float, dry_run: bool, on_page: PageSink | None) -> None:
+        report, page_held = await self.apply(evaluated, dry_run=dry_run, hold_not_found=True,
+                                             hold_gone=True)
         # The gauges describe the table as this sweep leaves it.
         now_status = {c.job_id: c.to_status for c in report.changes}
         for r in page:
@@ -431,17 +487,19 @@ class Reconciler:
             total.oldest_age = max(total.oldest_age, r.age_seconds)
             if r.age_seconds > stuck_after:
                 total.stuck += 1
-        held.add(ev.row.row.id for ev in page_held)
+        held.add(ev.row.row.id for ev in page_held if not ev.gone_by_redis)
+        gone.add(evaluated, page_held)
         await _hand_over(report, on_page)
         total.merge(report)
 
     async def _apply_not_found(self, held: _HeldIds, total: PassReport,
                                counts: dict[str, int], stuck_after: float, *, dry_run: bool,
                                on_page: PageSink | None) -> None:
-        """The rows held as "not found", read afresh (rows and RQ, a chunk at a time) right
-        before failing them: they were read up to a whole sweep ago, and a job may have
-        been enqueued, or a row changed, since. What the fresh reading decides is applied,
-        "not found" included (the breaker has judged). They go through the sweep's own
+        """The rows held as "not found" (or on a worker gone by Redis' word alone), read
+        afresh (rows and RQ, a chunk at a time) right before failing them: they were read
+        up to a whole sweep ago, and a job may have been enqueued, or a row changed, since.
+        What the fresh reading decides is applied, "not found" included (the breaker has
+        judged). They go through the sweep's own
         pipeline, a chunk of ids a page."""
         chunks = held.chunks(self.cfg.sweep.page_size)
 
@@ -549,6 +607,24 @@ class _HeldIds:
             yield self._ints[i:i + size].tolist()
         for i in range(0, len(self._other), size):
             yield self._other[i:i + size]
+
+
+class _GoneWorkers:
+    """What a sweep saw of workers: those it judged (bounded by the workers there are),
+    those only Redis says are gone, and the rows whose decision rests on that."""
+
+    def __init__(self) -> None:
+        self.judged: set[str] = set()
+        self.names: set[str] = set()
+        self.rows = _HeldIds()
+
+    def add(self, evaluated: Iterable[Evaluated], held: Iterable[Evaluated]) -> None:
+        self.judged.update(ev.worker.name for ev in evaluated
+                           if ev.worker is not None and ev.worker.name)
+        for ev in held:
+            if ev.gone_by_redis and ev.worker is not None:
+                self.names.add(ev.worker.name)
+                self.rows.add((ev.row.row.id,))
 
 
 def _rq_ids(changes: Iterable[RowChange]) -> list[str]:

@@ -70,6 +70,8 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
                  "reads the job an RQ 3 worker runs (its executions set)"),
         AclProbe("ZRANGEBYSCORE", ("ZRANGEBYSCORE", k.job_executions + _PROBE, "0", "+inf"),
                  "reads the execution an RQ 2 worker runs"),
+        AclProbe("PTTL", ("PTTL", k.worker + _PROBE),
+                 "tells a worker hash that never expires (its existence says nothing then)"),
         AclProbe("PUBSUB|NUMSUB", ("PUBSUB", "NUMSUB", k.channel(_PROBE)),
                  "tells a dead worker (nobody on its command channel)"),
         AclProbe("SMEMBERS", ("SMEMBERS", k.workers), "lists workers"),

@@ -103,9 +103,20 @@ QUEUE_PREFIX: str = DEFAULT_KEYS.queue
 WORKER_PREFIX: str = DEFAULT_KEYS.worker
 
 
-# A busy worker refreshes its hash every job_monitoring_interval (30 s) with a TTL of
-# 90 s; an idle one every worker_ttl (420 s) with TTL + 60. Past this, it is gone.
+# Every RQ heartbeat (rq 2.12 and 3.0 Worker.heartbeat, register_birth) writes
+# `last_heartbeat` *and* EXPIREs the worker hash: a busy worker every
+# job_monitoring_interval (30 s) with a TTL of 90 s, an idle one every worker_ttl - 15
+# (405 s) with worker_ttl + 60 (480 s). So the hash existing is the server's own word that
+# a heartbeat came within its TTL, on the server's one clock. Only a hash that never
+# expires (persisted by hand) is judged by its heartbeat value, which must then change
+# within this long of the daemon's monotonic time: the longest TTL RQ sets by default,
+# plus slack.
 HEARTBEAT_STALE_SECONDS = 420 + 60 + 30
+# ...and each of those TTLs is the worker's heartbeat interval plus this margin (rq 2.12 /
+# 3.0: heartbeat(job_monitoring_interval + 60), get_heartbeat_ttl, worker_ttl + 60): a
+# hash with less time than this left has missed the heartbeat its worker promised, by the
+# server's clock.
+HEARTBEAT_MARGIN_SECONDS = 60
 # Keyspace flags we need: K keyspace channel, g generic (del/expire), h hash, x expired.
 NEEDED_KEYSPACE_FLAGS = "Kghx"
 
@@ -155,6 +166,16 @@ class WorkerRecord:
     current_job: str | None = None
     # PUBSUB NUMSUB of its command channel; -1 when Redis cannot tell (just restarted).
     subscribers: int = 0
+    # The hash exists and has no TTL: the server will never expire it, so its existence
+    # says nothing about heartbeats.
+    persistent: bool = False
+    # Seconds until the server expires the hash, as it said (None: not known).
+    expires_in: float | None = None
+
+    @property
+    def heartbeat_late(self) -> bool:
+        """The server's own clock says the worker missed the heartbeat it promised."""
+        return self.expires_in is not None and self.expires_in < HEARTBEAT_MARGIN_SECONDS
     # The key exists but is not a hash RQ wrote (WRONGTYPE): it says nothing either way.
     unreadable: bool = False
     version: str = ""
@@ -366,6 +387,10 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
     if all(v is None for v in fields):
         return WorkerRecord(name, exists=False, subscribers=subscribers)
     set_size = vals[7] if isinstance(vals[7], int) else -1
+    # (The key's PTTL: -1 means it never expires; a reply without it is an older script's.)
+    pttl = vals[10] if len(vals) > 10 and isinstance(vals[10], int) else None
+    persistent = pttl == -1
+    expires_in = pttl / 1000 if pttl is not None and pttl >= 0 else None
     live3: list[Any] = vals[8] if isinstance(vals[8], list) else []
     live2: list[Any] = vals[9] if isinstance(vals[9], list) else []
     pid: int | None
@@ -400,6 +425,8 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
         death=bool(fields[4]),
         current_job=current,
         subscribers=subscribers,
+        persistent=persistent,
+        expires_in=expires_in,
         version=version,
         layout=layout,
         execution_id=execution_id,
@@ -411,14 +438,15 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
 # Each worker as one atomic step: its hash, its RQ 3 executions set with each live
 # execution's created_at, and (for RQ 2's current_job) the live executions in that job's
 # execution registry. Read apart, the hash could name a job whose execution had already
-# been replaced by the next one. Read-only (HMGET, SCARD, SMEMBERS, ZRANGEBYSCORE).
+# been replaced by the next one. Read-only (HMGET, SCARD, SMEMBERS, ZRANGEBYSCORE, PTTL).
 # ARGV[1] = worker names joined by "\n", ARGV[2] = the worker hash prefix, ARGV[3] = the
 # executions set's suffix, ARGV[4] = the execution hash prefix, ARGV[5] = the job
 # execution registry prefix, ARGV[6] = now, ARGV[7] = the most executions read per worker.
 # Reply per worker: {"!ERR", msg} if its hash cannot be read, else the 7 hash values, the
 # executions set's size (-1: not a set RQ wrote, or a member that is no `<job>:<execution>`),
 # {job, execution, created_at, ...} of its live executions and {execution, created_at, ...}
-# of current_job's. An execution is live while its hash exists: RQ deletes it when the
+# of current_job's, and the worker hash's PTTL (-1: it never expires). An execution is live
+# while its hash exists: RQ deletes it when the
 
 # Executions read per worker: an RQ worker runs one at a time; a set larger than this is
 # not one RQ keeps, and says only "several" (no horse is proven under it).
@@ -440,12 +468,15 @@ def job_from_script(job_id: str, vals: Any) -> RqJob:
     return job_from_hash(job_id, vals if len(vals) == 6 else vals + [None] * (6 - len(vals)))
 
 
-def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime,
-                       keys: Keys = DEFAULT_KEYS) -> str:
-    """Why RQ's own records say the worker is gone, or '' if they say it is alive.
+def worker_gone_reason(rec: WorkerRecord | None, name: str, keys: Keys = DEFAULT_KEYS) -> str:
+    """Why one reading of RQ's own records says the worker is gone, or '' if it does not.
 
-    The local pid check (the only fast signal after a SIGKILL: the orphaned horse keeps
-    the pub/sub socket, and the hash outlives the worker by its TTL) is the caller's.
+    Only what the server itself holds counts here: the hash is missing (RQ deleted it, or
+    the server expired it when no heartbeat came within its TTL) or records a death. The
+    worker's `last_heartbeat` is its own host's wall clock and is never compared with
+    ours; a silent command channel proves nothing in one reading (RQ's pub/sub thread can
+    die while the worker works on). What many readings show, and the local pid proof,
+    are the caller's (liveness.judge).
     """
     if rec is None or not rec.exists:
         return f"worker hash {keys.worker}{name} is missing"
@@ -453,12 +484,6 @@ def worker_gone_reason(rec: WorkerRecord | None, name: str, now: datetime,
         return ""  # garbage under the worker's key: skip, never read it as a death
     if rec.death:
         return "worker registered its death"
-    if rec.last_heartbeat is not None:
-        age = (now - rec.last_heartbeat).total_seconds()
-        if age > HEARTBEAT_STALE_SECONDS:
-            return f"last heartbeat {int(age)} s ago"
-    if rec.subscribers == 0:
-        return f"nobody subscribed to {keys.channel(name)}"
     return ""
 
 

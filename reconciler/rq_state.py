@@ -469,7 +469,9 @@ for name in string.gmatch(ARGV[1], '[^\\n]+') do
         end
       end
     end
-    out[i] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], size, live3, live2}
+    local ttl = redis.pcall('PTTL', wp .. name)
+    if type(ttl) ~= 'number' then ttl = -3 end
+    out[i] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], size, live3, live2, ttl}
   end
 end
 return out

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -24,7 +24,7 @@ from reconciler.config import Config
 from reconciler.errors import BackendUnavailable
 from reconciler.model import RqJob, RqStatus
 from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
-from reconciler.rq_layout import WorkerRecord, stop_command, worker_gone_reason
+from reconciler.rq_layout import WorkerRecord, stop_command
 from reconciler.rq_state import RqState
 from reconciler.workers import Workers
 
@@ -172,12 +172,10 @@ class Stopper:
     async def _target(self, rq_id: str, worker_name: str) -> Target:
         workers = await self.rq.read_workers([worker_name]) if worker_name else {}
         rec = workers.get(worker_name)
-        gone = worker_gone_reason(rec, worker_name, datetime.now(UTC), self.rq.keys) \
-            if worker_name else "job has no worker"
-        local = rec is not None and self.procs.is_local(rec)
-        if rec is not None and local:
-            gone = self.procs.local_worker_gone(rec) or gone
-        return Target(rq_id, worker_name, rec, gone, local)
+        if not worker_name:
+            return Target(rq_id, worker_name, rec, "job has no worker", False)
+        st = self.workers.state(worker_name, rec)
+        return Target(rq_id, worker_name, rec, st.gone_because, st.local)
 
     async def _horse(self, t: Target, started_at: datetime | None) -> ProcIdentity | None:
         """The proven horse to signal, if this host can prove one."""

@@ -4,12 +4,15 @@ Which workers are local (their pid is watched, their horses can be proven and si
 and which are remote; which started jobs each worker holds (a worker key event wakes
 those jobs); which local jobs still need their horse proven. Everything here is a cache
 of the last reading, bounded by the set of running jobs and live workers: it is a hint
-for where to look, never the truth a decision is made on.
+for where to look, never the truth a decision is made on. The one exception is liveness:
+whether a worker is gone is judged on this reading *and* what earlier ones showed, on
+the monotonic clock (liveness.py), never on the worker's wall clock against ours.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import NamedTuple
@@ -17,9 +20,10 @@ from typing import NamedTuple
 import structlog
 
 from reconciler.errors import BackendUnavailable
+from reconciler.liveness import Memory
 from reconciler.model import RqJob, RqStatus, WorkerState
 from reconciler.processes import PidWatcher, Processes, ProcIdentity, identity_alive
-from reconciler.rq_layout import WorkerRecord, worker_gone_reason
+from reconciler.rq_layout import WorkerRecord
 from reconciler.rq_state import RqState
 
 log = structlog.get_logger("reconciler.workers")
@@ -59,6 +63,8 @@ class Workers:
         self.remote: set[str] = set()
         self._jobs: dict[str, set[str]] = {}
         self._untracked: dict[str, Pending] = {}
+        # What earlier readings showed of each worker (liveness.judge), bounded.
+        self.liveness = Memory()
         # Told when the set of local workers changes (the replica registry lists them).
         self.on_local_change: Callable[[], None] | None = None
         # Workers registered from our hostname that we cannot see or signal, and why:
@@ -91,29 +97,46 @@ class Workers:
     def untracked(self) -> int:
         return len(self._untracked)
 
-    def state(self, name: str, rec: WorkerRecord, now: datetime) -> WorkerState:
-        """Is `name` alive? For a local worker the pid check wins over everything Redis
-        says: it is the fresh signal (a SIGKILLed worker's hash lives on for its TTL)."""
-        local = self.procs.is_local(rec)
-        gone = worker_gone_reason(rec, name, now, self.rq.keys)
-        if local and rec.exists:
-            gone = self.procs.local_worker_gone(rec) or gone
+    def state(self, name: str, rec: WorkerRecord | None, now: float | None = None) -> WorkerState:
+        """Is `name` alive (liveness.judge), by a reading `rec` made at monotonic instant
+        `now` (default: now)? This host's proof of a local worker's process wins over
+        everything Redis says: a dead process is the fresh signal (a SIGKILLed worker's
+        hash lives on for its TTL), and a live one is never taken for dead, whatever its
+        heartbeat or command channel look like."""
+        mono = time.monotonic() if now is None else now
+        local = rec is not None and rec.exists and self.procs.is_local(rec)
+        pid_gone: str | None = None
+        if local:
+            assert rec is not None
+            pid_gone = self.procs.local_worker_gone(rec)
+        elif name in self.local:
+            # Proven here before, and its hash is now gone or no longer names its process
+            # (an RQ 2 heartbeat after the server expired the hash writes last_heartbeat
+            # alone): the process we proved still tells.
+            pid_gone = self.procs.known_worker_gone(name)
+            local = pid_gone is not None
+        gone = self.liveness.judge(name, rec, mono, pid_gone=pid_gone, keys=self.rq.keys)
+        if local:
             if gone:
                 self._drop_local(name)
-            else:
+            elif rec is not None and rec.exists and rec.pid is not None:
                 self._add_local(name, rec)
         horse_alive = False
-        if gone and local and rec.current_job:
-            horse_alive = self.procs.tracked_horse(rec.current_job) is not None
-        return WorkerState(name, gone, local, rec.pid, rec.current_job, horse_alive)
+        current = rec.current_job if rec is not None else None
+        if gone and local and current:
+            horse_alive = self.procs.tracked_horse(current) is not None
+        return WorkerState(name, gone, local, rec.pid if rec is not None else None, current,
+                           horse_alive)
 
     # -- learning from a reading -----------------------------------------------------------
 
     async def observe(self, jobs: Mapping[str, RqJob], workers: Mapping[str, WorkerRecord],
-                      now: datetime) -> dict[str, WorkerState]:
-        """Learn from one fresh reading: each worker's state, which jobs each holds, and
-        the horses of started local jobs (proven now, or queued for `track()`)."""
-        states = {name: self.state(name, rec, now) for name, rec in workers.items()}
+                      now: float | None = None) -> dict[str, WorkerState]:
+        """Learn from one fresh reading (made at monotonic instant `now`, default now):
+        each worker's state, which jobs each holds, and the horses of started local jobs
+        (proven now, or queued for `track()`)."""
+        mono = time.monotonic() if now is None else now
+        states = {name: self.state(name, rec, mono) for name, rec in workers.items()}
         candidates: dict[str, Candidate] = {}
         for j in jobs.values():
             if j.status is not RqStatus.STARTED:
@@ -230,7 +253,10 @@ class Workers:
 
     async def discover(self) -> None:
         """Every live local worker registered in Redis gets its pid watched."""
-        recs = await self.rq.read_workers(await self.rq.worker_names())
+        names = await self.rq.worker_names()
+        # What RQ no longer registers needs no memory of its heartbeats.
+        self.liveness.keep_only(set(names))
+        recs = await self.rq.read_workers(names)
         for name, rec in recs.items():
             if rec.exists and not rec.death and self.procs.is_local(rec):
                 self._add_local(name, rec)

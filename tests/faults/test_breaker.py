@@ -1,7 +1,8 @@
 """The mass-orphan breaker: a flushed Redis or a wrong db number must not fail a fleet.
 
 A running daemon refuses to fail the rows, says so at error level and in
-rq_reconciler_orphan_breaker_open; `rq-reconciler sweep --force` overrides it once."""
+rq_reconciler_orphan_breaker_open; `rq-reconciler sweep --force` overrides it once. The
+worker breaker does the same for worker hashes that vanish at once."""
 
 from __future__ import annotations
 
@@ -141,3 +142,66 @@ def _sweep_until_lock(cfg: Path, *extra: str) -> dict[str, object]:
 
     wait_until(attempt, 30, "the sweep lock", interval=0.1)
     return out
+
+
+def _remote_workers_running(pg: Pg, redis_url: str, names: list[str]) -> dict[str, int]:
+    """Per worker name: a row whose RQ job that worker (on another host, whose replica is
+    not running) runs. Its hash has the TTL an RQ heartbeat sets; nobody listens on its
+    command channel, which alone proves nothing."""
+    out = {}
+    with redis.Redis.from_url(redis_url) as conn:
+        q = Queue("parked", connection=conn)
+        for name in names:
+            key = f"rq:worker:{name}"
+            conn.hset(key, mapping={"birth": "2030-01-01T00:00:00.000000Z",
+                                    "last_heartbeat": "2030-01-01T00:00:00.000000Z",
+                                    "pid": "4242", "hostname": "elsewhere",
+                                    "version": "2.12.0", "current_job": ""})
+            conn.expire(key, 90)  # RQ: job_monitoring_interval + 60
+            conn.sadd("rq:workers", key)
+            rq_id = q.enqueue("tests.jobs.succeed", 1).id
+            conn.hset(f"rq:job:{rq_id}", mapping={"status": "started", "worker_name": name})
+            conn.hset(key, "current_job", rq_id)
+            (r,) = pg.fetch("INSERT INTO training_jobs (rq_job_id, status, started_at) "
+                            "VALUES ($1, 'running', now()) RETURNING id", rq_id)
+            out[name] = int(r["id"])
+    return out
+
+
+def test_worker_hashes_vanishing_at_once_trip_the_worker_breaker(
+        tmp_path: Path, redis_url: str, pg_dsn: str) -> None:
+    """A failover to a replica that lost them, or the server's clock jumping past their
+    TTLs, drops every worker hash at once: their jobs are not orphaned on Redis' word
+    alone (`sweep --force` overrides once). One worker gone among live ones is."""
+    cfg = write_config(tmp_path / "c.toml", redis_url, pg_dsn, sweep={"min_age_seconds": 0.0})
+    migrate(cfg)
+    names = [f"remote-{uuid.uuid4().hex[:6]}-{i}" for i in range(4)]
+    with Pg(pg_dsn) as pg, redis.Redis.from_url(redis_url) as conn:
+        rows = _remote_workers_running(pg, redis_url, names)
+        ok = sweep_json(cfg)
+        assert ok["_rc"] == 0 and ok["changed"] == 0 and not ok["worker_breaker_open"], ok
+        assert statuses(pg, list(rows.values())) == {"running"}
+
+        conn.delete(*(f"rq:worker:{n}" for n in names))
+        held = sweep_json(cfg)
+        assert held["_rc"] == 1 and held["worker_breaker_open"] is True, held
+        assert held["changed"] == 0 and held["worker_gone"] == 4
+        assert "worker breaker" in held["_stderr"] and "--force" in held["_stderr"]
+        assert statuses(pg, list(rows.values())) == {"running"}
+
+        forced = sweep_json(cfg, "--force")
+        assert forced["_rc"] == 0 and forced["changed"] == 4, forced
+        assert statuses(pg, list(rows.values())) == {"failed"}
+        for r in pg.fetch("SELECT error_message FROM training_jobs WHERE id = ANY($1::bigint[])",
+                          list(rows.values())):
+            assert r["error_message"].startswith("Orphaned: worker remote-")
+            assert r["error_message"].endswith(" is missing)")
+
+        # One of four gone: a worker's death, not a breaker's business.
+        fleet = [f"remote-{uuid.uuid4().hex[:6]}-{i}" for i in range(4)]
+        rows = _remote_workers_running(pg, redis_url, fleet)
+        conn.delete(f"rq:worker:{fleet[0]}")
+        one = sweep_json(cfg)
+        assert one["_rc"] == 0 and one["changed"] == 1 and not one["worker_breaker_open"], one
+        assert statuses(pg, [rows[fleet[0]]]) == {"failed"}
+        assert statuses(pg, [rows[n] for n in fleet[1:]]) == {"running"}

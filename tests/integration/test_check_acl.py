@@ -21,7 +21,7 @@ from tests.support import run_cli, write_config
 
 # What README's "Redis ACL user" section tells operators to give the daemon.
 COMMANDS = ("+ping +info +evalsha +script|load +hmget +exists +xrevrange +lpos +zcount +hget "
-            "+scard +zrangebyscore +pubsub|numsub +smembers +publish +hgetall +watch +unwatch "
+            "+scard +zrangebyscore +pttl +pubsub|numsub +smembers +publish +hgetall +watch +unwatch "
             "+multi +exec +hset +lrem +zrem +zadd +zrange +zremrangebyscore +config|get "
             "+psubscribe")
 CHANNELS = "&rq:pubsub:* &__keyspace@0__:rq:job:* &__keyspace@0__:rq:worker:*"

@@ -107,7 +107,7 @@ def test_every_row_of_the_reconcile_table(tmp_path: Path, redis_url: str, pg_dsn
             # A one-shot sweep never saw the SIGKILLed worker alive: its pid, dead here,
             # cannot be told from a worker's in another PID namespace (a container with our
             # hostname), which must never be failed. The daemon, which watched that pid, fails
-            # it at once (test_daemon); without one, its heartbeat goes stale in time.
+            # it at once (test_daemon); without one, the server expires its hash in time.
             "canceled": "failed", "queued": "queued", "orphan": "running",
             "running_ok": "running", "missing": "failed", "no_rq_id": "failed",
             "empty_rq_id": "failed", "young_missing": "running", "young_no_id": "queued",

@@ -214,3 +214,17 @@ def test_a_key_prefix_rq_would_refuse_is_a_config_error(prefix: str) -> None:
 @pytest.mark.parametrize("prefix", ["rq", "myapp", "{rq}", "a.b:c-d_e"])
 def test_key_prefixes_rq_accepts(prefix: str) -> None:
     assert from_mapping({"redis": {"key_prefix": prefix}}, environ={}).redis.key_prefix == prefix
+
+
+def test_the_worker_hash_ttl_is_read_as_the_server_said() -> None:
+    """The script's last value is the hash's PTTL: -1 never expires; a reply without it
+    (an older script) knows nothing of it."""
+    base = reply(b"2.12.0", b"j1", 0, [], [])
+    never = worker_from_reply("w", [*base, -1], 1)
+    assert never.persistent and never.expires_in is None and not never.heartbeat_late
+    soon = worker_from_reply("w", [*base, 59_000], 1)
+    assert not soon.persistent and soon.expires_in == 59.0 and soon.heartbeat_late
+    fresh = worker_from_reply("w", [*base, 89_000], 1)
+    assert not fresh.heartbeat_late
+    older = worker_from_reply("w", base, 1)
+    assert not older.persistent and older.expires_in is None and not older.heartbeat_late

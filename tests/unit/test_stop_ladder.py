@@ -13,7 +13,8 @@ import pytest
 from reconciler import stop as stop_mod
 from reconciler.aio import TaskSet
 from reconciler.config import from_mapping
-from reconciler.model import RqJob, RqStatus
+from reconciler.liveness import judge
+from reconciler.model import RqJob, RqStatus, WorkerState
 from reconciler.processes import ProcIdentity
 from reconciler.rq_layout import DEFAULT_KEYS, WorkerRecord
 from reconciler.stop import HorseStop, Stopper
@@ -105,6 +106,13 @@ class FakeWorkers:
     async def prove_horse(self, worker: str, job_id: str, started_at: Any) -> ProcIdentity | None:
         self.proofs += 1
         return self.procs.horse
+
+    def state(self, name: str, rec: WorkerRecord | None) -> WorkerState:
+        """Workers.state on the fake host: the pure judgment, one reading, no memory."""
+        local = rec is not None and rec.exists and self.procs.is_local(rec)
+        pid_gone = self.procs.local_worker_gone(rec) if local and rec is not None else None
+        why, _ = judge(rec, name, None, 0.0, pid_gone=pid_gone)
+        return WorkerState(name, why, local)
 
 
 def worker(name: str = "w1") -> WorkerRecord:
