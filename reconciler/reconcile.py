@@ -14,22 +14,26 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
+from reconciler import lifecycle
 from reconciler.config import Config
 from reconciler.errors import RedisUnavailable
 from reconciler.jobs_table import RowChange, Store
 from reconciler.model import (
     Action,
     ActiveRow,
+    BoundedMemory,
     CancelIntent,
     Decision,
+    Doom,
     Reason,
     RqJob,
     RqStatus,
@@ -103,6 +107,19 @@ class Reading(NamedTuple):
     jobs: dict[str, RqJob]
     workers: dict[str, WorkerRecord]
     intents: dict[Any, CancelIntent]
+    # Deferred jobs that can never run (lifecycle.judge), rows' and others'.
+    dooms: Mapping[str, Doom] = MappingProxyType({})
+
+
+class Evaluations(list[Evaluated]):
+    """A pass's decisions, and the RQ ids of doomed deferred jobs that have no row here
+    (jobs in between in a dependency chain): cancelled in RQ all the same."""
+
+    rq_cancels: list[str]
+
+    def __init__(self, items: Iterable[Evaluated] = (), rq_cancels: Iterable[str] = ()) -> None:
+        super().__init__(items)
+        self.rq_cancels = list(rq_cancels)
 
 
 # (from_status, to_status, reason) of a RowChange: what the transitions counter counts.
@@ -122,12 +139,14 @@ class Reconciler:
         self.rq = rq
         self.workers = workers
         self.metrics = metrics
+        # Dependency graphs that could not be judged, each logged once.
+        self._unjudged = BoundedMemory(1000)
 
     # -- evaluate ---------------------------------------------------------------------------
 
     async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None,
                    known_intents: dict[Any, CancelIntent] | None = None, *,
-                   id_range: bool = False) -> Reading:
+                   id_range: bool = False, extra_deferred: Iterable[str] = ()) -> Reading:
         """Everything `rows` need from the backends: their jobs and the workers of the
         started ones (Redis), and their cancel intents (Postgres, asked once the jobs are
         read, beside the workers; unless `known_intents` already has one for every row: the
@@ -135,6 +154,8 @@ class Reconciler:
 
         `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
         `id_range`: `rows` are a sweep page, ordered by id (intents are asked by its bounds).
+        `extra_deferred`: RQ ids of deferred jobs with no row here, whose dependencies are
+        judged with the rows' (the event path found them below a job that ended).
         """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
         asking: asyncio.Task[dict[Any, CancelIntent]] | None = None
@@ -162,19 +183,44 @@ class Reconciler:
                     jobs[rid] = jobs[rid]._replace(in_flight=False)
             started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
             workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
+            deferred = [j.id for j in jobs.values() if j.status is RqStatus.DEFERRED]
+            deferred += extra_deferred
+            dooms = await self.dooms(deferred) if deferred else {}
             intents = await asking if asking is not None else {}
         finally:
             await _abandon(asking)
-        return Reading(jobs, workers, intents)
+        return Reading(jobs, workers, intents, dooms)
+
+    async def dooms(self, deferred: Sequence[str]) -> dict[str, Doom]:
+        """Which of the deferred jobs `deferred` (and of the deferred jobs they wait for) can
+        never run, read fresh: one graph script, and, if any is doomed, one lookup of the
+        cancel requests that ended the jobs at the root of their chains."""
+        graph, cut = await self.rq.read_graph(deferred)
+        verdicts = lifecycle.judge(graph)
+        for rq_id, v in verdicts.items():
+            if v.problem and self._unjudged.first_time(rq_id, v.problem):
+                log.warning("dependency_unjudged", rq_id=rq_id, problem=v.problem,
+                            graph_cut_short=cut)
+        roots = lifecycle.roots(verdicts)
+        if not roots:
+            return {}
+        intents = await self.store.cancel_intents_by_rq_ids(sorted(roots))
+        if intents and self.cfg.cancel.dependents == "enqueue":
+            # Those cancels enqueue their dependents (RQ's enqueue_dependents=True): they
+            # block nobody.
+            verdicts = lifecycle.judge(graph, spared=intents.keys())
+        return lifecycle.with_causes(verdicts, intents)
 
     async def evaluate(self, rows: Sequence[ActiveRow],
                        extra_intents: dict[Any, CancelIntent] | None = None,
                        settle: set[str] | None = None, *,
-                       reading: Reading | None = None) -> list[Evaluated]:
+                       reading: Reading | None = None,
+                       extra_deferred: Iterable[str] = ()) -> Evaluations:
         """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them), after
         the worker tracker has learnt from that reading (which workers live, which horses
         it can prove now)."""
-        reading = reading if reading is not None else await self.read(rows, settle, extra_intents)
+        reading = reading if reading is not None else await self.read(
+            rows, settle, extra_intents, extra_deferred=extra_deferred)
         now = datetime.now(UTC)
         states = await self.workers.observe(reading.jobs, reading.workers, now)
         if extra_intents:
@@ -182,13 +228,13 @@ class Reconciler:
         return self.decide(rows, reading, states)
 
     def decide(self, rows: Sequence[ActiveRow], reading: Reading,
-               states: dict[str, WorkerState]) -> list[Evaluated]:
+               states: dict[str, WorkerState]) -> Evaluations:
         """The pure part: `decide()` for each row on one reading."""
-        jobs, intents = reading.jobs, reading.intents
+        jobs, intents, dooms = reading.jobs, reading.intents, reading.dooms
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
         words = self.cfg.jobs.statuses
-        out: list[Evaluated] = []
+        out = Evaluations()
         for ar in rows:
             row = ar.row
             job = jobs.get(row.rq_id) if row.rq_id else None
@@ -196,9 +242,13 @@ class Reconciler:
             if job is not None and job.status is RqStatus.STARTED:
                 worker = states.get(job.worker_name) if job.worker_name else WorkerState(
                     "", gone_because="job has no worker_name")
+            doom = dooms.get(job.id) if job is not None and dooms else None
             d = decide(row, job, worker, intents.get(row.id), words,
-                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
+                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill, doom=doom)
             out.append(Evaluated(ar, job, worker, d))
+        if dooms:
+            with_rows = {ar.row.rq_id for ar in rows}
+            out.rq_cancels = [rid for rid in dooms if rid not in with_rows]
         return out
 
     # -- apply --------------------------------------------------------------------------------
@@ -250,6 +300,8 @@ class Reconciler:
             ch = self.to_change(ev)
             if ch is not None:
                 changes.append(ch)
+        if isinstance(evaluated, Evaluations):
+            report.rq_cancels += evaluated.rq_cancels
         if dry_run:
             report.changes = changes
             report.changed = len(changes)
@@ -309,10 +361,26 @@ class Reconciler:
         not found are not failed here: they are counted in `not_found_held` for the
         caller to judge together, under the mass-orphan breaker (a FLUSHDB makes every
         worker heartbeat wake every running job)."""
-        rows = await self.store.rows_by_rq_ids(rq_ids)
-        if not rows:
+        looking = asyncio.create_task(self.store.rows_by_rq_ids(rq_ids))
+        try:
+            # Beside the rows: the deferred jobs below those of `rq_ids` that ended (their
+            # dependents, and theirs), whether or not they have rows, and the deferred ones
+            # among `rq_ids` themselves.
+            graph, _cut = await self.rq.read_graph(rq_ids, down=True)
+            rows = await looking
+        finally:
+            await _abandon(looking)
+        doomed = {j for j, v in lifecycle.judge(graph).items() if v.doom is not None}
+        rowless: set[str] = set()
+        if doomed:
+            have = {r.row.rq_id for r in rows}
+            extra = sorted(doomed - have)
+            if extra:
+                rows = [*rows, *await self.store.rows_by_rq_ids(extra)]
+                rowless = doomed - {r.row.rq_id for r in rows}
+        if not rows and not rowless:
             return PassReport()
-        evaluated = await self.evaluate(rows)
+        evaluated = await self.evaluate(rows, extra_deferred=sorted(rowless))
         report, held = await self.apply(evaluated, hold_not_found=True)
         report.not_found_held = len(held)
         return report
