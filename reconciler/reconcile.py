@@ -57,6 +57,8 @@ RECENTLY_CANCELLED_SECONDS = 3600.0
 # trip a page otherwise). It acts on "missing" only for a row with a cancel intent; the
 # rows it holds as not found are read again, with a fresh answer, before any is failed.
 AUTHORITY_MAX_AGE = 1.0
+# Queues a sweep counts waiting rows of (the unserved-queues gauge and `check`).
+MAX_QUEUES_COUNTED = 10_000
 
 
 @dataclass
@@ -84,6 +86,10 @@ class PassReport:
     retry_later: list[str] = field(default_factory=list)
     # RQ ids of waiting jobs whose row is (now) cancelled: to cancel with RQ's API.
     rq_cancels: list[str] = field(default_factory=list)
+    # A sweep's: active rows whose job is `queued`, by queue; and of those queues, the ones
+    # no live worker listens to (never an orphan: the app may be deploying).
+    waiting_queues: Counter[str] = field(default_factory=Counter)
+    unserved: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
@@ -455,6 +461,10 @@ class Reconciler:
                 await self._apply_not_found(held, total, counts, stuck_after, dry_run=dry_run,
                                             on_page=on_page)
         await self._recheck_cancelled(total, dry_run=dry_run, on_page=on_page)
+        if total.waiting_queues:
+            served = await self.rq.served_queues()
+            total.unserved = {q: n for q, n in sorted(total.waiting_queues.items())
+                              if q not in served}
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
@@ -495,6 +505,12 @@ class Reconciler:
             if r.age_seconds > stuck_after:
                 total.stuck += 1
         held.add(ev.row.row.id for ev in page_held)
+        waiting = total.waiting_queues
+        for ev in evaluated:
+            j = ev.rq_job
+            if j is not None and j.status is RqStatus.QUEUED and j.origin and (
+                    j.origin in waiting or len(waiting) < MAX_QUEUES_COUNTED):
+                waiting[j.origin] += 1
         await _hand_over(report, on_page)
         total.merge(report)
 

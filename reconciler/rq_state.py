@@ -359,6 +359,20 @@ class RqState:
             flat += [n.encode(), r if isinstance(r, list) else [b"!ERR"]]
         return served_queues(flat, datetime.now(UTC), self.keys)
 
+    async def worker_queues(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """The queues each worker's hash says it listens to (none if its hash is gone)."""
+        if not names:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hget(self.keys.worker + n, "queues")
+                replies = await pipe.execute(raise_on_error=False)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return {n: [q for q in text_of(r).split(",") if q] if isinstance(r, bytes) else []
+                for n, r in zip(names, replies, strict=True)}
+
     async def requeue_stranded(self, queue: str, job_id: str) -> str:
         """Put a stranded job back at the front of its queue, in one atomic step that RQ's
         maintenance cannot interleave with (rq_api.requeue_stranded_sync). Returns

@@ -24,6 +24,7 @@ SENDS = {
     "info": {"INFO"},
     "smembers": {"SMEMBERS"},
     "hmget": {"HMGET"},
+    "hget": {"HGET"},
     "publish": {"PUBLISH"},
     "config_get": {"CONFIG|GET"},
     "config_set": {"CONFIG|SET"},
