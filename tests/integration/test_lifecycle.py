@@ -27,6 +27,7 @@ from reconciler.devstack import (
     request_cancel,
     row,
     rq_status,
+    run_cli,
     transitions,
     wait_request,
     wait_status,
@@ -265,3 +266,26 @@ def test_cancel_between_retries(redis_url: str, pg_dsn: str, workers: Any, daemo
     time.sleep(3.5)  # past the retry interval
     assert len(lines(tmp_marker)) == 1
     assert rq_status(redis_url, jid) == "canceled"
+
+
+def test_queues_no_worker_serves_are_listed_not_failed(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, daemon: Any) -> None:
+    workers()  # serves "default" only
+    lonely = f"lonely-{uuid.uuid4().hex[:6]}"
+    ids = []
+    for _ in range(2):
+        jid = uuid.uuid4().hex
+        enqueue(redis_url, "tests.jobs.succeed", queue=lonely, job_id=jid)
+        ids.append(insert_job(pg_dsn, jid, status="queued", started_ago=None))
+    served = uuid.uuid4().hex
+    enqueue(redis_url, "tests.jobs.sleep", 30, job_id=served)
+    wait_until(lambda: rq_status(redis_url, served) == "started", timeout=20)
+    d = daemon(sweep={**EVENTS_ONLY, "min_age_seconds": 0.0})
+    wait_until(lambda: metric_value(d.scrape(), "rq_reconciler_sweeps_total", result="ok") >= 1,
+               timeout=20, what="the start-up sweep")
+    assert metric_value(d.scrape(), "rq_reconciler_queues_unserved") == 1
+    p = run_cli(d.config, "check")
+    line = [ln for ln in p.stdout.splitlines() if "unserved queues" in ln]
+    assert line == [f"WARN unserved queues: no live worker listens to {lonely} (2 rows): those "
+                    "rows wait (never failed for it) until a worker serves the queue"], p.stdout
+    assert {row(pg_dsn, i)["status"] for i in ids} == {"queued"}
