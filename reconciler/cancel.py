@@ -296,6 +296,11 @@ class CancelProcessor:
             # The intent holds until RQ agrees: a job enqueued (or an RQ id stored on the
             # row) after this moment is cancelled, or stopped, when it appears.
             self._watch(job_id)
+        if status == s.cancelled and row.rq_id and self.cfg.cancel.dependents == "enqueue":
+            # RQ's Job.cancel(enqueue_dependents=True): its dependents run anyway.
+            n = await self.rq.enqueue_dependents(row.rq_id)
+            if n:
+                log.info("dependents_enqueued", rq_id=row.rq_id, dependents=n)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)
             detail.update(path)

@@ -235,3 +235,46 @@ def requeue_stranded_sync(client: redis.Redis, queue_name: str, job_id: str) -> 
     script = client.register_script(_REQUEUE_LUA)
     raw = script(keys=keys, args=[job_id, repr(time.time())])
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+# -- letting the dependents of a cancelled job run (cancel.dependents = "enqueue") ------------
+
+class _Opaque(dict[str, Any]):
+    """A pickled field (meta, result) as RQ's code holds it here: never unpickled, a dict
+    (RQ's code asks meta for len() and get()) that gives its bytes back when RQ saves."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(unserialized=raw)
+        self.raw = raw
+
+
+class PassThroughSerializer:
+    """For the one write that saves whole job hashes (Queue.enqueue_dependents rewrites each
+    dependent it enqueues): every pickled field is carried as the bytes it was read as,
+    never loaded; anything else to dump is refused."""
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return _Opaque(bytes(data))
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        if isinstance(obj, _Opaque):
+            return obj.raw
+        raise ValueError("rq-reconciler never serializes into a job")
+
+
+def enqueue_dependents_sync(client: redis.Redis, job_id: str) -> int:
+    """What Job.cancel(enqueue_dependents=True) does after its cancel: RQ's
+    Queue.enqueue_dependents(job, exclude_job_id=job.id), so that the dependents of the
+    cancelled job whose other dependencies are met are enqueued (RQ's own WATCH loop).
+    Returns how many dependents the job had; redis-py's errors propagate."""
+    try:
+        job = Job.fetch(job_id, connection=client, serializer=PassThroughSerializer)
+    except NoSuchJobError:
+        return 0
+    n = int(client.scard(job.dependents_key))
+    if n:
+        q = Queue(job.origin, connection=client, serializer=PassThroughSerializer)
+        q.enqueue_dependents(job, exclude_job_id=job.id)
+    return n

@@ -495,6 +495,23 @@ class RqState:
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
+    async def enqueue_dependents(self, job_id: str) -> int:
+        """Let the dependents of the cancelled job `job_id` run (cancel.dependents =
+        "enqueue"): RQ's enqueue_dependents, as Job.cancel(enqueue_dependents=True) calls
+        it. Returns how many dependents it had."""
+        from reconciler import rq_api
+
+        if self._write_problem is None:
+            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
+        if self._write_problem:
+            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
+            return 0
+        try:
+            return await asyncio.to_thread(rq_api.enqueue_dependents_sync, self._sync_client(),
+                                           job_id)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
     async def send_stop_job(self, worker_name: str, job_id: str,
                             worker: WorkerRecord | None = None) -> int:
         """RQ's command that stops `job_id` on `worker_name`: `stop-execution` for the

@@ -8,6 +8,7 @@ import json
 import signal
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from rq import Queue, Retry
-from rq.job import Dependency
+from rq.job import Dependency, Job
 
 from reconciler.devstack import (
     DaemonProc,
@@ -128,6 +129,35 @@ def test_chain_behind_an_ended_root_ends_at_once(
     assert [t["reason"] for t in transitions(pg_dsn, d_row)] == [
         "cancelled" if root_end == "cancelled" else "orphaned"]
     d.stop()
+
+
+def test_enqueue_mode_lets_the_dependents_of_a_cancelled_job_run(
+        redis_url: str, pg_dsn: str, workers: Any, daemon: Any, tmp_marker: Path) -> None:
+    daemon(cancel={"dependents": "enqueue", "grace_seconds": 2.0, "lease_seconds": 10.0})
+    a = uuid.uuid4().hex
+    a_row = insert_job(pg_dsn, a, status="queued", started_ago=None)
+    enqueue(redis_url, "tests.jobs.sleep", 60, job_id=a)
+    b, c, dd = chain(redis_url, a, tmp_marker)
+    rows = [insert_job(pg_dsn, j, status="queued", started_ago=None) for j in (b, c, dd)]
+    with redis.Redis.from_url(redis_url) as conn:
+        job_b = Job.fetch(b, connection=conn)
+        job_b.meta["owner"] = "alice"
+        job_b.save_meta()
+        raw = conn.hmget(f"rq:job:{b}", "meta", "data")
+    workers()
+    wait_status(pg_dsn, a_row, "running")
+    req = request_cancel(pg_dsn, a_row)
+    assert wait_request(pg_dsn, req)["outcome"] == "cancelled"
+    with redis.Redis.from_url(redis_url) as conn:
+        # enqueued by RQ's enqueue_dependents, its pickles carried through unread
+        wait_until(lambda: rq_status(redis_url, b) != "deferred", timeout=10)
+        after = conn.hmget(f"rq:job:{b}", "meta", "data")
+        assert after[0] == raw[0]
+        assert zlib.decompress(after[1]) == zlib.decompress(raw[1])
+    for r in rows:
+        assert wait_status(pg_dsn, r, "completed", timeout=20)["error_message"] == \
+            "Synced: RQ finished"
+    assert len(lines(tmp_marker)) == 3
 
 
 def test_allow_failure_dependent_runs_and_its_row_follows(
