@@ -276,9 +276,10 @@ class CancelProcessor:
                         waited_seconds=LOCKED_ROW_WAIT_SECONDS)
             return
         for rid in report.rq_cancels:
-            # The job showed up waiting in RQ only now (enqueued after the cancel).
-            rq_cancelled = (await self.rq.cancel_job(rid, only_from=WAITING)) == "canceled" \
-                or rq_cancelled
+            # The job showed up waiting in RQ only now (enqueued after the cancel); or (not
+            # this row's) a deferred job the same pass found can never run.
+            done = (await self.rq.cancel_job(rid, only_from=WAITING)) == "canceled"
+            rq_cancelled = rq_cancelled or (done and rid == row.rq_id)
         # The row's status as this pass left it, if it changed it; else read it.
         applied = [c.to_status for c in report.changes if c.job_id == job_id]
         status = applied[-1] if applied else await self.store.job_status(job_id)
@@ -296,6 +297,11 @@ class CancelProcessor:
             # The intent holds until RQ agrees: a job enqueued (or an RQ id stored on the
             # row) after this moment is cancelled, or stopped, when it appears.
             self._watch(job_id)
+        if status == s.cancelled and row.rq_id and self.cfg.cancel.dependents == "enqueue":
+            # RQ's Job.cancel(enqueue_dependents=True): its dependents run anyway.
+            n = await self.rq.enqueue_dependents(row.rq_id)
+            if n:
+                log.info("dependents_enqueued", rq_id=row.rq_id, dependents=n)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)
             detail.update(path)

@@ -22,7 +22,7 @@ import asyncpg
 import redis.exceptions
 
 from reconciler.config import Config, quote_ident, redact
-from reconciler.errors import BackendUnavailable
+from reconciler.errors import BackendUnavailable, ReconcilerError
 from reconciler.indexes import advise
 from reconciler.redis_acl import acl_probes, denial, probe_replies, whoami
 from reconciler.redisconn import async_client, is_sentinel, parse_sentinel_url, sentinel_masters
@@ -38,6 +38,8 @@ async def run_checks(cfg: Config) -> list[Line]:
     out += await _guarded("postgres", _check_postgres(cfg))
     out += await _guarded("postgres listen", _check_postgres_session(cfg))
     out += await _guarded("metrics", _listed(_check_metrics_listen(cfg)))
+    if not any(ln.level == "FAIL" for ln in out):
+        out += await _guarded("unserved queues", _listed(_unserved_queues_line(cfg)))
     return out
 
 
@@ -422,3 +424,45 @@ async def _check_metrics_listen(cfg: Config) -> Line:
                     "(this one? a second instance on this host needs its own metrics.listen)")
     return Line("FAIL", "metrics", f"{cfg.metrics.listen} is in use by another program: the "
                 "daemon would not start (exit 2). Give metrics.listen another port")
+
+
+async def _unserved_queues_line(cfg: Config) -> Line:
+    """Queues that active rows' jobs wait on (`queued` in RQ) and no live worker listens
+    to (SPEC: never an orphan, but worth knowing). Reads every active row, a page at a
+    time, and their jobs, as a sweep does; changes nothing."""
+    from collections import Counter
+
+    from reconciler.jobs_table import Store
+    from reconciler.model import RqStatus
+
+    store = Store(cfg)
+    rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
+                 key_prefix=cfg.redis.key_prefix)
+    waiting: Counter[str] = Counter()
+    try:
+        await store.connect(min_size=1)
+        after = None
+        while True:
+            page = await store.active_page(after, cfg.sweep.page_size)
+            if not page:
+                break
+            jobs = await rq.read_jobs(r.row.rq_id for r in page if r.row.rq_id)
+            waiting.update(j.origin for j in jobs.values()
+                           if j.status is RqStatus.QUEUED and j.origin)
+            if len(page) < cfg.sweep.page_size:
+                break
+            after = page[-1].row.id
+        served = await rq.served_queues() if waiting else set()
+    except (BackendUnavailable, ReconcilerError) as exc:
+        return Line("WARN", "unserved queues", f"could not be counted: {exc}")
+    finally:
+        await store.close()
+        await rq.close()
+    unserved = {q: n for q, n in sorted(waiting.items()) if q not in served}
+    if not unserved:
+        return Line("OK", "unserved queues", f"every queue rows wait on ({len(waiting)}) "
+                    "has a live worker")
+    shown = ", ".join(f"{q} ({n} rows)" for q, n in list(unserved.items())[:10])
+    more = f" and {len(unserved) - 10} more" if len(unserved) > 10 else ""
+    return Line("WARN", "unserved queues", f"no live worker listens to {shown}{more}: those "
+                "rows wait (never failed for it) until a worker serves the queue")

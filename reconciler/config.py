@@ -36,6 +36,8 @@ ENV_POSTGRES_LISTEN_DSN = "RQ_RECONCILER_POSTGRES_LISTEN_DSN"
 KeyspaceMode = Literal["auto", "require", "off"]
 Pooler = Literal["none", "transaction"]
 OrphanedHorse = Literal["kill", "let-finish"]
+Dependents = Literal["cancel", "enqueue"]
+OrphanRequeue = Literal["retries", "always", "never"]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -198,6 +200,18 @@ class CancelConfig:
     lease_seconds: float = 60.0
     handover_seconds: float = 2.0
     orphaned_horse: OrphanedHorse = "kill"
+    # "cancel": the dependents of a job cancelled on request can never run: they are
+    # cancelled too. "enqueue": RQ's Job.cancel(enqueue_dependents=True) lets them run.
+    dependents: Dependents = "cancel"
+
+
+@dataclass(frozen=True)
+class OrphansConfig:
+    # What a job whose worker died becomes. Today only "never" differs: a job stranded in
+    # a queue's intermediate list (it never started) is put back on its queue under
+    # "retries" and "always", and fails at once under "never"; a job that was running
+    # when its worker died fails under all three (requeueing those is not built yet).
+    requeue: OrphanRequeue = "retries"
 
 
 @dataclass(frozen=True)
@@ -253,6 +267,7 @@ class Config:
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     cancel: CancelConfig = field(default_factory=CancelConfig)
+    orphans: OrphansConfig = field(default_factory=OrphansConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -284,6 +299,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "redis.keyspace_events": ("auto", "require", "off"),
     "postgres.pooler": ("none", "transaction"),
     "cancel.orphaned_horse": ("kill", "let-finish"),
+    "cancel.dependents": ("cancel", "enqueue"),
+    "orphans.requeue": ("retries", "always", "never"),
     "log.format": ("json", "console"),
     "log.level": ("debug", "info", "warning", "error"),
 }
@@ -351,6 +368,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "postgres": PostgresConfig,
     "jobs": JobsConfig,
     "cancel": CancelConfig,
+    "orphans": OrphansConfig,
     "sweep": SweepConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,

@@ -405,6 +405,15 @@ class Store:
             recs = await self._p().fetch(self._sql["intents"], id_texts(job_ids))
         return {r["job_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
 
+    async def cancel_intents_by_rq_ids(self, rq_ids: Sequence[str]) -> dict[str, CancelIntent]:
+        """The latest cancel request (any state) on the row of each of these RQ jobs."""
+        ids = [i for i in rq_ids if storable(i)]
+        if not ids:
+            return {}
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["intents_by_rq_ids"], ids)
+        return {r["rq_id"]: CancelIntent(r["who"], r["why"]) for r in recs}
+
     @property
     def id_ranges_are_exact(self) -> bool:
         """Whether a range of ids means the same on our request table as in the jobs

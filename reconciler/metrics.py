@@ -174,6 +174,21 @@ class Metrics:
             registry=r,
         )
         self.worker_breaker_open.set(0)
+        # SPEC "RQ's own lifecycle": jobs put back on their queue, by cause; queues that
+        # jobs wait on and no live worker listens to (as of the last sweep).
+        self.requeues = Counter(
+            p + "requeues", "Jobs put back on their queue, by cause (stranded: taken into a "
+            "queue's intermediate list by a worker that died before it started them).",
+            ["cause"], registry=r,
+        )
+        for cause in ("worker_died", "disruption", "stranded"):
+            self.requeues.labels(cause=cause)
+        self.queues_unserved = Gauge(
+            p + "queues_unserved", "Queues that rows wait on and no live worker listens to "
+            "(as of the last sweep).", registry=r,
+        )
+        for source in ("dependency", "stranded"):
+            self.events.labels(source=source)
 
     def count_poison(self, kind: str, _name: str = "", _error: str = "") -> None:
         """A PoisonCallback for Store(on_poison=...) and RqState(on_poison=...)."""

@@ -59,6 +59,8 @@ class Reason(enum.StrEnum):
     ORPHANED = "orphaned"
     CANCELLED = "cancelled"
     STARTED = "started"
+    # A job put back on its queue (its row stays queued): a stranded job, an orphan.
+    REQUEUED = "requeued"
 
 
 class Action(enum.StrEnum):
@@ -159,6 +161,22 @@ class CancelIntent:
         return " / ".join(parts) if parts else "cancel requested"
 
 
+class Doom(NamedTuple):
+    """Why a deferred job can never run: RQ will not let it follow `dependency` (which
+    ended, or is itself doomed), at the root of whose chain `root` ended `root_status`.
+    `cancelled_by` is the cancel request that ended the root, if one did (lifecycle.py
+    works this out from the dependency graph; decide() only words it)."""
+
+    dependency: str
+    root: str
+    root_status: RqStatus
+    cancelled_by: CancelIntent | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self.dependency == self.root
+
+
 class Decision(NamedTuple):
     """What to do with one row. `to_status` None means leave the row as it is."""
 
@@ -204,6 +222,7 @@ def decide(
     *,
     old_enough: bool,
     orphaned_horse_kill: bool = True,
+    doom: Doom | None = None,
 ) -> Decision:
     """Apply SPEC's reconcile table to one row.
 
@@ -292,8 +311,35 @@ def decide(
         if row.status == s.queued:
             return Decision(s.running, Reason.STARTED, "", set_started_at=True)
         return KEEP
+    if st is RqStatus.DEFERRED and doom is not None:
+        return _doomed(s, doom, cancel)
     # queued / deferred / scheduled / created, or a status word we do not know: unchanged.
     return KEEP
+
+
+def _doomed(s: Statuses, doom: Doom, cancel: CancelIntent | None) -> Decision:
+    """A deferred job that can never run ends now, and its RQ job is cancelled (it leaves
+    the deferred registry) once the row has."""
+    detail: dict[str, Any] = {"dependency": doom.dependency, "root": doom.root,
+                              "root_status": doom.root_status.value}
+    if cancel is not None:
+        # A request for this very row: its own words, as for any cancel.
+        d = _cancelled(s, cancel, f"dependency {doom.dependency} cannot run")
+        return d._replace(action=Action.CANCEL_RQ, detail={**d.detail, **detail})
+    if doom.cancelled_by is not None:
+        text = f"Cancelled: dependency {doom.dependency} was cancelled ({doom.cancelled_by.describe()})"
+        if not doom.direct:
+            text += f" via {doom.root}"
+        return Decision(s.cancelled, Reason.CANCELLED, clip(text, MAX_ERROR_LINE * 2),
+                        set_completed_at=True, action=Action.CANCEL_RQ, detail=detail)
+    if doom.direct:
+        text = f"Orphaned: dependency {doom.dependency} ended {doom.root_status.value}"
+    else:
+        # The dependency in between is cancelled in the same pass: it ends canceled.
+        text = (f"Orphaned: dependency {doom.dependency} ended canceled "
+                f"(its dependency {doom.root} ended {doom.root_status.value})")
+    return Decision(s.failed, Reason.ORPHANED, text, set_completed_at=True,
+                    action=Action.CANCEL_RQ, detail=detail)
 
 
 def _cancelled(s: Statuses, cancel: CancelIntent, what: str, *, rq_status: str = "") -> Decision:

@@ -274,6 +274,11 @@ class Sweeps:
                 m.jobs_active.labels(status=status).set(n)
             m.jobs_stuck.set(report.stuck)
             m.oldest_active_age.set(report.oldest_age)
+            m.queues_unserved.set(len(report.unserved))
+            if report.unserved:
+                log.warning("queues_unserved", queues=dict(list(report.unserved.items())[:20]),
+                            count=len(report.unserved),
+                            hint="rows wait on queues no live worker listens to")
             log.info("sweep_done", checked=report.checked, changed=report.changed,
                      lost_races=report.lost_races, breaker_open=report.breaker_open,
                      worker_breaker_open=report.worker_breaker_open,

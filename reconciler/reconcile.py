@@ -16,22 +16,26 @@ import logging
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 
+from reconciler import lifecycle
 from reconciler.config import Config
 from reconciler.errors import RedisUnavailable
 from reconciler.jobs_table import RowChange, Store
 from reconciler.model import (
     Action,
     ActiveRow,
+    BoundedMemory,
     CancelIntent,
     Decision,
+    Doom,
     Page,
     Reason,
     RqJob,
@@ -60,6 +64,9 @@ AUTHORITY_MAX_AGE = 1.0
 # workers it knows (those it judged, and those RQ registers), and at least this many, for
 # gone on Redis' word alone (no process of theirs proven dead on this host) takes none.
 WORKER_BREAKER_MIN = 3
+
+# Queues a sweep counts waiting rows of (the unserved-queues gauge and `check`).
+MAX_QUEUES_COUNTED = 10_000
 
 
 @dataclass
@@ -91,6 +98,10 @@ class PassReport:
     retry_later: list[str] = field(default_factory=list)
     # RQ ids of waiting jobs whose row is (now) cancelled: to cancel with RQ's API.
     rq_cancels: list[str] = field(default_factory=list)
+    # A sweep's: active rows whose job is `queued`, by queue; and of those queues, the ones
+    # no live worker listens to (never an orphan: the app may be deploying).
+    waiting_queues: Counter[str] = field(default_factory=Counter)
+    unserved: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
@@ -117,6 +128,19 @@ class Reading(NamedTuple):
     jobs: dict[str, RqJob]
     workers: dict[str, WorkerRecord]
     intents: dict[Any, CancelIntent]
+    # Deferred jobs that can never run (lifecycle.judge), rows' and others'.
+    dooms: Mapping[str, Doom] = MappingProxyType({})
+
+
+class Evaluations(list[Evaluated]):
+    """A pass's decisions, and the RQ ids of doomed deferred jobs that have no row here
+    (jobs in between in a dependency chain): cancelled in RQ all the same."""
+
+    rq_cancels: list[str]
+
+    def __init__(self, items: Iterable[Evaluated] = (), rq_cancels: Iterable[str] = ()) -> None:
+        super().__init__(items)
+        self.rq_cancels = list(rq_cancels)
 
 
 # (from_status, to_status, reason) of a RowChange: what the transitions counter counts.
@@ -136,12 +160,14 @@ class Reconciler:
         self.rq = rq
         self.workers = workers
         self.metrics = metrics
+        # Dependency graphs that could not be judged, each logged once.
+        self._unjudged = BoundedMemory(1000)
 
     # -- evaluate ---------------------------------------------------------------------------
 
     async def read(self, rows: Sequence[ActiveRow], settle: set[str] | None = None,
                    known_intents: dict[Any, CancelIntent] | None = None, *,
-                   id_range: bool = False) -> Reading:
+                   id_range: bool = False, extra_deferred: Iterable[str] = ()) -> Reading:
         """Everything `rows` need from the backends: their jobs and the workers of the
         started ones (Redis), and their cancel intents (Postgres, asked once the jobs are
         read, beside the workers; unless `known_intents` already has one for every row: the
@@ -149,6 +175,8 @@ class Reconciler:
 
         `settle`: RQ ids whose "canceled but a worker holds it" is to be taken as final.
         `id_range`: `rows` are a sweep page, ordered by id (intents are asked by its bounds).
+        `extra_deferred`: RQ ids of deferred jobs with no row here, whose dependencies are
+        judged with the rows' (the event path found them below a job that ended).
         """
         rq_ids = [r.row.rq_id for r in rows if r.row.rq_id]
         asking: asyncio.Task[dict[Any, CancelIntent]] | None = None
@@ -176,32 +204,57 @@ class Reconciler:
                     jobs[rid] = jobs[rid]._replace(in_flight=False)
             started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
             workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
+            deferred = [j.id for j in jobs.values() if j.status is RqStatus.DEFERRED]
+            deferred += extra_deferred
+            dooms = await self.dooms(deferred) if deferred else {}
             intents = await asking if asking is not None else {}
         finally:
             await _abandon(asking)
-        return Reading(jobs, workers, intents)
+        return Reading(jobs, workers, intents, dooms)
+
+    async def dooms(self, deferred: Sequence[str]) -> dict[str, Doom]:
+        """Which of the deferred jobs `deferred` (and of the deferred jobs they wait for) can
+        never run, read fresh: one graph script, and, if any is doomed, one lookup of the
+        cancel requests that ended the jobs at the root of their chains."""
+        graph, cut = await self.rq.read_graph(deferred)
+        verdicts = lifecycle.judge(graph)
+        for rq_id, v in verdicts.items():
+            if v.problem and self._unjudged.first_time(rq_id, v.problem):
+                log.warning("dependency_unjudged", rq_id=rq_id, problem=v.problem,
+                            graph_cut_short=cut)
+        roots = lifecycle.roots(verdicts)
+        if not roots:
+            return {}
+        intents = await self.store.cancel_intents_by_rq_ids(sorted(roots))
+        if intents and self.cfg.cancel.dependents == "enqueue":
+            # Those cancels enqueue their dependents (RQ's enqueue_dependents=True): they
+            # block nobody.
+            verdicts = lifecycle.judge(graph, spared=intents.keys())
+        return lifecycle.with_causes(verdicts, intents)
 
     async def evaluate(self, rows: Sequence[ActiveRow],
                        extra_intents: dict[Any, CancelIntent] | None = None,
                        settle: set[str] | None = None, *,
-                       reading: Reading | None = None) -> list[Evaluated]:
+                       reading: Reading | None = None,
+                       extra_deferred: Iterable[str] = ()) -> Evaluations:
         """Decide each of `rows` on a fresh `read()` (or on `reading`, made for them), after
         the worker tracker has learnt from that reading (which workers live, which horses
         it can prove now)."""
-        reading = reading if reading is not None else await self.read(rows, settle, extra_intents)
+        reading = reading if reading is not None else await self.read(
+            rows, settle, extra_intents, extra_deferred=extra_deferred)
         states = await self.workers.observe(reading.jobs, reading.workers)
         if extra_intents:
             reading.intents.update(extra_intents)
         return self.decide(rows, reading, states)
 
     def decide(self, rows: Sequence[ActiveRow], reading: Reading,
-               states: dict[str, WorkerState]) -> list[Evaluated]:
+               states: dict[str, WorkerState]) -> Evaluations:
         """The pure part: `decide()` for each row on one reading."""
-        jobs, intents = reading.jobs, reading.intents
+        jobs, intents, dooms = reading.jobs, reading.intents, reading.dooms
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
         words = self.cfg.jobs.statuses
-        out: list[Evaluated] = []
+        out = Evaluations()
         for ar in rows:
             row = ar.row
             job = jobs.get(row.rq_id) if row.rq_id else None
@@ -210,16 +263,20 @@ class Reconciler:
                 worker = states.get(job.worker_name) if job.worker_name else WorkerState(
                     "", gone_because="job has no worker_name")
             cancel = intents.get(row.id)
+            doom = dooms.get(job.id) if job is not None and dooms else None
             d = decide(row, job, worker, cancel, words,
-                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill)
+                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill, doom=doom)
             by_redis = False
             if worker is not None and worker.name and not worker.alive and not worker.local \
                     and (d.to_status is not None or d.action is not Action.NONE):
                 alive = WorkerState(worker.name, "", False, worker.pid, worker.current_job)
                 by_redis = d != decide(row, job, alive, cancel, words,
                                        old_enough=ar.age_seconds >= min_age,
-                                       orphaned_horse_kill=kill)
+                                       orphaned_horse_kill=kill, doom=doom)
             out.append(Evaluated(ar, job, worker, d, by_redis))
+        if dooms:
+            with_rows = {ar.row.rq_id for ar in rows}
+            out.rq_cancels = [rid for rid in dooms if rid not in with_rows]
         return out
 
     # -- apply --------------------------------------------------------------------------------
@@ -277,6 +334,8 @@ class Reconciler:
             ch = self.to_change(ev)
             if ch is not None:
                 changes.append(ch)
+        if isinstance(evaluated, Evaluations):
+            report.rq_cancels += evaluated.rq_cancels
         if dry_run:
             report.changes = changes
             report.changed = len(changes)
@@ -336,10 +395,26 @@ class Reconciler:
         not found are not failed here: they are counted in `not_found_held` for the
         caller to judge together, under the mass-orphan breaker (a FLUSHDB makes every
         worker heartbeat wake every running job)."""
-        rows = await self.store.rows_by_rq_ids(rq_ids)
-        if not rows:
+        looking = asyncio.create_task(self.store.rows_by_rq_ids(rq_ids))
+        try:
+            # Beside the rows: the deferred jobs below those of `rq_ids` that ended (their
+            # dependents, and theirs), whether or not they have rows, and the deferred ones
+            # among `rq_ids` themselves.
+            graph, _cut = await self.rq.read_graph(rq_ids, down=True)
+            rows = await looking
+        finally:
+            await _abandon(looking)
+        doomed = {j for j, v in lifecycle.judge(graph).items() if v.doom is not None}
+        rowless: set[str] = set()
+        if doomed:
+            have = {r.row.rq_id for r in rows}
+            extra = sorted(doomed - have)
+            if extra:
+                rows = [*rows, *await self.store.rows_by_rq_ids(extra)]
+                rowless = doomed - {r.row.rq_id for r in rows}
+        if not rows and not rowless:
             return PassReport()
-        evaluated = await self.evaluate(rows)
+        evaluated = await self.evaluate(rows, extra_deferred=sorted(rowless))
         report, held = await self.apply(evaluated, hold_not_found=True, hold_gone=True)
         report.gone_held = sum(1 for ev in held if ev.gone_by_redis)
         report.not_found_held = len(held) - report.gone_held
@@ -423,6 +498,10 @@ class Reconciler:
             await self._judge_gone(gone, total, counts, stuck_after, dry_run=dry_run,
                                    force=force, on_page=on_page)
         await self._recheck_cancelled(total, dry_run=dry_run, on_page=on_page)
+        if total.waiting_queues:
+            served = await self.rq.served_queues()
+            total.unserved = {q: n for q, n in sorted(total.waiting_queues.items())
+                              if q not in served}
         if not dry_run:
             await self.store.prune_first_seen()
         total.duration = time.monotonic() - t0
@@ -489,6 +568,12 @@ class Reconciler:
                 total.stuck += 1
         held.add(ev.row.row.id for ev in page_held if not ev.gone_by_redis)
         gone.add(evaluated, page_held)
+        waiting = total.waiting_queues
+        for ev in evaluated:
+            j = ev.rq_job
+            if j is not None and j.status is RqStatus.QUEUED and j.origin and (
+                    j.origin in waiting or len(waiting) < MAX_QUEUES_COUNTED):
+                waiting[j.origin] += 1
         await _hand_over(report, on_page)
         total.merge(report)
 

@@ -19,7 +19,7 @@ from rq.registry import CanceledJobRegistry, DeferredJobRegistry, ScheduledJobRe
 
 from reconciler.config import Config
 from reconciler.redisconn import async_client
-from reconciler.rq_layout import WORKER_EXECUTIONS_SUFFIX
+from reconciler.rq_layout import DEPENDENTS_SUFFIX, STARTED_REGISTRY, WORKER_EXECUTIONS_SUFFIX
 from reconciler.rq_state import RqState
 
 # Shaped like the daemon's own key and channel names, so that key patterns (~rq:*) and
@@ -48,6 +48,7 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
     queue = k.queue + _PROBE
     read = "reads job and worker state"
     cancel = "cancels a waiting job with RQ's Job.cancel()"
+    requeue = "puts a stranded job back on its queue"
     probes = [
         AclProbe("PING", ("PING",), "checks the connection"),
         AclProbe("INFO", ("INFO", "server"), "tells a restarted, loading or replica Redis"),
@@ -97,6 +98,17 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
         AclProbe("ZRANGE", ("ZRANGE", k.job_executions + _PROBE, "0", "-1"), cancel),
         AclProbe("ZREMRANGEBYSCORE", ("ZREMRANGEBYSCORE", k.job_executions + _PROBE, "0", "0"),
                  cancel),
+        # Dependents and strandings (rq_state's graph and strands scripts, rq_api's requeue).
+        AclProbe("SRANDMEMBER", ("SRANDMEMBER", job + DEPENDENTS_SUFFIX, "10"),
+                 "reads the dependents of a job that ended"),
+        AclProbe("LRANGE", ("LRANGE", k.intermediate(_PROBE), "0", "10"),
+                 "looks for jobs stranded in a queue's intermediate list"),
+        AclProbe("ZSCAN", ("ZSCAN", k.prefix + STARTED_REGISTRY + _PROBE, "0"), requeue),
+        AclProbe("LREM", ("LREM", k.intermediate(_PROBE), "1", _PROBE), requeue),
+        AclProbe("LPUSH", ("LPUSH", queue, _PROBE), requeue),
+        AclProbe("RPUSH", ("RPUSH", queue, _PROBE),
+                 "enqueues the dependents of a cancelled job (cancel.dependents = \"enqueue\")",
+                 optional=cfg.cancel.dependents != "enqueue"),
         AclProbe("CONFIG|GET", ("CONFIG", "GET", "notify-keyspace-events"),
                  "reads notify-keyspace-events (without it: sweeps only)",
                  optional=cfg.redis.keyspace_events != "require"),

@@ -42,6 +42,15 @@ def intent_queries(n: Names, id_type: str) -> dict[str, str]:
             f"left(coalesce(reason, ''), {REQUEST_TEXT_MAX}) AS why FROM {n.requests} "
             f"WHERE state <> 'done' AND job_id = ANY($1::text[]::{id_type}[]) ORDER BY job_id, id"
         ),
+        # The latest request (in any state) on the rows of these RQ jobs: which of the jobs
+        # that a dependent waited for were ended by a cancel request, and whose.
+        "intents_by_rq_ids": (
+            f"SELECT DISTINCT ON (t.{n.rq_id}) t.{n.rq_id}::text AS rq_id, "
+            f"left(coalesce(r.requested_by, ''), {REQUEST_TEXT_MAX}) AS who, "
+            f"left(coalesce(r.reason, ''), {REQUEST_TEXT_MAX}) AS why "
+            f"FROM {n.jobs} t JOIN {n.requests} r ON r.job_id = t.{n.id} "
+            f"WHERE t.{n.rq_id} = ANY($1::text[]) ORDER BY t.{n.rq_id}, r.id DESC"
+        ),
     }
 
 

@@ -183,3 +183,98 @@ class _RawJob(Job):
 
 class _ExecutionGone(Exception):
     """An execution ended while RQ's Job.cancel() was reading it; nothing was written."""
+
+
+# -- putting a stranded job back on its queue -----------------------------------------------
+
+# RQ has no API that moves a job from a queue's intermediate list back onto the queue, so
+# this is the one write of ours that is a script: atomic in Redis, on the keys RQ's own
+# classes name, guarded so that it acts only on a job nobody runs or is about to run:
+# still in the intermediate list, still `queued`, no live execution (ExecutionRegistry) and
+# no entry in the queue's StartedJobRegistry (`<id>:<execution>` members); and not while
+# RQ's maintenance holds the queue's lock (Queue.acquire_maintenance_lock, under which a
+# worker runs IntermediateQueue.cleanup, which may fail the same job). Then the id leaves
+# the intermediate list (LREM, as IntermediateQueue.remove) and goes back to the front of
+# the queue (LPUSH, as Queue.push_job_id(at_front=True)): it was at the front when taken.
+# KEYS: job hash, intermediate list, queue, maintenance lock, started registry, execution
+# registry. ARGV: job id, now.
+_REQUEUE_LUA = """
+if redis.call('LPOS', KEYS[2], ARGV[1]) == false then return 'not_requeued (not in the intermediate list)' end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' then return 'not_requeued (status ' .. tostring(st) .. ')' end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'not_requeued (RQ maintenance holds the queue)' end
+if redis.call('ZCOUNT', KEYS[6], ARGV[2], '+inf') > 0 then return 'not_requeued (it has an execution)' end
+local cursor = '0'
+repeat
+  local r = redis.call('ZSCAN', KEYS[5], cursor, 'MATCH', ARGV[1] .. ':*', 'COUNT', 1000)
+  cursor = r[1]
+  if #r[2] > 0 then return 'not_requeued (in the started registry)' end
+until cursor == '0'
+redis.call('LREM', KEYS[2], 1, ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 'requeued'
+"""
+
+
+def requeue_stranded_sync(client: redis.Redis, queue_name: str, job_id: str) -> str:
+    """Put the stranded job `job_id` back at the front of `queue_name` (blocking); returns
+    requeued / not_requeued (<why>). redis-py's errors propagate."""
+    import time
+
+    from rq.registry import StartedJobRegistry
+
+    q = Queue(queue_name, connection=client, serializer=RefusingSerializer)
+    keys = [
+        Job.key_for(job_id),  # type: ignore[no-untyped-call, unused-ignore]
+        q.intermediate_queue_key,
+        q.key,
+        q.registry_cleaning_key,
+        StartedJobRegistry(queue_name, connection=client).key,
+        ExecutionRegistry(job_id, connection=client).key,
+    ]
+    script = client.register_script(_REQUEUE_LUA)
+    raw = script(keys=keys, args=[job_id, repr(time.time())])
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+# -- letting the dependents of a cancelled job run (cancel.dependents = "enqueue") ------------
+
+class _Opaque(dict[str, Any]):
+    """A pickled field (meta, result) as RQ's code holds it here: never unpickled, a dict
+    (RQ's code asks meta for len() and get()) that gives its bytes back when RQ saves."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(unserialized=raw)
+        self.raw = raw
+
+
+class PassThroughSerializer:
+    """For the one write that saves whole job hashes (Queue.enqueue_dependents rewrites each
+    dependent it enqueues): every pickled field is carried as the bytes it was read as,
+    never loaded; anything else to dump is refused."""
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return _Opaque(bytes(data))
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        if isinstance(obj, _Opaque):
+            return obj.raw
+        raise ValueError("rq-reconciler never serializes into a job")
+
+
+def enqueue_dependents_sync(client: redis.Redis, job_id: str) -> int:
+    """What Job.cancel(enqueue_dependents=True) does after its cancel: RQ's
+    Queue.enqueue_dependents(job, exclude_job_id=job.id), so that the dependents of the
+    cancelled job whose other dependencies are met are enqueued (RQ's own WATCH loop).
+    Returns how many dependents the job had; redis-py's errors propagate."""
+    try:
+        job = Job.fetch(job_id, connection=client, serializer=PassThroughSerializer)
+    except NoSuchJobError:
+        return 0
+    n = int(client.scard(job.dependents_key))
+    if n:
+        q = Queue(job.origin, connection=client, serializer=PassThroughSerializer)
+        q.enqueue_dependents(job, exclude_job_id=job.id)
+    return n

@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import json
 import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from reconciler.model import RqJob, RqStatus, last_line
 
@@ -499,3 +500,126 @@ def stop_command(worker: WorkerRecord | None, job_id: str) -> tuple[str, dict[st
             and worker.execution_id):
         return "stop-execution", {"job_id": job_id, "execution_id": worker.execution_id}
     return "stop-job", {"job_id": job_id}
+
+
+# -- dependencies and the intermediate list --------------------------------------------------
+
+# Dependents: `<prefix>:job:<id>:dependents` (a set of job ids; Job.dependents_key_for). A
+# job's own dependencies are in its hash (`dependency_ids`, JSON; `dependency_id` before
+# RQ 1.8) and in the set Job.dependencies_key, which RQ 2.12 and 3.0 build as
+# f"{redis_job_namespace_prefix}:{id}:dependencies", i.e. `rq:job::<id>:dependencies`
+# (sic): the hash is what is read here.
+DEPENDENTS_SUFFIX = ":dependents"
+# The most nodes one graph read visits; a larger graph is judged on what was read.
+MAX_GRAPH = 2000
+# RQ's maintenance lock of a queue (Queue.registry_cleaning_key, held by a worker while it
+# runs clean_registries, the intermediate list's cleanup included), and its StartedJobRegistry
+# (members `<job id>:<execution id>`), both under the prefix: "<prefix>:clean_registries:"
+# and "<prefix>:wip:" + queue name.
+MAINTENANCE_LOCK = ":clean_registries:"
+STARTED_REGISTRY = ":wip:"
+# RQ's set of every queue's key (Queue.redis_queues_keys).
+QUEUES_SET = ":queues"
+
+
+class DepNode(NamedTuple):
+    """One job of a dependency graph as read: its status, the ids it depends on (from its
+    hash), whether it allows its dependencies to fail. `readable` False: the dependency
+    fields are not what RQ writes (nothing can be judged from them)."""
+
+    id: str
+    status: RqStatus
+    raw_status: str = ""
+    dependency_ids: tuple[str, ...] = ()
+    allow_failure: bool = False
+    readable: bool = True
+
+
+def _dependency_ids(raw_list: Any, raw_one: Any) -> tuple[str, ...] | None:
+    """RQ's `dependency_ids` (a JSON list of ids) or, failing that, `dependency_id`; None
+    if what is there is not what RQ writes."""
+    if isinstance(raw_list, bytes) and raw_list:
+        try:
+            ids = json.loads(raw_list)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(ids, list) or not all(
+                isinstance(i, str) and i and not name_problem(i) for i in ids):
+            return None
+        return tuple(ids)
+    if isinstance(raw_one, bytes) and raw_one:
+        one = text_of(raw_one)
+        return None if name_problem(one) else (one,)
+    return ()
+
+
+def dep_node(job_id: str, vals: Any) -> DepNode:
+    """A DepNode from one node's reply of rq_state's graph script: {status, dependency_ids,
+    dependency_id, allow_dependency_failures} (each false when absent), or 0 if the hash
+    does not exist, or {"!ERR", msg}."""
+    if vals == 0:
+        return DepNode(job_id, RqStatus.MISSING)
+    if not isinstance(vals, list) or len(vals) < 4 or vals[0] == b"!ERR":
+        return DepNode(job_id, RqStatus.UNREADABLE, readable=False)
+    status, word = _STATUS_BY_WORD.get(vals[0] or b"", _UNKNOWN_WORD)
+    deps = _dependency_ids(vals[1], vals[2])
+    allow = vals[3]
+    return DepNode(job_id, status, word or text_of(vals[0])[:64], deps or (),
+                   allow_failure=isinstance(allow, bytes) and allow.strip() not in (b"", b"0"),
+                   readable=deps is not None)
+
+
+def graph_from_reply(reply: Any) -> tuple[dict[str, DepNode], bool]:
+    """The nodes of a graph script's reply {truncated, id1, vals1, id2, vals2, ...}, and
+    whether the walk was cut short (MAX_GRAPH)."""
+    if not isinstance(reply, list) or not reply:
+        return {}, True
+    nodes: dict[str, DepNode] = {}
+    for i in range(1, len(reply) - 1, 2):
+        jid = decode_key(reply[i]) if isinstance(reply[i], bytes) else None
+        if jid is None or name_problem(jid):
+            continue
+        nodes[jid] = dep_node(jid, reply[i + 1])
+    return nodes, reply[0] == 1
+
+
+class Stranded(NamedTuple):
+    """A job in a queue's intermediate list that is still `queued` and has no execution
+    (no worker recorded that it runs it)."""
+
+    queue: str
+    job_id: str
+
+
+def strands_from_reply(reply: Any) -> list[Stranded]:
+    """rq_state's strands script reply: {queue1, id1, queue2, id2, ...}."""
+    out: list[Stranded] = []
+    if not isinstance(reply, list):
+        return out
+    for i in range(0, len(reply) - 1, 2):
+        q = decode_key(reply[i]) if isinstance(reply[i], bytes) else None
+        j = decode_key(reply[i + 1]) if isinstance(reply[i + 1], bytes) else None
+        if q and j and not name_problem(q) and not name_problem(j):
+            out.append(Stranded(q, j))
+    return out
+
+
+def served_queues(reply: Any, keys: Keys = DEFAULT_KEYS) -> set[str]:
+    """The queues some live worker listens to, from {name1, {birth, last_heartbeat, death,
+    queues}, ...} (RQ's worker hash `queues` field: names joined by ','). Live is the
+    server's word (the hash not expired, no death), never a heartbeat read against our
+    clock."""
+    served: set[str] = set()
+    if not isinstance(reply, list):
+        return served
+    for i in range(0, len(reply) - 1, 2):
+        vals = reply[i + 1]
+        if not isinstance(vals, list) or len(vals) < 4 or vals[0] == b"!ERR":
+            continue
+        rec = WorkerRecord(text_of(reply[i]), exists=any(v is not None for v in vals),
+                           last_heartbeat=parse_time(vals[1]), death=bool(vals[2]),
+                           subscribers=-1)
+        if worker_gone_reason(rec, rec.name, keys):
+            continue
+        served.update(q for q in text_of(vals[3]).split(",") if q)
+    return served

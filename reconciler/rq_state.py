@@ -16,7 +16,8 @@ rq this package imports, so a fleet mid-upgrade is read worker by worker (rq_lay
 Job data is never deserialized: reads are raw fields, and RQ's API gets a serializer that
 refuses to load or dump anything.
 
-Its ~600 lines are mostly its two read scripts, kept beside the calls that pass their ARGV.
+Its ~850 lines are mostly its four read scripts (jobs, workers, dependency graphs,
+intermediate lists), each kept beside the call that passes its ARGV.
 """
 
 from __future__ import annotations
@@ -41,18 +42,26 @@ from reconciler.errors import RedisUnavailable
 from reconciler.model import BoundedMemory, PoisonCallback, RqJob, RqStatus
 from reconciler.redisconn import async_client, sync_client
 from reconciler.rq_layout import (
+    DEPENDENTS_SUFFIX,
     INTERMEDIATE_SUFFIX,
     MAX_EXECUTIONS,
+    MAX_GRAPH,
+    QUEUES_SET,
     WORKER_EXECUTIONS_SUFFIX,
+    DepNode,
     Keys,
+    Stranded,
     WorkerRecord,
     decode_key,
+    graph_from_reply,
     job_from_script,
     missing_keyspace_flags,
     name_problem,
     not_believed,
     printable_key,
+    served_queues,
     stop_command,
+    strands_from_reply,
     text_of,
     worker_from_reply,
 )
@@ -99,6 +108,8 @@ class RqState:
         self._believed_at = -math.inf
         self._script: Any = None
         self._exists_script: Any = None
+        self._graph_script: Any = None
+        self._strands_script: Any = None
 
     def poison(self, kind: str, name: str, error: str) -> None:
         """Log and count a key or job hash we skip, once (until it is forgotten: the
@@ -293,6 +304,92 @@ class RqState:
                 names.append(name)
         return sorted(names)
 
+    # -- dependencies, strandings, served queues ----------------------------------------
+
+    async def read_graph(self, ids: Iterable[str], *, down: bool = False
+                         ) -> tuple[dict[str, DepNode], bool]:
+        """The dependency graph around `ids`, read in one atomic script: with `down`, first
+        the deferred dependents (and theirs, ...) of those of `ids` that ended canceled,
+        stopped or failed, plus those of `ids` that are deferred themselves; then, from each
+        deferred job, up through what it depends on. Returns every node read (status,
+        dependency ids, allow_failure; never its data) and whether MAX_GRAPH cut it short."""
+        wanted = [i for i in dict.fromkeys(ids) if i]
+        readable, packed = _pack_ids(wanted)
+        if not readable:
+            return {}, False
+        if self._graph_script is None:
+            self._graph_script = self.client.register_script(_GRAPH_LUA)
+        try:
+            reply = await self._graph_script(args=[packed, self.keys.job, DEPENDENTS_SUFFIX,
+                                                   MAX_GRAPH, "1" if down else "0"])
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return graph_from_reply(reply)
+
+    async def read_strands(self) -> list[Stranded]:
+        """Jobs in any queue's intermediate list (RQ's set of queues) that are still
+        `queued` with no live execution: dequeued by a worker that has not (yet) recorded
+        that it runs them. One atomic, read-only script."""
+        if self._strands_script is None:
+            self._strands_script = self.client.register_script(_STRANDS_LUA)
+        k = self.keys
+        try:
+            reply = await self._strands_script(args=[
+                k.prefix + QUEUES_SET, k.queue, INTERMEDIATE_SUFFIX, k.job, k.job_executions,
+                repr(time.time()), STRANDS_PER_QUEUE, STRAND_QUEUES])
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return strands_from_reply(reply)
+
+    async def served_queues(self) -> set[str]:
+        """The queues some live worker listens to (its hash's `queues`), by RQ's records:
+        a worker whose hash is gone, dead or silent past its TTL serves nothing."""
+        names = await self.worker_names()
+        if not names:
+            return set()
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hmget(self.keys.worker + n, "birth", "last_heartbeat", "death", "queues")
+                replies = await pipe.execute(raise_on_error=False)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        flat: list[Any] = []
+        for n, r in zip(names, replies, strict=True):
+            flat += [n.encode(), r if isinstance(r, list) else [b"!ERR"]]
+        return served_queues(flat, self.keys)
+
+    async def worker_queues(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """The queues each worker's hash says it listens to (none if its hash is gone)."""
+        if not names:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for n in names:
+                    pipe.hget(self.keys.worker + n, "queues")
+                replies = await pipe.execute(raise_on_error=False)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return {n: [q for q in text_of(r).split(",") if q] if isinstance(r, bytes) else []
+                for n, r in zip(names, replies, strict=True)}
+
+    async def requeue_stranded(self, queue: str, job_id: str) -> str:
+        """Put a stranded job back at the front of its queue, in one atomic step that RQ's
+        maintenance cannot interleave with (rq_api.requeue_stranded_sync). Returns
+        requeued / not_requeued (<why>)."""
+        from reconciler import rq_api
+
+        if self._write_problem is None:
+            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
+        if self._write_problem:
+            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
+            return f"not_requeued ({self._write_problem})"
+        try:
+            return await asyncio.to_thread(rq_api.requeue_stranded_sync, self._sync_client(),
+                                           queue, job_id)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
     # -- keyspace notifications -------------------------------------------------------
 
     async def keyspace_flags(self) -> str:
@@ -395,6 +492,23 @@ class RqState:
             return f"not_canceled ({self._write_problem})"
         try:
             return await asyncio.to_thread(rq_api.cancel_sync, self._sync_client(), job_id, allowed)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    async def enqueue_dependents(self, job_id: str) -> int:
+        """Let the dependents of the cancelled job `job_id` run (cancel.dependents =
+        "enqueue"): RQ's enqueue_dependents, as Job.cancel(enqueue_dependents=True) calls
+        it. Returns how many dependents it had."""
+        from reconciler import rq_api
+
+        if self._write_problem is None:
+            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
+        if self._write_problem:
+            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
+            return 0
+        try:
+            return await asyncio.to_thread(rq_api.enqueue_dependents_sync, self._sync_client(),
+                                           job_id)
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
@@ -578,6 +692,123 @@ end
 return out
 """
 _ID_SEP = "\n"
+
+# The dependency graph around a set of jobs (RqState.read_graph). Read-only (HGET, HMGET,
+# SCARD, SMEMBERS). ARGV[1] = ids joined by "\n", ARGV[2] = the job hash prefix, ARGV[3] =
+# the dependents set's suffix, ARGV[4] = the most nodes to visit, ARGV[5] = "1" to walk
+# down first. Reply: {cut short (0/1), id, vals, id, vals, ...}, vals = the node's {status,
+# dependency_ids, dependency_id, allow_dependency_failures}, 0 if its hash does not exist,
+# or {"!ERR", msg}. Dependency ids come from the JSON RQ writes (cjson, in a pcall: a field
+# no RQ writes is returned as it is, for the parser to refuse, and walked no further).
+_GRAPH_LUA = """
+local jp, dsuf, cap = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out = {0}
+local seen, todo = {}, {}
+local function push(id)
+  if type(id) == 'string' and #id > 0 and #id <= 256 and not seen[id] then
+    seen[id] = true
+    todo[#todo + 1] = id
+  end
+end
+local below = 0
+for id in string.gmatch(ARGV[1], '[^\\n]+') do
+  local st = redis.pcall('HGET', jp .. id, 'status')
+  if ARGV[5] ~= '1' or st == 'deferred' then
+    push(id)
+  elseif st == 'canceled' or st == 'stopped' or st == 'failed' then
+    local stack, went = {id}, {}
+    while #stack > 0 do
+      local x = table.remove(stack)
+      local n = redis.pcall('SCARD', jp .. x .. dsuf)
+      if type(n) == 'number' and n > 0 then
+        if n > cap then out[1] = 1 end
+        for _, m in ipairs(redis.pcall('SRANDMEMBER', jp .. x .. dsuf, cap)) do
+          if not went[m] and below < cap then
+            went[m] = true
+            below = below + 1
+            if redis.pcall('HGET', jp .. m, 'status') == 'deferred' then
+              push(m)
+              stack[#stack + 1] = m
+            end
+          end
+        end
+      end
+    end
+  end
+end
+local head = 1
+while head <= #todo do
+  if head > cap then
+    out[1] = 1
+    break
+  end
+  local id = todo[head]
+  head = head + 1
+  local v = redis.pcall('HMGET', jp .. id, 'status', 'dependency_ids', 'dependency_id',
+                        'allow_dependency_failures')
+  out[#out + 1] = id
+  if v.err then
+    out[#out + 1] = {'!ERR', v.err}
+  elseif not (v[1] or v[2] or v[3] or v[4]) then
+    out[#out + 1] = 0
+  else
+    local long = false
+    for j = 1, 4 do
+      if v[j] and #v[j] > 65536 then long = true end
+    end
+    if long then
+      out[#out + 1] = {'!ERR', 'a field is longer than any RQ writes'}
+    else
+      out[#out + 1] = v
+      if v[1] == 'deferred' then
+        local ok, deps = false, nil
+        if v[2] then ok, deps = pcall(cjson.decode, v[2]) end
+        if ok and type(deps) == 'table' then
+          for _, d in ipairs(deps) do push(d) end
+        elseif v[3] then
+          push(v[3])
+        end
+      end
+    end
+  end
+end
+return out
+"""
+
+# Jobs stranded in intermediate lists (RqState.read_strands). Read-only (SMEMBERS, LRANGE,
+# HGET, ZCOUNT). ARGV[1] = RQ's set of queue keys, ARGV[2] = the queue key prefix, ARGV[3]
+# = the intermediate list's suffix, ARGV[4] = the job hash prefix, ARGV[5] = the job
+# execution registry prefix, ARGV[6] = now, ARGV[7] = ids read per list, ARGV[8] = queues
+# read. Reply: {queue, id, ...} for each job there that is `queued` with no live execution.
+_STRANDS_LUA = """
+local qp, isuf, jp, xp, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local per, maxq = tonumber(ARGV[7]), tonumber(ARGV[8])
+local out = {}
+local qs = redis.pcall('SMEMBERS', ARGV[1])
+if type(qs) ~= 'table' or qs.err then return out end
+for i, qkey in ipairs(qs) do
+  if i > maxq then break end
+  if string.sub(qkey, 1, #qp) == qp and #qkey <= 512 then
+    local ids = redis.pcall('LRANGE', qkey .. isuf, 0, per - 1)
+    if type(ids) == 'table' and not ids.err then
+      for _, id in ipairs(ids) do
+        if #id <= 256 and redis.pcall('HGET', jp .. id, 'status') == 'queued' then
+          local n = redis.pcall('ZCOUNT', xp .. id, now, '+inf')
+          if n == 0 then
+            out[#out + 1] = string.sub(qkey, #qp + 1)
+            out[#out + 1] = id
+          end
+        end
+      end
+    end
+  end
+end
+return out
+"""
+# Ids read from each intermediate list (it holds the jobs being started: about one per
+# worker), and queues looked at, per strands read.
+STRANDS_PER_QUEUE = 1000
+STRAND_QUEUES = 10_000
 
 
 def _pack_ids(chunk: Sequence[str]) -> tuple[list[str], str]:

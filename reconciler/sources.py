@@ -12,6 +12,7 @@ been missed meanwhile. Must never read or write a job row.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import redis.exceptions
 import structlog
@@ -76,6 +77,8 @@ class KeyspaceEvents:
         self.fallback = cfg.redis.keyspace_events == "off"
         self._forbidden_said = False
         self._learning = TaskSet("learn-worker")
+        # Told the name of a worker whose key was deleted or expired (stranded jobs).
+        self.on_worker_gone: Callable[[str], None] | None = None
         self._backoff = Backoff(0.1, 30.0)
 
     async def run(self) -> None:
@@ -99,7 +102,7 @@ class KeyspaceEvents:
         self.fallback = False
         gen = self.rq.keyspace_events()
         try:
-            async for kind, ident, _event in gen:
+            async for kind, ident, event in gen:
                 if kind == "subscribed":
                     self.live = True
                     self._backoff.reset()
@@ -111,6 +114,10 @@ class KeyspaceEvents:
                     self.queue.add((ident,), "keyspace")
                 else:
                     self._worker_changed(ident)
+                    if event in ("del", "expired") and self.on_worker_gone is not None:
+                        # (A worker that shuts down cleanly also ends this way: whatever it
+                        # leaves in an intermediate list is judged the same.)
+                        self.on_worker_gone(ident)
         finally:
             await gen.aclose()
 
@@ -173,11 +180,15 @@ class LocalWorkerDeaths:
         self.rq, self.health, self.queue, self.metrics = rq, health, queue, metrics
         self.workers: Workers | None = None
         self._tasks = TaskSet("worker-exit")
+        # Told the name of each local worker that exits (stranded jobs).
+        self.on_exit: Callable[[str], None] | None = None
 
     def exited(self, name: str) -> None:
         assert self.workers is not None
         jobs = self.workers.local_exited(name)
         log.info("local_worker_exited", worker=name, jobs=sorted(jobs))
+        if self.on_exit is not None:
+            self.on_exit(name)
         self.metrics.events.labels(source="local_worker").inc()
         self._tasks.spawn(self._after_exit(name, jobs), name)
 

@@ -35,6 +35,7 @@ from reconciler.replicas import Replicas
 from reconciler.rq_state import RqState
 from reconciler.sources import CancelNotifications, KeyspaceEvents, LocalWorkerDeaths
 from reconciler.stop import Stopper
+from reconciler.strands import Strands
 from reconciler.systemd import sd_notify, watchdog, watchdog_interval
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue
@@ -82,7 +83,10 @@ class Daemon:
         self.sweeps = Sweeps(cfg, self.store, self.reconciler, self.workers, self.health,
                              self.wake, m, self.after,
                              events_live=lambda: self.keyspace.live and not self.keyspace.fallback,
-                             on_swept=self._notify_ready)
+                             on_swept=self._swept)
+        self.strands = Strands(cfg, self.store, self.rq, self.health, m, self.workers)
+        self.deaths.on_exit = self.strands.poke
+        self.keyspace.on_worker_gone = self.strands.poke
         self.server: MetricsServer | None = None
         self.stopping = asyncio.Event()
         self.forced = asyncio.Event()
@@ -130,6 +134,10 @@ class Daemon:
         logsetup.set_level(new.log.level)
         log.info("reloaded", sweep_interval=new.sweep.interval_seconds, log_level=new.log.level)
         self.wake.request_sweep()
+
+    def _swept(self) -> None:
+        self.strands.poke()  # each sweep looks for stranded jobs too
+        self._notify_ready()
 
     def _notify_ready(self) -> None:
         if not self.ready:
@@ -215,6 +223,7 @@ class Daemon:
                 tg.create_task(self.intents.run(), name="intent-watch"),
                 tg.create_task(self.replicas.run(), name="replica-registry"),
                 tg.create_task(self.sweeps.run(), name="sweep"),
+                tg.create_task(self.strands.run(), name="strands"),
                 tg.create_task(watchdog(lambda: self.ready, watchdog_interval()), name="watchdog"),
             ]
             try:

@@ -120,3 +120,14 @@ def stubborn_child(seconds: float, marker: str) -> float:
     child.stdout.readline()
     _mark(marker, f"CHILD {child.pid}")
     return trap_sigterm(seconds, marker)
+
+
+def fail_times(times: int, marker: str) -> int:
+    """Append "ATTEMPT <pid>" to ``marker``; raise while this is one of the first ``times``
+    attempts (RQ's Retry then runs it again), succeed after."""
+    with open(marker) as f:
+        attempt = sum(1 for line in f if line.startswith("ATTEMPT")) + 1
+    _mark(marker, f"ATTEMPT {os.getpid()} {attempt}")
+    if attempt <= times:
+        raise RuntimeError(f"attempt {attempt} fails")
+    return attempt

@@ -23,7 +23,7 @@ from tests.support import run_cli, write_config
 COMMANDS = ("+ping +info +evalsha +script|load +hmget +exists +xrevrange +lpos +zcount +hget "
             "+scard +zrangebyscore +pttl +pubsub|numsub +smembers +publish +hgetall +watch +unwatch "
             "+multi +exec +hset +lrem +zrem +zadd +zrange +zremrangebyscore +config|get "
-            "+psubscribe")
+            "+srandmember +lrange +zscan +lpush +rpush +psubscribe")
 CHANNELS = "&rq:pubsub:* &__keyspace@0__:rq:job:* &__keyspace@0__:rq:worker:*"
 
 

@@ -24,6 +24,8 @@ SENDS = {
     "info": {"INFO"},
     "smembers": {"SMEMBERS"},
     "hmget": {"HMGET"},
+    "hget": {"HGET"},
+    "scard": {"SCARD"},
     "publish": {"PUBLISH"},
     "config_get": {"CONFIG|GET"},
     "config_set": {"CONFIG|SET"},
@@ -44,6 +46,11 @@ SENDS = {
                    "ZRANGE", "ZREMRANGEBYSCORE"},
 }
 SENDS["Job.cancel"] = SENDS["job.cancel"]  # as comments name it
+# RQ's Queue.enqueue_dependents (cancel.dependents = "enqueue"): the dependents set WATCHed
+# and read, the dependents fetched and their dependencies' statuses read, then in MULTI each
+# one leaves the deferred registry, is saved queued and pushed on its queue.
+SENDS["q.enqueue_dependents"] = {"WATCH", "SMEMBERS", "HGETALL", "HGET", "MULTI", "ZREM",
+                                 "HSET", "RPUSH", "LPUSH", "EXEC", "UNWATCH"}
 SENDS["_RawJob.fetch"] = SENDS["Job.fetch"]  # RQ's Job, restored without its data
 # Calls on the same objects that send no command of their own.
 NOT_COMMANDS = {"pipeline", "execute", "execute_command", "aclose", "close", "pubsub", "multi",
@@ -57,8 +64,8 @@ def sent_by_rq_state() -> set[str]:
         found.add(cmd)
     for a, b in re.findall(r'execute_command\("([A-Z]+)",\s*"([A-Z]+)"', SOURCE):
         found.add(f"{a}|{b}")
-    for obj, method in re.findall(r"\b(client|pipe|pubsub|Job|job|_RawJob)\.([a-z_]+)\(", SOURCE):
-        key = f"{obj}.{method}" if obj in ("Job", "job", "_RawJob") else method
+    for obj, method in re.findall(r"\b(client|pipe|pubsub|Job|job|_RawJob|q)\.([a-z_]+)\(", SOURCE):
+        key = f"{obj}.{method}" if obj in ("Job", "job", "_RawJob", "q") else method
         if key in SENDS:
             found |= SENDS[key]
         elif method not in NOT_COMMANDS:
