@@ -215,6 +215,9 @@ class CancelConfig:
     lease_seconds: float = 60.0
     handover_seconds: float = 2.0
     orphaned_horse: OrphanedHorse = "kill"
+    # Cancels this replica carries out at once; the rest wait their turn (claims handed to
+    # it included: their leases are kept while they wait).
+    concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ _POSITIVE = {
     "redis.socket_timeout_seconds",
     "postgres.pool_size",
     "cancel.lease_seconds",
+    "cancel.concurrency",
     "sweep.interval_seconds",
     "sweep.fallback_interval_seconds",
     "sweep.page_size",

@@ -52,12 +52,13 @@ def _config(tmp: Path, name: str, redis_url: str, pg_dsn: str, **extra: Any) -> 
                         sweep={"min_age_seconds": 60.0, **extra.pop("sweep", {})}, **extra)
 
 
-def _running_jobs(pg: Pg, redis_url: str, tmp: Path, n: int) -> list[tuple[int, str, Path]]:
+def _running_jobs(pg: Pg, redis_url: str, tmp: Path, n: int, job: str = JOB,
+                  *extra: Any) -> list[tuple[int, str, Path]]:
     out = []
     for i in range(n):
         marker = tmp / f"job-{i}-{time.monotonic_ns()}.txt"
         marker.touch()
-        rq_id = enqueue(redis_url, JOB, 120, str(marker))
+        rq_id = enqueue(redis_url, job, 120, str(marker), *extra)
         jid = int(pg.val("INSERT INTO training_jobs (rq_job_id, status, started_at) "
                          "VALUES ($1, 'running', now()) RETURNING id", rq_id))
         out.append((jid, rq_id, marker))
@@ -175,3 +176,47 @@ def test_a_replica_in_another_pid_namespace_never_fails_a_live_workers_job(
         assert all("SIGTERM" not in m.read_text() for _, _, m in jobs)
         text = c.daemon_log().read_text()
         assert "local_worker_exited" not in text and "Orphaned:" not in text
+
+
+def test_a_burst_beyond_the_owners_slots_waits_for_it_and_gets_sigterm(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host], rq_version: str) -> None:
+    """B, on the workers' host, carries out two cancels at once; each job takes 3 s to
+    clean up after its SIGTERM. A burst of six, all claimed by A and handed to B, waits at
+    B (its claims kept, past handover_seconds and past one lease) rather than fall back to
+    A's stop-job: B is alive. Every job gets SIGTERM first."""
+    quick = {"lease_seconds": 6.0, "grace_seconds": 8.0}
+    cfg_a = _config(tmp_path, "replica-a", redis_url, pg_dsn, cancel=quick)
+    cfg_b = _config(tmp_path, "replica-b", redis_url, pg_dsn, cancel={**quick, "concurrency": 2})
+    migrate(cfg_a)
+    b = Host(tmp_path, "host-b", redis_url, workers=6, config=cfg_b, rq_version=rq_version)
+    a = Host(tmp_path, "host-a", redis_url, config=cfg_a)
+    hosts += [a, b]
+    b.wait_ready()
+    a.wait_ready()
+    with Pg(pg_dsn) as pg:
+        wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
+                                  "WHERE instance = 'replica-b'") == 6, 60, "B's registry row")
+        jobs = _running_jobs(pg, redis_url, tmp_path, 6, "tests.jobs.linger_on_sigterm", 3.0)
+        b_pid = b.daemon_pid()
+        os.kill(b_pid, signal.SIGSTOP)  # A claims the whole burst and hands it to B
+        try:
+            rids = _cancel_all(pg, jobs)
+            wait_until(lambda: pg.val(
+                "SELECT count(*) FROM rq_reconciler_cancel_requests WHERE id = ANY($1::bigint[]) "
+                "AND handed_to = 'replica-b'", rids) == 6, 20, "A to hand the burst to B")
+        finally:
+            os.kill(b_pid, signal.SIGCONT)
+        reqs = [wait_request(pg, rid, timeout=90) for rid in rids]
+        for req, (jid, rq_id, marker) in zip(reqs, jobs, strict=True):
+            detail = req["detail"]
+            assert req["outcome"] == "cancelled", req
+            assert detail["instance"] == "replica-b" and detail["path"] == "handed-over", detail
+            assert detail["horse_signals"][0] == "SIGTERM", detail
+            assert "SIGTERM" in marker.read_text(), f"job {jid}: its handler never ran"
+            assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid) == "cancelled"
+            assert rq_status(redis_url, rq_id) == "canceled"
+        events_b = log_events([b.daemon_log()])
+        assert [e for e in events_b if e.get("event") == "cancel_handovers_queued"]
+        events_a = log_events([a.daemon_log()])
+        assert not [e for e in events_a if e.get("event") == "cancel_handover_expired"]
+        assert not [c for c in STOP_COMMANDS if c in a.daemon_log().read_text()]
