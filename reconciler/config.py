@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from reconciler.hostid import default_instance_name
 
 DEFAULT_CONFIG_PATH = "/etc/rq-reconciler/config.toml"
 ENV_CONFIG = "RQ_RECONCILER_CONFIG"
@@ -249,7 +250,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    name: str = field(default_factory=socket.gethostname)
+    # Unique per host by default (hostname plus host identity: reconciler.hostid).
+    name: str = field(default_factory=default_instance_name)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ from reconciler import log as logsetup
 from reconciler.aio import Backoff, TaskSet, cancel_until_done, wait_event
 from reconciler.cancel import CancelProcessor
 from reconciler.config import Config, ConfigError, load, redact
-from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
+from reconciler.errors import (
+    BackendUnavailable,
+    InstanceNameTaken,
+    KeyspaceConfigError,
+    SchemaError,
+)
 from reconciler.health import Health, Wakeups
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics, MetricsServer
@@ -154,6 +159,10 @@ class Daemon:
             try:
                 if not await self.connect():
                     return 0
+            except InstanceNameTaken as exc:
+                # Two live replicas under one name would release each other's claims.
+                log.error("instance_name_taken", error=str(exc))
+                return 2
             except SchemaError as exc:
                 # Not an outage: restarting cannot fix it (the unit does not restart on 2).
                 log.error("schema_error", error=str(exc))
@@ -244,8 +253,10 @@ class Daemon:
                 await self.rq.ping()
                 self.health.set_up("redis", True)
                 # A previous life of this instance may have died holding claims: take them
-                # back now rather than wait out the lease (instance names are unique per
-                # replica). A write: a read-only database makes this an outage, retried.
+                # back now rather than wait out the lease, once the name is proven ours
+                # (no other live replica runs under it). A write: a read-only database
+                # makes this an outage, retried.
+                await self.replicas.take_name()
                 released = await self.store.requests.release_claims()
                 if released:
                     log.info("stale_claims_released", count=released)

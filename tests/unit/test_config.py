@@ -35,7 +35,7 @@ def test_example_file_loads_and_lists_every_key() -> None:
                 assert set(raw["jobs"]["statuses"]) == {g.name for g in fields(obj.statuses)}
                 continue
             assert f.name in raw[section], f"config.example.toml lacks {section}.{f.name}"
-    # instance.name defaults to the hostname and is documented as a comment
+    # instance.name defaults to the hostname plus host identity; documented as a comment
     assert "# name = " in (ROOT / "config.example.toml").read_text()
 
 
