@@ -217,11 +217,26 @@ class CancelProcessor:
         stop = StopResult()
         path: dict[str, Any] = {"path": "local", "instance": self.cfg.instance.name}
         rq_said = "no RQ job id"
+        seen: str | None = None  # what RQ said of the job at first look (None: no RQ id)
         settle: set[str] = set()
         marking: asyncio.Task[str] | None = None
         if row.rq_id:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
+            seen = job.raw_status or job.status.value
+            if job.status is RqStatus.MISSING and not await self.rq.workers_registered():
+                # "Not found" proves the job ended only in the Redis the workers use. With
+                # no worker registered here either, this may be the wrong db or key prefix
+                # and the job may run on: nothing was stopped, so the cancel failed and the
+                # row is left as it is (a later request, once fixed, can cancel it).
+                await self._finish(reqs, "failed", {
+                    "success": False, **path, "rq_status": seen,
+                    "message": f"Job {job_id} was not cancelled: RQ job {row.rq_id} is not "
+                               f"in this Redis ({self.rq.where()}) and no RQ worker is "
+                               f"registered there either ({self.rq.keys.workers} is empty): "
+                               f"check that redis.url's db and redis.key_prefix are the "
+                               f"workers'; the row is left {row.status}"})
+                return
             if job.status in WAITING:
                 res = await self.rq.cancel_job(row.rq_id, only_from=WAITING)
                 rq_cancelled = res == "canceled"
@@ -332,7 +347,7 @@ class CancelProcessor:
             self._watch(job_id)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)
-            detail.update(path)
+            detail.update(path, rq_status=seen)
             if stop.wedged:
                 detail["worker_wedged"] = True
                 detail["warning"] = stop.message
@@ -341,7 +356,7 @@ class CancelProcessor:
                 self._on_cancelled()
         elif status in (s.completed, s.failed):
             await self._finish(reqs, "already_finished", {
-                "success": False, "status": status, "signals": stop.signals,
+                "success": False, "status": status, "signals": stop.signals, "rq_status": seen,
                 "message": f"Job {job_id} {status} before it could be cancelled"})
         else:
             if row.rq_id:
@@ -349,7 +364,8 @@ class CancelProcessor:
                 rq_said = f"RQ says {last.raw_status or last.status.value!r}"
             msg = stop.message or f"Job {job_id} could not be stopped (row is {status}, {rq_said})"
             await self._finish(reqs, "failed", {"success": False, "message": msg,
-                                                "horse_signals": stop.signals, **path})
+                                                "horse_signals": stop.signals, **path,
+                                                "rq_status": seen})
 
     async def _leased(self, ids: list[int], stopping: Awaitable[T]) -> T:
         """`stopping` (a stop of the job, ours or one under way) awaited while the requests'

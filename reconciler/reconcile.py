@@ -163,6 +163,14 @@ class Reconciler:
             started = [j for j in jobs.values() if j.status is RqStatus.STARTED]
             workers = await self.rq.read_workers(j.worker_name for j in started if j.worker_name)
             intents = await asking if asking is not None else {}
+            unsure = [r.row.rq_id for r in rows if r.row.id in intents and r.row.rq_id
+                      and jobs[r.row.rq_id].status is RqStatus.MISSING]
+            if unsure and not await self.rq.workers_registered():
+                # A cancel of a job this Redis does not have, where no worker is registered
+                # either: the job may run on, looked for in the wrong db or key prefix.
+                # "Not found" is no proof that it ended: nothing is decided on it.
+                for rid in unsure:
+                    jobs[rid] = jobs[rid]._replace(status=RqStatus.UNREADABLE)
         finally:
             await _abandon(asking)
         return Reading(jobs, workers, intents)

@@ -23,6 +23,8 @@ SENDS = {
     "ping": {"PING"},
     "info": {"INFO"},
     "smembers": {"SMEMBERS"},
+    # whether any worker is registered (on the worker set SMEMBERS lists)
+    "scard": {"SCARD"},
     "hmget": {"HMGET"},
     "publish": {"PUBLISH"},
     "config_get": {"CONFIG|GET"},
