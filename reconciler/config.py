@@ -208,9 +208,12 @@ class JobsConfig:
     statuses: Statuses = field(default_factory=Statuses)
 
 
+DEFAULT_REQUESTS_TABLE = "rq_reconciler_cancel_requests"
+
+
 @dataclass(frozen=True)
 class CancelConfig:
-    requests_table: str = "rq_reconciler_cancel_requests"
+    requests_table: str = DEFAULT_REQUESTS_TABLE
     channel: str = "rq_reconciler_cancel"
     grace_seconds: float = 10.0
     lease_seconds: float = 60.0
@@ -266,21 +269,31 @@ class Config:
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     source: str = "<defaults>"
 
+    # Our other tables live beside the requests table, in its schema, and are named after
+    # it: two installs in one schema (two apps, two jobs tables) never share one. The
+    # default requests table keeps the names every install had before (rq_reconciler_*).
+
+    def _ours(self, suffix: str) -> str:
+        schema, dot, base = self.cancel.requests_table.rpartition(".")
+        if base == DEFAULT_REQUESTS_TABLE:
+            return f"{schema}{dot}rq_reconciler{suffix}"
+        return f"{schema}{dot}{derived_ident(base, suffix)}"
+
     @property
     def events_table(self) -> str:
-        # Lives beside the requests table, in its schema.
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_events"
+        return self._ours("_events")
 
     @property
     def first_seen_table(self) -> str:
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_first_seen"
+        return self._ours("_first_seen")
 
     @property
     def replicas_table(self) -> str:
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_replicas"
+        return self._ours("_replicas")
+
+    @property
+    def version_table(self) -> str:
+        return self._ours("_schema")
 
     @property
     def done_channel(self) -> str:
