@@ -190,7 +190,9 @@ def _adopt_legacy_sql(cfg: Config) -> str:
 def _mark_sql(cfg: Config) -> str:
     """Each of our tables says whose it is: `migrate` of another install refuses them."""
     marks = "".join(
-        f"    EXECUTE format('COMMENT ON TABLE %s IS %L', {_literal(quote_ident(new))}, mine);\n"
+        f"    IF to_regclass({_literal(quote_ident(new))}) IS NOT NULL THEN\n"
+        f"        EXECUTE format('COMMENT ON TABLE %s IS %L', {_literal(quote_ident(new))}, mine);\n"
+        "    END IF;\n"
         for new, _legacy in _ours_by_name(cfg))
     return (
         "-- Whose these tables are: `migrate` of another install refuses to share them.\n"
