@@ -22,7 +22,7 @@ import structlog
 
 from reconciler.aio import TaskSet, cancel_until_done
 from reconciler.config import Config
-from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError
+from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError, RedisUnavailable
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING, ActiveRow, CancelIntent, RqStatus
@@ -224,6 +224,9 @@ class CancelProcessor:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
             seen = job.raw_status or job.status.value
+            if job.status is RqStatus.MISSING and (why := await self.rq.not_authoritative()):
+                # A loading or syncing Redis is no witness at all: an outage, retried.
+                raise RedisUnavailable(f"{why}: not believed about missing jobs")
             if job.status is RqStatus.MISSING and not await self.rq.workers_registered():
                 # "Not found" proves the job ended only in the Redis the workers use. With
                 # no worker registered here either, this may be the wrong db or key prefix
