@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 
 import structlog
 
-from reconciler.aio import TaskSet
+from reconciler.aio import TaskSet, cancel_until_done
 from reconciler.config import Config
-from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError
+from reconciler.errors import BackendUnavailable, DataRejected, ReconcilerError, RedisUnavailable
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING, ActiveRow, CancelIntent, RqStatus
 from reconciler.reconcile import PassReport, Reconciler
+from reconciler.replicas_table import REPLICA_STALE_SECONDS
 from reconciler.requests_table import CancelRequest
 from reconciler.rq_state import RqState
 from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResult, Target
@@ -34,8 +35,6 @@ from reconciler.stop import POLL_SECONDS, WORKER_REAP_SECONDS, Stopper, StopResu
 log = structlog.get_logger("reconciler.cancel")
 T = TypeVar("T")
 
-# Cancels carried out at once; the rest wait their turn (their lease is long enough).
-CONCURRENT_CANCELS = 32
 # How long a cancel waits for another transaction to let go of its row before it reports
 # the row as it stands.
 LOCKED_ROW_WAIT_SECONDS = 2.0
@@ -61,7 +60,9 @@ class CancelProcessor:
         self._watch = watch
         # Called when a cancel ends: requests left pending for want of a slot are claimed.
         self._slot_free: Callable[[], None] | None = None
-        self._sem = asyncio.Semaphore(CONCURRENT_CANCELS)
+        # Cancels carried out at once (cancel.concurrency); the rest wait their turn.
+        self._slots = cfg.cancel.concurrency
+        self._sem = asyncio.Semaphore(self._slots)
         self._hold = hold or (lambda _rq_id: contextlib.nullcontext())
         self._tasks = TaskSet("cancel")
         self._job_locks: dict[Any, tuple[asyncio.Lock, int]] = {}
@@ -74,24 +75,37 @@ class CancelProcessor:
         """Claim pending (or lease-expired) requests, as many as can start now, and start
         their jobs' cancels. The rest stay pending, free for another replica, and are
         claimed here when a slot frees up: a lease never runs out while its request
-        waits for a slot."""
+        waits for a slot. Requests handed to this replica are the exception: they are
+        claimed however busy it is, and wait here for a slot with their leases kept (a
+        live owner keeps its hand-overs; only a dead or silent one's fall back to
+        stop-job elsewhere)."""
         total = 0
-        while (free := CONCURRENT_CANCELS - len(self._tasks)) > 0:
+        lease = self.cfg.cancel.lease_seconds
+        while (free := self._slots - len(self._tasks)) > 0:
             limit = min(100, free)
-            claims = await self.store.requests.claim(self.cfg.cancel.lease_seconds, limit=limit)
+            claims = await self.store.requests.claim(lease, limit=limit)
             if not claims:
                 return total
             total += len(claims)
-            by_job: dict[Any, list[CancelRequest]] = defaultdict(list)
-            for c in claims:
-                by_job[c.job_id].append(c)
-            for job_id, reqs in by_job.items():
-                self._tasks.spawn(self._guarded(job_id, reqs), f"job:{job_id}")
+            self._spawn(claims)
             if len(claims) < limit:
                 # Nothing more was pending: asking again would only cost the cancel just
                 # started a round trip's worth of the pool and the loop.
                 return total
-        return total
+        # Every slot is busy: what another replica handed us is queued here all the same.
+        handed = await self.store.requests.claim_handed(lease)
+        if handed:
+            log.info("cancel_handovers_queued", requests=[r.id for r in handed],
+                     busy=len(self._tasks))
+            self._spawn(handed)
+        return total + len(handed)
+
+    def _spawn(self, claims: list[CancelRequest]) -> None:
+        by_job: dict[Any, list[CancelRequest]] = defaultdict(list)
+        for c in claims:
+            by_job[c.job_id].append(c)
+        for job_id, reqs in by_job.items():
+            self._tasks.spawn(self._guarded(job_id, reqs), f"job:{job_id}")
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait for in-flight cancels; True if all finished in time."""
@@ -108,7 +122,18 @@ class CancelProcessor:
         self._job_locks[job_id] = (lock, users + 1)
         waited = lock.locked()
         try:
-            async with self._sem, lock:
+            async with contextlib.AsyncExitStack() as held:
+                keeping = None
+                if self._sem.locked() or waited:
+                    # Queued behind busy slots (or this job's earlier flow): the claims are
+                    # kept ours meanwhile, so that nobody takes them for abandoned.
+                    keeping = asyncio.create_task(self._keep_leases([r.id for r in reqs]))
+                try:
+                    await held.enter_async_context(self._sem)
+                    await held.enter_async_context(lock)
+                finally:
+                    if keeping is not None:
+                        await cancel_until_done([keeping])
                 await self._run(job_id, reqs, fresh_row=waited)
         finally:
             lock, users = self._job_locks[job_id]
@@ -118,6 +143,15 @@ class CancelProcessor:
                 self._job_locks[job_id] = (lock, users - 1)
             if self._slot_free is not None:
                 self._slot_free()
+
+    async def _keep_leases(self, ids: list[int]) -> None:
+        lease = self.cfg.cancel.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.store.requests.extend_lease(ids, lease)
+            except BackendUnavailable as exc:
+                log.warning("cancel_lease_not_extended", requests=ids, error=str(exc))
 
     async def _run(self, job_id: Any, reqs: list[CancelRequest], *, fresh_row: bool) -> None:
         structlog.contextvars.bind_contextvars(job_id=str(job_id))
@@ -183,11 +217,29 @@ class CancelProcessor:
         stop = StopResult()
         path: dict[str, Any] = {"path": "local", "instance": self.cfg.instance.name}
         rq_said = "no RQ job id"
+        seen: str | None = None  # what RQ said of the job at first look (None: no RQ id)
         settle: set[str] = set()
         marking: asyncio.Task[str] | None = None
         if row.rq_id:
             jobs = await self.rq.read_jobs([row.rq_id])
             job = jobs[row.rq_id]
+            seen = job.raw_status or job.status.value
+            if job.status is RqStatus.MISSING and (why := await self.rq.not_authoritative()):
+                # A loading or syncing Redis is no witness at all: an outage, retried.
+                raise RedisUnavailable(f"{why}: not believed about missing jobs")
+            if job.status is RqStatus.MISSING and not await self.rq.workers_registered():
+                # "Not found" proves the job ended only in the Redis the workers use. With
+                # no worker registered here either, this may be the wrong db or key prefix
+                # and the job may run on: nothing was stopped, so the cancel failed and the
+                # row is left as it is (a later request, once fixed, can cancel it).
+                await self._finish(reqs, "failed", {
+                    "success": False, **path, "rq_status": seen,
+                    "message": f"Job {job_id} was not cancelled: RQ job {row.rq_id} is not "
+                               f"in this Redis ({self.rq.where()}) and no RQ worker is "
+                               f"registered there either ({self.rq.keys.workers} is empty): "
+                               f"check that redis.url's db and redis.key_prefix are the "
+                               f"workers'; the row is left {row.status}"})
+                return
             if job.status in WAITING:
                 res = await self.rq.cancel_job(row.rq_id, only_from=WAITING)
                 rq_cancelled = res == "canceled"
@@ -304,7 +356,7 @@ class CancelProcessor:
                 log.info("dependents_enqueued", rq_id=row.rq_id, dependents=n)
         if status == s.cancelled:
             detail = _cancelled_detail(job_id, rq_cancelled=rq_cancelled, signals=stop.signals)
-            detail.update(path)
+            detail.update(path, rq_status=seen)
             if stop.wedged:
                 detail["worker_wedged"] = True
                 detail["warning"] = stop.message
@@ -313,7 +365,7 @@ class CancelProcessor:
                 self._on_cancelled()
         elif status in (s.completed, s.failed):
             await self._finish(reqs, "already_finished", {
-                "success": False, "status": status, "signals": stop.signals,
+                "success": False, "status": status, "signals": stop.signals, "rq_status": seen,
                 "message": f"Job {job_id} {status} before it could be cancelled"})
         else:
             if row.rq_id:
@@ -321,7 +373,8 @@ class CancelProcessor:
                 rq_said = f"RQ says {last.raw_status or last.status.value!r}"
             msg = stop.message or f"Job {job_id} could not be stopped (row is {status}, {rq_said})"
             await self._finish(reqs, "failed", {"success": False, "message": msg,
-                                                "horse_signals": stop.signals, **path})
+                                                "horse_signals": stop.signals, **path,
+                                                "rq_status": seen})
 
     async def _leased(self, ids: list[int], stopping: Awaitable[T]) -> T:
         """`stopping` (a stop of the job, ours or one under way) awaited while the requests'
@@ -350,13 +403,16 @@ class CancelProcessor:
             log.info("cancel_taken_over", rq_id=rq_id, worker=worker_name)
             return {"path": "handed-over", "instance": me}, None
         if handed_to is not None:
-            # Handed to another replica, which did not take it in time: stop-job from here.
+            # Handed to another replica that did not take it and has gone silent (its
+            # heartbeat stopped; the claim query lets nobody else have it before): stop-job
+            # from here.
             m.labels(result="fallback").inc()
             log.warning("cancel_handover_expired", rq_id=rq_id, worker=worker_name, to=handed_to,
                         seconds=self.cfg.cancel.handover_seconds)
             return {"path": "stop-job", "instance": me,
                     "handover": f"{handed_to} did not take it within "
-                                f"{self.cfg.cancel.handover_seconds:g} s"}, None
+                                f"{self.cfg.cancel.handover_seconds:g} s and is not alive "
+                                f"(no heartbeat for {REPLICA_STALE_SECONDS:g} s)"}, None
         if not worker_name or self.stopper.owner_of is None:
             return {"path": "local", "instance": me}, None
         target = await self.stopper.where(rq_id, worker_name)
@@ -373,10 +429,13 @@ class CancelProcessor:
             log.info("cancel_handed_over", rq_id=rq_id, worker=worker_name, to=owner,
                      requests=[r.id for r in reqs])
             if self._slot_free is not None:
-                # Look again once the hand-over may have timed out: then the fallback is
-                # ours (or any replica's) to take.
-                asyncio.get_running_loop().call_later(
-                    self.cfg.cancel.handover_seconds + 0.05, self._slot_free)
+                # Look again once the hand-over may have timed out, and once a replica
+                # that died at this moment would have been seen dead: then the fallback
+                # is ours (or any replica's) to take. While the owner lives it keeps them.
+                loop = asyncio.get_running_loop()
+                for after in (self.cfg.cancel.handover_seconds,
+                              max(self.cfg.cancel.handover_seconds, REPLICA_STALE_SECONDS)):
+                    loop.call_later(after + 0.05, self._slot_free)
             return None
         # Our lease ran out meanwhile: whoever holds the requests now carries them out.
         return None

@@ -495,8 +495,8 @@ async def _schema_where(cfg: Config) -> _SchemaWhere:
     from reconciler.config import quote_ident
     from reconciler.pgpool import translated
 
-    schema, dot, _ = cfg.cancel.requests_table.rpartition(".")
-    version_table = f"{schema}{dot}rq_reconciler_schema"
+    schema, _dot, _ = cfg.cancel.requests_table.rpartition(".")
+    version_table = cfg.version_table
     async with translated():
         conn = await asyncpg.connect(cfg.postgres.session_dsn, timeout=10)
         try:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from reconciler.hostid import default_instance_name
 from reconciler.urls import (
     SCHEME,
     UrlError,
@@ -192,14 +192,20 @@ class JobsConfig:
     statuses: Statuses = field(default_factory=Statuses)
 
 
+DEFAULT_REQUESTS_TABLE = "rq_reconciler_cancel_requests"
+
+
 @dataclass(frozen=True)
 class CancelConfig:
-    requests_table: str = "rq_reconciler_cancel_requests"
+    requests_table: str = DEFAULT_REQUESTS_TABLE
     channel: str = "rq_reconciler_cancel"
     grace_seconds: float = 10.0
     lease_seconds: float = 60.0
     handover_seconds: float = 2.0
     orphaned_horse: OrphanedHorse = "kill"
+    # Cancels this replica carries out at once; the rest wait their turn (claims handed to
+    # it included: their leases are kept while they wait).
+    concurrency: int = 32
     # "cancel": the dependents of a job cancelled on request can never run: they are
     # cancelled too. "enqueue": RQ's Job.cancel(enqueue_dependents=True) lets them run.
     dependents: Dependents = "cancel"
@@ -258,7 +264,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class InstanceConfig:
-    name: str = field(default_factory=socket.gethostname)
+    # Unique per host by default (hostname plus host identity: reconciler.hostid).
+    name: str = field(default_factory=default_instance_name)
 
 
 @dataclass(frozen=True)
@@ -274,21 +281,31 @@ class Config:
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     source: str = "<defaults>"
 
+    # Our other tables live beside the requests table, in its schema, and are named after
+    # it: two installs in one schema (two apps, two jobs tables) never share one. The
+    # default requests table keeps the names every install had before (rq_reconciler_*).
+
+    def _ours(self, suffix: str) -> str:
+        schema, dot, base = self.cancel.requests_table.rpartition(".")
+        if base == DEFAULT_REQUESTS_TABLE:
+            return f"{schema}{dot}rq_reconciler{suffix}"
+        return f"{schema}{dot}{derived_ident(base, suffix)}"
+
     @property
     def events_table(self) -> str:
-        # Lives beside the requests table, in its schema.
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_events"
+        return self._ours("_events")
 
     @property
     def first_seen_table(self) -> str:
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_first_seen"
+        return self._ours("_first_seen")
 
     @property
     def replicas_table(self) -> str:
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_replicas"
+        return self._ours("_replicas")
+
+    @property
+    def version_table(self) -> str:
+        return self._ours("_schema")
 
     @property
     def done_channel(self) -> str:
@@ -309,6 +326,7 @@ _POSITIVE = {
     "redis.socket_timeout_seconds",
     "postgres.pool_size",
     "cancel.lease_seconds",
+    "cancel.concurrency",
     "sweep.interval_seconds",
     "sweep.fallback_interval_seconds",
     "sweep.page_size",

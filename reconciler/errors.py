@@ -57,6 +57,10 @@ class SchemaError(ReconcilerError):
     """The jobs table or our own tables are not what the config says (not retryable)."""
 
 
+class InstanceNameTaken(SchemaError):
+    """Another live replica runs under this instance.name (exit 2, not restarted)."""
+
+
 class DataRejected(ReconcilerError):
     """PostgreSQL refused a value one row carried; the row is at fault, not the backend.
 

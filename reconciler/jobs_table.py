@@ -254,8 +254,7 @@ class Store:
         ]
         if missing:
             raise SchemaError(f"{', '.join(missing)} missing: run `rq-reconciler migrate`")
-        version = self.cfg.cancel.requests_table.rpartition(".")[0]
-        version = f"{version}.rq_reconciler_schema" if version else "rq_reconciler_schema"
+        version = self.cfg.version_table
         have = 0
         if await self._p().fetchval("SELECT to_regclass($1)", quote_ident(version)) is not None:
             have = int(await self._p().fetchval(

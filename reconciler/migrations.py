@@ -105,6 +105,137 @@ def _legacy_names_sql(cfg: Config) -> str:
     )
 
 
+# Our tables other than the requests table, as (config property, legacy bare name): the
+# names every install had before they were named after its requests table.
+_OURS = (("events_table", "rq_reconciler_events"), ("first_seen_table", "rq_reconciler_first_seen"),
+         ("replicas_table", "rq_reconciler_replicas"), ("version_table", "rq_reconciler_schema"))
+# The comment each of them carries: whose they are (the requests table, schema-qualified).
+INSTALL_MARK = "rq-reconciler: of the install whose cancel requests are in "
+# Columns that make a table an rq-reconciler cancel-request table (another install's).
+_REQUEST_COLUMNS = ("job_id", "requested_by", "state", "claimed_by", "claimed_until", "outcome",
+                    "done_at")
+
+
+def _ours_by_name(cfg: Config) -> list[tuple[str, str]]:
+    pre = _schema_prefix(cfg.cancel.requests_table)
+    return [(getattr(cfg, prop), pre + legacy) for prop, legacy in _OURS]
+
+
+def _canonical_requests_sql(cfg: Config) -> str:
+    """The requests table's schema-qualified name, as SQL (it exists when this runs)."""
+    return ("(SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
+            f"ON n.oid = c.relnamespace WHERE c.oid = {_literal(quote_ident(cfg.cancel.requests_table))}"
+            "::regclass)")
+
+
+def _adopt_legacy_sql(cfg: Config) -> str:
+    """An install whose requests table is not the default one had the shared names
+    (rq_reconciler_events, ...): its tables are renamed to its own names, if they are its
+    alone (no other cancel-request table in the schema, no other install's mark on them).
+    Shared ones are left to the install of the default requests table."""
+    moves = [(new, legacy) for new, legacy in _ours_by_name(cfg) if new != legacy]
+    if not moves:
+        return ""
+    req = _literal(quote_ident(cfg.cancel.requests_table))
+    cols = ", ".join(_literal(c) for c in _REQUEST_COLUMNS)
+    stmts = []
+    for new, legacy in moves:
+        rename = f"ALTER TABLE {quote_ident(legacy)} RENAME TO {quote_ident(_bare(new))}"
+        stmts.append(
+            f"        IF to_regclass({_literal(quote_ident(legacy))}) IS NOT NULL\n"
+            f"           AND to_regclass({_literal(quote_ident(new))}) IS NULL\n"
+            f"           AND coalesce(obj_description(to_regclass({_literal(quote_ident(legacy))}), "
+            "'pg_class'), mine) = mine THEN\n"
+            f"            EXECUTE {_literal(rename)};\n"
+            f"            RAISE NOTICE 'rq-reconciler: renamed % to %', {_literal(legacy)}, "
+            f"{_literal(new)};\n"
+            "        END IF;"
+        )
+    for new, legacy in moves:
+        if _bare(legacy) != "rq_reconciler_events":
+            continue
+        # Its index, named after it (the table's rename keeps the index's name).
+        old_idx = quote_ident(_schema_prefix(new) + "rq_reconciler_events_job_idx")
+        new_idx = derived_ident(_bare(new), "_job_idx")
+        rename_idx = f"ALTER INDEX {old_idx} RENAME TO {quote_ident(new_idx)}"
+        stmts.append(
+            f"        IF to_regclass({_literal(old_idx)}) IS NOT NULL\n"
+            f"           AND to_regclass({_literal(quote_ident(_schema_prefix(new) + new_idx))})"
+            " IS NULL\n"
+            f"           AND (SELECT indrelid FROM pg_index WHERE indexrelid = "
+            f"to_regclass({_literal(old_idx)})) = to_regclass({_literal(quote_ident(new))}) THEN\n"
+            f"            EXECUTE {_literal(rename_idx)};\n"
+            "        END IF;"
+        )
+    return (
+        "-- Installs made before our tables were named after the requests table shared\n"
+        "-- rq_reconciler_events, _first_seen, _replicas and _schema in a schema. This install's\n"
+        "-- own (no other cancel-request table beside its own) take its names; shared ones stay.\n"
+        "DO $adopt$\nDECLARE\n    mine text;\nBEGIN\n"
+        f"    IF to_regclass({req}) IS NOT NULL AND NOT EXISTS (\n"
+        "        SELECT 1 FROM pg_class c\n"
+        f"        WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass({req}))\n"
+        f"          AND c.relkind IN ('r', 'p') AND c.oid <> to_regclass({req})\n"
+        "          AND (SELECT count(*) FROM pg_attribute a WHERE a.attrelid = c.oid\n"
+        f"               AND NOT a.attisdropped AND a.attname IN ({cols})) = {len(_REQUEST_COLUMNS)}) THEN\n"
+        f"        mine := {_literal(INSTALL_MARK)} || {_canonical_requests_sql(cfg)};\n"
+        + "\n".join(stmts)
+        + "\n    END IF;\nEND\n$adopt$;\n"
+    )
+
+
+def _mark_sql(cfg: Config) -> str:
+    """Each of our tables says whose it is: `migrate` of another install refuses them."""
+    marks = "".join(
+        f"    IF to_regclass({_literal(quote_ident(new))}) IS NOT NULL THEN\n"
+        f"        EXECUTE format('COMMENT ON TABLE %s IS %L', {_literal(quote_ident(new))}, mine);\n"
+        "    END IF;\n"
+        for new, _legacy in _ours_by_name(cfg))
+    return (
+        "-- Whose these tables are: `migrate` of another install refuses to share them.\n"
+        "DO $mark$\nDECLARE\n    mine text;\nBEGIN\n"
+        f"    mine := {_literal(INSTALL_MARK)} || {_canonical_requests_sql(cfg)};\n"
+        f"{marks}END\n$mark$;\n"
+    )
+
+
+async def refuse_mixing(conn: asyncpg.Connection, cfg: Config) -> None:
+    """SchemaError if the tables this config names belong to another install: a requests
+    table whose job_id references another jobs table, or one of our tables marked as
+    another requests table's. Two installs never share a table (first-seen times, the
+    replica registry and the audit trail are each install's own)."""
+    req = quote_ident(cfg.cancel.requests_table)
+    async with translated():
+        rec = await conn.fetchrow(
+            "SELECT CASE WHEN c.oid IS NOT NULL THEN format('%I.%I', n.nspname, c.relname) END "
+            "AS name, "
+            "(SELECT f.confrelid::regclass::text FROM pg_constraint f WHERE f.conrelid = c.oid "
+            " AND f.contype = 'f' AND f.confrelid <> to_regclass($2) LIMIT 1) AS other_jobs, "
+            "(SELECT format('%I.%I', n2.nspname, $3::text)) AS planned "
+            "FROM pg_namespace n2 LEFT JOIN pg_class c ON c.oid = to_regclass($1) "
+            "LEFT JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n2.nspname = coalesce(nullif($4, ''), current_schema())",
+            req, quote_ident(cfg.jobs.table), _bare(cfg.cancel.requests_table),
+            _schema_prefix(cfg.cancel.requests_table).rstrip("."))
+        if rec is None:
+            return  # its schema does not exist: migrate says so itself
+        if rec["other_jobs"] is not None:
+            raise SchemaError(
+                f"{cfg.cancel.requests_table} belongs to the install on jobs table "
+                f"{rec['other_jobs']}, not {cfg.jobs.table}: give this install a "
+                "cancel.requests_table of its own (its other tables are named after it)")
+        mine = INSTALL_MARK + str(rec["name"] or rec["planned"])
+        for table, _legacy in _ours_by_name(cfg):
+            mark = await conn.fetchval(
+                "SELECT obj_description(to_regclass($1), 'pg_class')", quote_ident(table))
+            if mark and mark.startswith(INSTALL_MARK) and mark != mine:
+                raise SchemaError(
+                    f"{table} belongs to the install whose cancel requests are in "
+                    f"{mark[len(INSTALL_MARK):]}, not {cfg.cancel.requests_table}: give each "
+                    "install a cancel.requests_table of its own (its other tables are named "
+                    "after it)")
+
+
 def render_migrations(cfg: Config) -> str:
     req = cfg.cancel.requests_table
     base = _bare(req)
@@ -128,10 +259,13 @@ def render_migrations(cfg: Config) -> str:
         "events_table_literal": _literal(quote_ident(cfg.events_table)),
         "events_job_index": quote_ident(derived_ident(_bare(cfg.events_table), "_job_idx")),
         "first_seen_table": quote_ident(cfg.first_seen_table),
-        "version_table": quote_ident(f"{pre}rq_reconciler_schema"),
+        "version_table": quote_ident(cfg.version_table),
     }
     legacy = _legacy_names_sql(cfg)
     parts = [legacy] if legacy else []
+    adopt = _adopt_legacy_sql(cfg)
+    if adopt:
+        parts.append(adopt)
     for name in MIGRATIONS:
         text = resources.files("reconciler").joinpath("sql", name).read_text(encoding="utf-8")
         parts.append(_fill(text, subs))
@@ -143,6 +277,7 @@ def render_migrations(cfg: Config) -> str:
         f"REVOKE ALL ON {version} FROM PUBLIC;\n"
         f"INSERT INTO {version} (version) VALUES {versions} ON CONFLICT DO NOTHING;\n"
     )
+    parts.append(_mark_sql(cfg))
     return "\n".join(parts)
 
 
@@ -194,6 +329,7 @@ async def migrate(cfg: Config, *, print_only: bool = False) -> str:
     try:
         async with translated():
             await _preflight(conn, cfg)
+            await refuse_mixing(conn, cfg)
         try:
             async with translated(), conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")

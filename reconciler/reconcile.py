@@ -208,6 +208,14 @@ class Reconciler:
             deferred += extra_deferred
             dooms = await self.dooms(deferred) if deferred else {}
             intents = await asking if asking is not None else {}
+            unsure = [r.row.rq_id for r in rows if r.row.id in intents and r.row.rq_id
+                      and jobs[r.row.rq_id].status is RqStatus.MISSING]
+            if unsure and not await self.rq.workers_registered():
+                # A cancel of a job this Redis does not have, where no worker is registered
+                # either: the job may run on, looked for in the wrong db or key prefix.
+                # "Not found" is no proof that it ended: nothing is decided on it.
+                for rid in unsure:
+                    jobs[rid] = jobs[rid]._replace(status=RqStatus.UNREADABLE)
         finally:
             await _abandon(asking)
         return Reading(jobs, workers, intents, dooms)

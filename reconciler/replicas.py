@@ -11,34 +11,23 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 
+import psutil
 import structlog
 
 from reconciler.aio import Backoff, retry_forever
+from reconciler.errors import InstanceNameTaken
 from reconciler.health import Health
+from reconciler.hostid import host_id
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics
-from reconciler.replicas_table import REPLICA_STALE_SECONDS
+from reconciler.replicas_table import REPLICA_STALE_SECONDS, Holder
 
 log = structlog.get_logger("reconciler.replicas")
 
 BEAT_SECONDS = REPLICA_STALE_SECONDS / 3
-
-
-def host_id() -> str:
-    """This host as the kernel sees it: boot id and PID namespace, beside the hostname
-    (containers and cloned machines share hostnames; they never share both of these)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    try:
-        pidns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        pidns = "?"
-    return f"{socket.gethostname()}/{boot}/{pidns}"
 
 
 class Replicas:
@@ -74,6 +63,47 @@ class Replicas:
         except TimeoutError:
             pass
 
+    async def take_name(self) -> None:
+        """Make our instance name ours in the registry before anything is claimed under it
+        (start-up releases the claims held under our name). InstanceNameTaken if a live
+        replica elsewhere holds it: two replicas under one name would release each
+        other's claims and could never hand a cancel to each other.
+
+        Its holder is judged live by evidence: on this host (same host identity), its pid
+        runs and is older than its last heartbeat; on another, its heartbeat moves while
+        we watch (it beats every BEAT_SECONDS; a holder that died without leaving, a
+        restart in a new container say, is seen stale within REPLICA_STALE_SECONDS and
+        its name taken over)."""
+        here = host_id()
+
+        async def take(force: bool = False) -> Holder | None:
+            return await self.store.replicas.take_name(
+                hostname=socket.gethostname(), host_id=here, pid=os.getpid(), force=force)
+
+        holder = await take()
+        if holder is None:
+            return
+        if holder.host_id == here:
+            if _runs(holder):
+                raise InstanceNameTaken(_taken(self.store.cfg.instance.name, holder, "this host"))
+            log.info("instance_name_taken_over", previous_pid=holder.pid)
+            await take(force=True)
+            return
+        first = holder
+        deadline = time.monotonic() + REPLICA_STALE_SECONDS - holder.age + 1.0
+        log.warning("instance_name_held", holder_host=holder.hostname, holder_pid=holder.pid,
+                    heartbeat_age=round(holder.age, 1),
+                    hint="waiting to see whether its heartbeat moves")
+        while (holder := await take()) is not None:
+            if holder.heartbeat_at != first.heartbeat_at or holder.host_id != first.host_id:
+                raise InstanceNameTaken(_taken(self.store.cfg.instance.name, holder,
+                                               "another host"))
+            if time.monotonic() > deadline:
+                # Silent past its staleness by our clock, not yet by the database's.
+                await take(force=True)
+                return
+            await asyncio.sleep(0.5)
+
     async def owner_of(self, worker_name: str) -> str | None:
         """The live replica, other than us, that can see `worker_name` on its host."""
         return await self.store.replicas.for_worker(worker_name)
@@ -81,3 +111,19 @@ class Replicas:
     async def leave(self) -> None:
         if self.registered:
             await self.store.replicas.unregister()
+
+
+def _runs(holder: Holder) -> bool:
+    """The holder's pid, in our PID namespace, is a process that existed at its last
+    heartbeat (a pid recycled since is not it)."""
+    try:
+        return psutil.Process(holder.pid).create_time() <= holder.heartbeat_at.timestamp() + 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _taken(name: str, holder: Holder, where: str) -> str:
+    return (f"instance.name {name!r} is taken by a live replica on {where} (hostname "
+            f"{holder.hostname}, host id {holder.host_id}, pid {holder.pid}, heartbeat "
+            f"{holder.age:.0f} s ago): give each replica its own instance.name, or leave it "
+            f"unset (the default, hostname plus host identity, is unique per host)")

@@ -8,11 +8,23 @@ job: it only says which replicas are alive and what they can see.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import NamedTuple
 
 from reconciler.pgpool import OnPool, PoolOwner, translated
 
 # A replica whose heartbeat is older than this is not alive (it beats every third of it).
 REPLICA_STALE_SECONDS = 15.0
+
+
+class Holder(NamedTuple):
+    """The replica registered under a name: where it runs, and its last heartbeat."""
+
+    hostname: str
+    host_id: str
+    pid: int
+    heartbeat_at: datetime
+    age: float  # seconds since that heartbeat, by the database's clock
 
 
 class ReplicaTable(OnPool):
@@ -41,6 +53,32 @@ class ReplicaTable(OnPool):
             n = await self._p().fetchval(sql, self.cfg.instance.name, hostname, host_id, pid,
                                          list(workers), REPLICA_STALE_SECONDS)
         return int(n or 1)
+
+    async def take_name(self, *, hostname: str, host_id: str, pid: int,
+                        force: bool = False) -> Holder | None:
+        """Register our instance name, unless a live replica elsewhere holds it: then that
+        replica's row (None: the name is ours now). A row of ours (this host, this pid) or
+        one whose heartbeat is stale is taken over; `force` takes over any (its holder was
+        proven gone)."""
+        t = self.table
+        sql = (
+            f"WITH up AS (INSERT INTO {t} (instance, hostname, host_id, pid) "
+            f"VALUES ($1, $2, $3, $4) ON CONFLICT (instance) DO UPDATE SET "
+            f"hostname = EXCLUDED.hostname, host_id = EXCLUDED.host_id, pid = EXCLUDED.pid, "
+            f"workers = '{{}}', heartbeat_at = now(), started_at = now() "
+            f"WHERE $6 OR {t}.heartbeat_at <= now() - make_interval(secs => $5) "
+            f"OR ({t}.host_id = EXCLUDED.host_id AND {t}.pid = EXCLUDED.pid) RETURNING 1) "
+            f"SELECT hostname, host_id, pid, heartbeat_at, "
+            f"extract(epoch FROM now() - heartbeat_at)::float8 AS age "
+            f"FROM {t} WHERE instance = $1 AND NOT EXISTS (SELECT 1 FROM up)"
+        )
+        async with translated(self.pool):
+            rec = await self._p().fetchrow(sql, self.cfg.instance.name, hostname, host_id, pid,
+                                           REPLICA_STALE_SECONDS, force)
+        if rec is None:
+            return None
+        return Holder(str(rec["hostname"]), str(rec["host_id"]), int(rec["pid"]),
+                      rec["heartbeat_at"], float(rec["age"]))
 
     async def unregister(self) -> None:
         async with translated(self.pool):

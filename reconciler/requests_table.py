@@ -18,6 +18,7 @@ from reconciler.errors import DataRejected, InvalidJobId, SchemaError, UnknownJo
 from reconciler.jobs_sql import active_row
 from reconciler.model import ActiveRow, clean_text, sql_json, storable
 from reconciler.pgpool import Names, OnPool, PoolOwner, id_texts, translated
+from reconciler.replicas_table import REPLICA_STALE_SECONDS
 
 # Free text read from the cancel-request table (who, why): the error column gets a few
 # hundred characters of it; a 300 MB reason is never read whole.
@@ -87,11 +88,24 @@ class CancelRequestTable(OnPool):
         cid = self._owner.names.id
         # A claim returns each request's job row as well, as rows_by_ids reads it: the
         # cancel starts from it without a round trip of its own.
-        claimable = ("(state = 'pending' OR (state = 'claimed' AND claimed_until < now())) "
-                     "AND (handed_to IS NULL OR handed_to = $1 "
-                     "OR handed_at < now() - make_interval(secs => $4))")
+        open_ = "(state = 'pending' OR (state = 'claimed' AND claimed_until < now()))"
+        # A request handed to another replica stays that replica's while it is alive (its
+        # heartbeat fresh): it may be busy, and queues what it cannot start yet. Only a
+        # dead or silent owner's hand-overs are anyone's (a fallback to stop-job), once
+        # cancel.handover_seconds have passed; and any owner's after a whole lease.
+        claimable = (
+            f"{open_} AND (handed_to IS NULL OR handed_to = $1 "
+            f"OR (handed_at < now() - make_interval(secs => $4) AND (NOT EXISTS ("
+            f"SELECT 1 FROM {self._owner.names.replicas} o WHERE o.instance = handed_to "
+            f"AND o.heartbeat_at > now() - make_interval(secs => {REPLICA_STALE_SECONDS:g})) "
+            f"OR handed_at < now() - make_interval(secs => $2))))"
+        )
         for_jobs = f"{claimable} AND job_id = ANY($5::text[]::{self.id_type}[])"
-        for name, where in (("claim", claimable), ("claim_for_jobs", for_jobs)):
+        # Ours by hand-over, however many: claimed (their leases kept) even when every
+        # slot is busy, so that they wait here rather than fall back elsewhere.
+        handed = f"{open_} AND handed_to = $1"
+        for name, where in (("claim", claimable), ("claim_for_jobs", for_jobs),
+                            ("claim_handed", handed)):
             self._sql[name] = (
                 f"WITH c AS (UPDATE {self.table} r SET state = 'claimed', claimed_by = $1, "
                 f"claimed_until = now() + make_interval(secs => $2) "
@@ -119,6 +133,16 @@ class CancelRequestTable(OnPool):
         sql = self._sql["claim" if job_ids is None else "claim_for_jobs"]
         async with translated(self.pool):
             recs = await self._p().fetch(sql, *params)
+        return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
+                              r["handed_to"], None if r["id"] is None else active_row(r[6:]))
+                for r in recs]
+
+    async def claim_handed(self, lease: float, limit: int = 1000) -> list[CancelRequest]:
+        """Claim every open request handed to this replica (as claim() does), whether or
+        not a slot is free: they wait here for one, their leases kept (cancel.py)."""
+        async with translated(self.pool):
+            recs = await self._p().fetch(self._sql["claim_handed"], self.cfg.instance.name,
+                                         lease, limit)
         return [CancelRequest(r["request_id"], r["job_id"], r["requested_at"], r["who"], r["why"],
                               r["handed_to"], None if r["id"] is None else active_row(r[6:]))
                 for r in recs]

@@ -167,6 +167,19 @@ class RqState:
             self._believed_at = now
         return why
 
+    async def workers_registered(self) -> bool:
+        """Whether any RQ worker is registered here (RQ's set of worker keys, under our
+        prefix, is not empty): evidence that this db and prefix are the workers'. Without
+        it, a job "not found" may only be a job looked for in the wrong place."""
+        try:
+            return bool(await self.client.scard(self.keys.workers))
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
+    def where(self) -> str:
+        """This Redis db and key prefix, as a message names them."""
+        return f"db {self.db}, key prefix {self.keys.prefix!r}"
+
     async def read_jobs(self, ids: Iterable[str]) -> dict[str, RqJob]:
         """One atomic script call per 1,000 jobs: status and fields, a failed job's text,
         and whether a canceled job is still in a worker's hands."""

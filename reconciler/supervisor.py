@@ -23,7 +23,12 @@ from reconciler import log as logsetup
 from reconciler.aio import Backoff, TaskSet, cancel_until_done, on_schema_error, wait_event
 from reconciler.cancel import CancelProcessor
 from reconciler.config import Config, ConfigError, load, redact
-from reconciler.errors import BackendUnavailable, KeyspaceConfigError, SchemaError
+from reconciler.errors import (
+    BackendUnavailable,
+    InstanceNameTaken,
+    KeyspaceConfigError,
+    SchemaError,
+)
 from reconciler.health import Health, Wakeups
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics, MetricsServer
@@ -178,6 +183,10 @@ class Daemon:
                 await self._run_tasks()
                 if self.schema_error is not None:
                     raise self.schema_error
+            except InstanceNameTaken as exc:
+                # Two live replicas under one name would release each other's claims.
+                log.error("instance_name_taken", error=str(exc))
+                return 2
             except SchemaError as exc:
                 # Not an outage: restarting cannot fix it (the unit does not restart on 2).
                 # Refused mid-run (a column renamed or retyped, a privilege revoked), the
@@ -298,8 +307,10 @@ class Daemon:
                 await self.rq.ping()
                 self.health.set_up("redis", True)
                 # A previous life of this instance may have died holding claims: take them
-                # back now rather than wait out the lease (instance names are unique per
-                # replica). A write: a read-only database makes this an outage, retried.
+                # back now rather than wait out the lease, once the name is proven ours
+                # (no other live replica runs under it). A write: a read-only database
+                # makes this an outage, retried.
+                await self.replicas.take_name()
                 released = await self.store.requests.release_claims()
                 if released:
                     log.info("stale_claims_released", count=released)

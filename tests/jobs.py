@@ -84,6 +84,21 @@ def trap_sigterm(seconds: float, marker: str, how: Literal["raise", "exit"] = "r
     return seconds
 
 
+def linger_on_sigterm(seconds: float, marker: str, linger: float) -> float:
+    """As ``trap_sigterm``, but the handler takes ``linger`` seconds to clean up before it
+    exits 143 (a job that saves a checkpoint): its cancel holds a slot that long."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        _mark(marker, f"SIGTERM {time.time():.6f}")
+        _sleep_until(time.monotonic() + linger)
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    _mark(marker, f"STARTED {os.getpid()} {time.time():.6f}")
+    _sleep_until(time.monotonic() + seconds)
+    return seconds
+
+
 def ignore_sigterm(seconds: float, marker: str) -> float:
     """Sleep ``seconds`` no matter how many SIGTERMs arrive (each logs "SIGTERM-IGNORED")."""
 

@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--worker-prefix", default="w")
     ap.add_argument("--config", help="run a daemon replica with this config")
+    ap.add_argument("--rq-version", help="the RQ series of the workers (default: the rq here)")
     ap.add_argument("--control", required=True, type=Path)
     ap.add_argument("--logs", required=True, type=Path)
     args = ap.parse_args()
@@ -61,7 +62,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_term)
 
     workers = [start_worker(args.redis_url, f"{args.worker_prefix}{i}-{args.hostname}",
-                            log_path=args.logs / f"worker-{i}.log")
+                            log_path=args.logs / f"worker-{i}.log", rq_version=args.rq_version)
                for i in range(args.workers)]
     # Registered before the replica starts: its start-up sweep then finds them all (a
     # worker that registers later is learnt from its next heartbeat's keyspace event).

@@ -20,7 +20,8 @@ class Host:
     """`python -m reconciler.devstack.host_main` as PID 1 of its own UTS + PID namespace."""
 
     def __init__(self, tmp: Path, hostname: str, redis_url: str, *, workers: int = 0,
-                 config: Path | None = None) -> None:
+                 config: Path | None = None, rq_version: str | None = None) -> None:
+        """`rq_version`: the RQ series ("2", "3") of its workers; None: the rq imported here."""
         self.hostname = hostname
         self.control = tmp / f"control-{hostname}-{time.monotonic_ns()}"
         self.logs = tmp / f"logs-{hostname}"
@@ -30,6 +31,8 @@ class Host:
                 "--control", str(self.control), "--logs", str(self.logs)]
         if config is not None:
             argv += ["--config", str(config)]
+        if rq_version is not None:
+            argv += ["--rq-version", rq_version]
         self.proc = subprocess.Popen(argv, env=harness_env(), cwd=REPO_ROOT)
 
     def wait_ready(self, timeout: float = 120) -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from reconciler.devstack import (
+    REPO_ROOT,
     Host,
     Pg,
     enqueue,
@@ -25,6 +28,7 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
+from reconciler.processes import BIRTH_SLACK_SECONDS
 from tests.faults.common import log_events
 from tests.support import wait_request
 
@@ -52,12 +56,13 @@ def _config(tmp: Path, name: str, redis_url: str, pg_dsn: str, **extra: Any) -> 
                         sweep={"min_age_seconds": 60.0, **extra.pop("sweep", {})}, **extra)
 
 
-def _running_jobs(pg: Pg, redis_url: str, tmp: Path, n: int) -> list[tuple[int, str, Path]]:
+def _running_jobs(pg: Pg, redis_url: str, tmp: Path, n: int, job: str = JOB,
+                  *extra: Any) -> list[tuple[int, str, Path]]:
     out = []
     for i in range(n):
         marker = tmp / f"job-{i}-{time.monotonic_ns()}.txt"
         marker.touch()
-        rq_id = enqueue(redis_url, JOB, 120, str(marker))
+        rq_id = enqueue(redis_url, job, 120, str(marker), *extra)
         jid = int(pg.val("INSERT INTO training_jobs (rq_job_id, status, started_at) "
                          "VALUES ($1, 'running', now()) RETURNING id", rq_id))
         out.append((jid, rq_id, marker))
@@ -175,3 +180,103 @@ def test_a_replica_in_another_pid_namespace_never_fails_a_live_workers_job(
         assert all("SIGTERM" not in m.read_text() for _, _, m in jobs)
         text = c.daemon_log().read_text()
         assert "local_worker_exited" not in text and "Orphaned:" not in text
+
+
+def test_a_burst_beyond_the_owners_slots_waits_for_it_and_gets_sigterm(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host], rq_version: str) -> None:
+    """B, on the workers' host, carries out two cancels at once; each job takes 3 s to
+    clean up after its SIGTERM. A burst of six, all claimed by A and handed to B, waits at
+    B (its claims kept, past handover_seconds and past one lease) rather than fall back to
+    A's stop-job: B is alive. Every job gets SIGTERM first."""
+    quick = {"lease_seconds": 6.0, "grace_seconds": 8.0}
+    cfg_a = _config(tmp_path, "replica-a", redis_url, pg_dsn, cancel=quick)
+    cfg_b = _config(tmp_path, "replica-b", redis_url, pg_dsn, cancel={**quick, "concurrency": 2})
+    migrate(cfg_a)
+    b = Host(tmp_path, "host-b", redis_url, workers=6, config=cfg_b, rq_version=rq_version)
+    a = Host(tmp_path, "host-a", redis_url, config=cfg_a)
+    hosts += [a, b]
+    b.wait_ready()
+    a.wait_ready()
+    with Pg(pg_dsn) as pg:
+        wait_until(lambda: pg.val("SELECT cardinality(workers) FROM rq_reconciler_replicas "
+                                  "WHERE instance = 'replica-b'") == 6, 60, "B's registry row")
+        jobs = _running_jobs(pg, redis_url, tmp_path, 6, "tests.jobs.linger_on_sigterm", 3.0)
+        b_pid = b.daemon_pid()
+        os.kill(b_pid, signal.SIGSTOP)  # A claims the whole burst and hands it to B
+        try:
+            rids = _cancel_all(pg, jobs)
+            wait_until(lambda: pg.val(
+                "SELECT count(*) FROM rq_reconciler_cancel_requests WHERE id = ANY($1::bigint[]) "
+                "AND handed_to = 'replica-b'", rids) == 6, 20, "A to hand the burst to B")
+        finally:
+            os.kill(b_pid, signal.SIGCONT)
+        reqs = [wait_request(pg, rid, timeout=90) for rid in rids]
+        for req, (jid, rq_id, marker) in zip(reqs, jobs, strict=True):
+            detail = req["detail"]
+            assert req["outcome"] == "cancelled", req
+            assert detail["instance"] == "replica-b" and detail["path"] == "handed-over", detail
+            assert detail["horse_signals"][0] == "SIGTERM", detail
+            assert "SIGTERM" in marker.read_text(), f"job {jid}: its handler never ran"
+            assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid) == "cancelled"
+            assert rq_status(redis_url, rq_id) == "canceled"
+        events_b = log_events([b.daemon_log()])
+        assert [e for e in events_b if e.get("event") == "cancel_handovers_queued"]
+        events_a = log_events([a.daemon_log()])
+        assert not [e for e in events_a if e.get("event") == "cancel_handover_expired"]
+        assert not [c for c in STOP_COMMANDS if c in a.daemon_log().read_text()]
+
+
+def test_two_hosts_named_alike_get_names_of_their_own_and_hand_over(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host], rq_version: str) -> None:
+    """Two hosts both named `node`, replicas with the default instance.name: two registry
+    rows, and a cancel claimed on the one without workers is handed to the other (SIGTERM
+    first), not sent as stop-job. A third replica told to use a name a live replica holds
+    refuses to start: exit 2, one line saying why."""
+    common = {"cancel": {"grace_seconds": 5.0, "lease_seconds": 20.0, "handover_seconds": 2.0},
+              "sweep": {"min_age_seconds": 60.0}}
+    cfg_a = write_config(tmp_path / "a.toml", redis_url, pg_dsn, **common)
+    cfg_b = write_config(tmp_path / "b.toml", redis_url, pg_dsn, **common)
+    migrate(cfg_a)
+    b = Host(tmp_path, "node", redis_url, workers=3, config=cfg_b, rq_version=rq_version)
+    b.wait_ready()
+    # A's replica is pid 2 in its namespace, as B's first worker is in B's: started within
+    # BIRTH_SLACK_SECONDS of that worker's birth it would pass for it (same hostname, a
+    # live pid of the right age). Later, it is a recycled pid to A, as it should be.
+    time.sleep(BIRTH_SLACK_SECONDS + 1.0)
+    a = Host(tmp_path, "node", redis_url, config=cfg_a)
+    hosts += [a, b]
+    a.wait_ready()
+    with Pg(pg_dsn) as pg:
+        wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_replicas "
+                                  "WHERE hostname = 'node'") == 2, 30, "two registry rows")
+        rows = pg.fetch("SELECT instance, cardinality(workers) AS n FROM rq_reconciler_replicas")
+        names = {r["instance"]: r["n"] for r in rows}
+        assert all(n.startswith("node-") for n in names), names
+        b_name = next(n for n, count in names.items() if count == 3)
+        jobs = _running_jobs(pg, redis_url, tmp_path, 3)
+        b_pid = b.daemon_pid()
+        os.kill(b_pid, signal.SIGSTOP)  # A claims them all and must hand them to B
+        try:
+            rids = _cancel_all(pg, jobs)
+            wait_until(lambda: pg.val(
+                "SELECT count(*) FROM rq_reconciler_cancel_requests WHERE id = ANY($1::bigint[]) "
+                "AND handed_to = $2", rids, b_name) == 3, 20, "A to hand the cancels to B")
+        finally:
+            os.kill(b_pid, signal.SIGCONT)
+        for rid, (jid, _rq_id, marker) in zip(rids, jobs, strict=True):
+            req = wait_request(pg, rid, timeout=60)
+            assert req["outcome"] == "cancelled", req
+            detail = req["detail"]
+            assert detail["instance"] == b_name and detail["path"] == "handed-over", detail
+            assert detail["horse_signals"][0] == "SIGTERM", detail
+            assert "SIGTERM" in marker.read_text(), f"job {jid}: its handler never ran"
+
+    cfg_c = write_config(tmp_path / "c.toml", redis_url, pg_dsn, instance={"name": b_name},
+                         **common)
+    p = subprocess.run([sys.executable, "-m", "reconciler", "run", "--config", str(cfg_c)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    said = [ln for ln in (p.stdout + p.stderr).splitlines() if "instance_name_taken" in ln]
+    assert len(said) == 1, (p.stdout, p.stderr)
+    assert f"instance.name '{b_name}' is taken by a live replica on another host" in said[0]
+    assert "hostname node" in said[0]

@@ -26,6 +26,7 @@ from reconciler.devstack import (
     migrate,
     pid_alive,
     request_cancel,
+    row,
     rq_status,
     run_cli,
     wait_request,
@@ -531,3 +532,39 @@ def _statuses(pg_dsn: str, ids: list[int]) -> list[str]:
     from reconciler.devstack import statuses
 
     return list(statuses(pg_dsn, ids).values())
+
+
+def test_a_cancel_in_the_wrong_redis_db_fails_and_leaves_the_job_running(
+        tmp_path: Path, redis_url: str, pg_dsn: str, workers: WorkerPool, daemons: Any,
+        tmp_marker: Path) -> None:
+    """A daemon pointed at db 1 while the workers use db 0 cannot see the job: "not found"
+    there, with no worker registered there either, is no proof that it ended. The outcome
+    is `failed` (success false, the db and prefix named, the RQ status seen), the row stays
+    `running`, and the job runs on untouched. In the right db, a job whose hash is gone is
+    cancelled as before, and its outcome says what RQ said."""
+    wrong = redis_url.rsplit("/", 1)[0] + "/1"
+    cfg = config(tmp_path, wrong, pg_dsn, name="wrong-db")
+    daemon = daemons(cfg, name="wrong-db")
+    workers()
+    rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 6, str(tmp_marker))
+    wait_until(lambda: started(tmp_marker), 30, what="job running")
+    jid = insert_job(pg_dsn, rq_id)
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, jid))
+    assert req["outcome"] == "failed", req
+    detail = req["detail"]
+    assert detail["success"] is False and detail["rq_status"] == "missing", detail
+    assert "db 1, key prefix 'rq'" in detail["message"], detail
+    assert "rq:workers is empty" in detail["message"], detail
+    assert "the row is left running" in detail["message"], detail
+    assert row(pg_dsn, jid)["status"] == "running"
+    wait_until(lambda: rq_status(redis_url, rq_id) == "finished", 30, what="the job to finish")
+    assert "SIGTERM" not in tmp_marker.read_text()
+    assert "cancel_done" in daemon.log_text()
+    assert daemon.stop() == 0
+
+    # The right db: a job whose hash is gone (deleted, expired) is cancelled, as before.
+    cfg_ok = config(tmp_path, redis_url, pg_dsn, name="right-db")
+    daemons(cfg_ok, name="right-db")
+    gone = insert_job(pg_dsn, "no-such-rq-job")
+    req = wait_request(pg_dsn, request_cancel(pg_dsn, gone))
+    assert req["outcome"] == "cancelled" and req["detail"]["rq_status"] == "missing", req

@@ -23,9 +23,10 @@ SENDS = {
     "ping": {"PING"},
     "info": {"INFO"},
     "smembers": {"SMEMBERS"},
+    # whether any worker is registered (on the worker set SMEMBERS lists)
+    "scard": {"SCARD"},
     "hmget": {"HMGET"},
     "hget": {"HGET"},
-    "scard": {"SCARD"},
     "publish": {"PUBLISH"},
     "config_get": {"CONFIG|GET"},
     "config_set": {"CONFIG|SET"},

@@ -35,7 +35,7 @@ def test_example_file_loads_and_lists_every_key() -> None:
                 assert set(raw["jobs"]["statuses"]) == {g.name for g in fields(obj.statuses)}
                 continue
             assert f.name in raw[section], f"config.example.toml lacks {section}.{f.name}"
-    # instance.name defaults to the hostname and is documented as a comment
+    # instance.name defaults to the hostname plus host identity; documented as a comment
     assert "# name = " in (ROOT / "config.example.toml").read_text()
 
 
@@ -99,7 +99,17 @@ def test_schema_qualified_tables_and_optional_columns() -> None:
     cfg = from_mapping({"jobs": {"table": "app.jobs", "started_at_column": ""},
                         "cancel": {"requests_table": "ops.cancels"}}, environ={})
     assert cfg.jobs.started_at_column == ""
-    assert cfg.events_table == "ops.rq_reconciler_events"
+    # our other tables are named after the requests table, beside it
+    assert cfg.events_table == "ops.cancels_events"
+    assert cfg.first_seen_table == "ops.cancels_first_seen"
+    assert cfg.replicas_table == "ops.cancels_replicas"
+    assert cfg.version_table == "ops.cancels_schema"
+    # ... and the default one keeps the names installs always had
+    default = from_mapping({"cancel": {"requests_table": "ops.rq_reconciler_cancel_requests"}},
+                           environ={})
+    assert (default.events_table, default.first_seen_table, default.replicas_table,
+            default.version_table) == ("ops.rq_reconciler_events", "ops.rq_reconciler_first_seen",
+                                       "ops.rq_reconciler_replicas", "ops.rq_reconciler_schema")
 
 
 def test_defaults_are_the_spec() -> None:
