@@ -180,6 +180,10 @@ class EventPasses:
             log.error("event_pass_rejected", error=str(exc), pg_error=exc.pg_error,
                       rq_ids=len(batch))
             return
+        # Both backends answered this pass: say so now, not at the next sweep (which after
+        # an outage may be a backoff of up to half a minute away).
+        self.health.set_up("postgres", True)
+        self.health.set_up("redis", True)
         if report.not_found_held:
             log.info("not_found_held", count=report.not_found_held,
                      judged_in=NOT_FOUND_WINDOW_SECONDS)

@@ -418,6 +418,8 @@ def test_cancel_reports_signals_the_event_path_sent_first(
     rq_id = enqueue(redis_url, "tests.jobs.trap_sigterm", 120, str(tmp_marker))
     jid = insert_job(pg_dsn, rq_id)
     horse = w.wait_horse()
+    # A horse exists a moment before RQ says started: the event pass must see it running.
+    wait_until(lambda: rq_status(redis_url, rq_id) == "started", 20, "RQ to say started")
     rid = request_cancel(pg_dsn, jid, by="web:alice", reason="clicked Cancel")
 
     async def event_path_first() -> None:
