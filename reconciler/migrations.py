@@ -12,7 +12,7 @@ from typing import NamedTuple
 import asyncpg
 
 from reconciler.config import MAX_IDENT_BYTES, Config, derived_ident, quote_ident
-from reconciler.errors import SchemaError
+from reconciler.errors import PostgresUnavailable, SchemaError
 from reconciler.indexes import print_sql_section
 from reconciler.pgpool import translated
 from reconciler.schema_needs import find_table, lacking, shown_role
@@ -313,6 +313,10 @@ async def preflight(cfg: Config) -> None:
         await conn.close()
 
 
+# How long migrate waits for a lock (the app's table, for the foreign key) before it gives up.
+MIGRATE_LOCK_TIMEOUT_MS = 5000
+
+
 async def migrate(cfg: Config, *, print_only: bool = False) -> str:
     """Create/upgrade our tables in one transaction, serialized by an advisory lock.
     `print_only`: the SQL it runs, and the indexes the jobs table should have, from the
@@ -333,7 +337,19 @@ async def migrate(cfg: Config, *, print_only: bool = False) -> str:
         try:
             async with translated(), conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rq-reconciler:migrate'))")
+                # The first run adds a foreign key to the app's table, which locks it against
+                # writes while the lock is waited for: never stall the app behind a long
+                # transaction of its own; give up and say so instead.
+                await conn.execute(f"SET LOCAL lock_timeout = '{MIGRATE_LOCK_TIMEOUT_MS}ms'")
                 await conn.execute(sql)
+        except PostgresUnavailable as exc:
+            if not isinstance(exc.__cause__, asyncpg.LockNotAvailableError):
+                raise
+            raise PostgresUnavailable(
+                f"migrate waited {MIGRATE_LOCK_TIMEOUT_MS / 1000:g} s for a lock on "
+                f"{cfg.jobs.table} (its foreign key) or on its own tables, held by another "
+                "transaction; nothing changed: run it again when that transaction has "
+                "ended") from exc
         except SchemaError as exc:
             role = await conn.fetchval("SELECT current_user")
             raise SchemaError(f"migrate as role {shown_role(str(role))}: {exc} (what each role "

@@ -55,3 +55,40 @@ def test_a_script_for_a_table_without_the_id_column_stops_and_makes_nothing(
         with pytest.raises(asyncpg.RaiseError, match=r"jobs table .* has no column"):
             pg.execute(printed(tmp_path, jobs={"table": "training_jobs", "id_column": "nope"}))
         assert pg.val("SELECT to_regclass('rq_reconciler_cancel_requests')") is None
+
+
+def test_migrate_never_stalls_the_app_behind_a_transaction_on_its_table(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """The first migrate adds a foreign key to the app's table: waiting behind an app
+    transaction there would queue every app write behind it. It gives up and says so."""
+    import threading
+    import time
+
+    cfg = write_config(tmp_path / "c.toml", NOWHERE_REDIS, pg_dsn)
+    holding, release = threading.Event(), threading.Event()
+
+    def app_transaction() -> None:
+        with Pg(pg_dsn) as app:
+            app.execute("BEGIN")
+            app.execute("LOCK TABLE training_jobs IN ROW EXCLUSIVE MODE")  # as an UPDATE takes
+            holding.set()
+            release.wait(30)
+            app.execute("COMMIT")
+
+    t = threading.Thread(target=app_transaction, daemon=True)
+    t.start()
+    try:
+        assert holding.wait(10)
+        t0 = time.monotonic()
+        p = run_cli(cfg, "migrate")
+        assert p.returncode == 1, p.stderr
+        assert time.monotonic() - t0 < 20
+        assert "waited 5 s for a lock on training_jobs" in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        with Pg(pg_dsn) as pg:
+            assert pg.val("SELECT to_regclass('rq_reconciler_cancel_requests')") is None
+    finally:
+        release.set()
+        t.join(30)
+    p = run_cli(cfg, "migrate")
+    assert p.returncode == 0, p.stderr
