@@ -4,6 +4,7 @@
 #   systemd-analyze (package `systemd`)     - verify the unit and score its sandboxing
 #   pgbouncer       (package `pgbouncer`)   - tests/integration/test_pooler.py starts its
 #                                             own, on a free port (never the service)
+#   faketime        (package `faketime`)    - libfaketime, for tests/faults/test_clocks.py
 #   podman, buildah, debootstrap, runc      - tests/deploy/test_container.py builds the
 #                                             image without a registry
 #                                             (deploy/container/build-local.sh) and runs it
@@ -36,9 +37,11 @@ command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] || missing+
 for tool in podman buildah debootstrap runc; do
     command -v "$tool" >/dev/null 2>&1 || [[ -x /usr/sbin/$tool ]] || missing+=("$tool")
 done
+# libfaketime: tests/faults/test_clocks.py steps the daemon's wall clock with it.
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    log "promtool, systemd-analyze, pgbouncer, podman, buildah, debootstrap, runc already present; nothing to do"
+    log "promtool, systemd-analyze, pgbouncer, podman, buildah, debootstrap, runc, libfaketime already present; nothing to do"
 else
     log "installing: ${missing[*]}"
     POLICY=/usr/sbin/policy-rc.d

@@ -102,6 +102,8 @@ def sample_args(pg: Pg, cfg: Config, store: Store) -> dict[str, Sequence[Any]]:
         "job_status": [ids[0]],
         "claim": ["explain", 30.0, 100, 2.0],
         "claim_for_jobs": ["explain", 30.0, 100, 2.0, texts[:1]],
+        "claim_handed": ["explain", 30.0, 1000],
+        "intents_by_rq_ids": [rq_ids],
     }
 
 

@@ -120,6 +120,14 @@ def test_garbage_in_rq_hashes_under_a_running_daemon(tmp_path: Path, redis_url: 
                                   ids["weird-status"]) != "running", 15, "weird-status synced",
                    interval=0.1)
         assert d.proc is not None and d.proc.poll() is None
+        # gw's hash is garbage and never expires: nothing says that worker is gone (its
+        # heartbeat is never read against our clock) until the hash goes; then its job is
+        # an orphan.
+        ghost = ids["ghost-worker"]
+        assert pg.val("SELECT status FROM training_jobs WHERE id = $1", ghost) == "running"
+        r.delete("rq:worker:gw")
+        wait_until(lambda: pg.val("SELECT status FROM training_jobs WHERE id = $1",
+                                  ghost) == "failed", 20, "ghost-worker orphaned", interval=0.1)
         got = {k: pg.val("SELECT status FROM training_jobs WHERE id = $1", v) for k, v in ids.items()}
         outcomes = {r["job_id"]: (r["outcome"], json.loads(r["detail"])) for r in pg.fetch(
             "SELECT job_id, outcome, detail FROM rq_reconciler_cancel_requests")}
@@ -129,7 +137,7 @@ def test_garbage_in_rq_hashes_under_a_running_daemon(tmp_path: Path, redis_url: 
     assert got["string-key"] == "running" and got["list-key"] == "running"
     # a worker key we cannot read says nothing about the worker: its job is left alone
     assert got["started-string-worker"] == "running"
-    # the job a worker that does not exist claims to run is an orphan; RQ said so
+    # the job of a worker whose hash is gone is an orphan
     assert got["ghost-worker"] == "failed"
     assert got["bad-times"] == "completed"
     assert got["bad-exc"] == "failed"
