@@ -36,6 +36,7 @@ ENV_POSTGRES_LISTEN_DSN = "RQ_RECONCILER_POSTGRES_LISTEN_DSN"
 KeyspaceMode = Literal["auto", "require", "off"]
 Pooler = Literal["none", "transaction"]
 OrphanedHorse = Literal["kill", "let-finish"]
+HostPid = Literal["auto", "on", "off"]
 Dependents = Literal["cancel", "enqueue"]
 OrphanRequeue = Literal["retries", "always", "never"]
 LogFormat = Literal["json", "console"]
@@ -259,6 +260,9 @@ class LogConfig:
 @dataclass(frozen=True)
 class InstanceConfig:
     name: str = field(default_factory=socket.gethostname)
+    # Map workers of other hostnames in PID namespaces below ours (a DaemonSet with
+    # hostPID: true): reconciler.hostpid.
+    host_pid: HostPid = "auto"
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "redis.keyspace_events": ("auto", "require", "off"),
     "postgres.pooler": ("none", "transaction"),
     "cancel.orphaned_horse": ("kill", "let-finish"),
+    "instance.host_pid": ("auto", "on", "off"),
     "cancel.dependents": ("cancel", "enqueue"),
     "orphans.requeue": ("retries", "always", "never"),
     "log.format": ("json", "console"),

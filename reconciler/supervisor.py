@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler import __version__
+from reconciler import __version__, hostpid
 from reconciler import log as logsetup
 from reconciler.aio import Backoff, TaskSet, cancel_until_done, on_schema_error, wait_event
 from reconciler.cancel import CancelProcessor
@@ -53,7 +53,10 @@ class Daemon:
         self.store = Store(cfg, on_poison=m.count_poison)
         self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
                           on_poison=m.count_poison, key_prefix=cfg.redis.key_prefix)
-        self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc())
+        # Workers of this node's pods, seen from its PID namespace (reconciler.hostpid).
+        self.host_pid, self.host_pid_off_because = hostpid.decide(cfg.instance.host_pid)
+        self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc(),
+                               host_pid=self.host_pid)
         self.health = Health(m)
         self.wake = Wakeups()
         self.queue = WorkQueue(on_added=lambda src, n: m.events.labels(source=src).inc(n),
@@ -167,7 +170,11 @@ class Daemon:
             return 2
         log.info("starting", version=__version__, instance=self.cfg.instance.name,
                  redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
-                 metrics=f"http://{host}:{self.server.port}/metrics")
+                 metrics=f"http://{host}:{self.server.port}/metrics", host_pid=self.host_pid)
+        if self.cfg.instance.host_pid == "on" and not self.host_pid:
+            log.warning("host_pid_unavailable", why=self.host_pid_off_because,
+                        hint="workers of other hostnames stay remote: their cancels use RQ's "
+                             "stop-job and their deaths wait for Redis")
         running = False
         try:
             try:
