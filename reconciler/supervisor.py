@@ -66,6 +66,8 @@ class Daemon:
         self.deaths.workers = self.workers
         self.replicas = Replicas(self.store, self.health, m, lambda: self.workers.local)
         self.workers.on_local_change = self.replicas.workers_changed
+        self.workers.owner_stale = self.replicas.owner_stale
+        self.replicas.on_owners_stale = self._owners_stale
         self.workers.on_unseen = self._worker_unseen
         m.graceful_stop_available.set_function(lambda: 0.0 if self.workers.unseen else 1.0)
         self.reconciler = Reconciler(cfg, self.store, self.rq, self.workers, m)
@@ -103,6 +105,14 @@ class Daemon:
                         "a sidecar with shareProcessNamespace: true, compose's "
                         "pid: \"service:<worker>\", or on the host itself; until then its "
                         "cancels use RQ's stop-job (an immediate SIGKILL)")
+
+    def _owners_stale(self, names: set[str]) -> None:
+        """The replicas that watched these workers' processes stopped beating (their pods
+        or hosts may be gone): their jobs get a fresh look now, not at the next sweep."""
+        jobs = {j for n in names for j in self.workers.jobs_of(n)}
+        if jobs:
+            log.info("worker_replicas_stale", workers=sorted(names), jobs=sorted(jobs))
+            self.queue.add(jobs, "replica_stale")
 
     def _queue_overflowed(self, dropped: int) -> None:
         log.warning("dirty_set_overflow", dropped=dropped, cap=self.queue.cap,

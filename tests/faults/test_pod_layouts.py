@@ -16,12 +16,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from reconciler.devstack import (
     DaemonProc,
@@ -34,6 +37,7 @@ from reconciler.devstack import (
     rq_status,
     wait_request,
     wait_status,
+    wait_until,
     write_config,
 )
 from tests.faults import pods
@@ -212,3 +216,44 @@ def test_daemonset_without_host_pid_never_takes_the_worker_for_dead(setup: Setup
     with Pg(setup.dsn) as pg:  # its death is not seen at once either (Redis TTL / sweep)
         assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid2) == "running"
     assert "local_worker_exited" not in [e.get("event") for e in daemon.log_events()]
+
+
+def test_a_sidecar_pod_killed_whole_fails_its_row_once_its_replica_goes_stale(
+        setup: Setup) -> None:
+    """The pod's PID 1 is SIGKILLed: worker, horse and sidecar replica die together. A
+    replica on another host cannot see the pid; it sees the worker's command channel
+    empty and the sidecar's registry heartbeat stale (liveness rule 4), and fails the row
+    then, not when the worker's Redis key expires (~90 s) or at the next sweep (300 s)."""
+    from reconciler.replicas_table import REPLICA_STALE_SECONDS
+    from reconciler.rq_state import PUBSUB_SETTLE_SECONDS
+
+    pod, worker, _sidecar = setup.start("sidecar")
+    cfg = write_config(setup.tmp / "other.toml", setup.redis_url, setup.dsn,
+                       instance={"name": "rqr-other"},
+                       sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0})
+    other_pod = pods.Pod(setup.tmp, "pod-other", setup.redis_url)
+    setup.pods.append(other_pod)
+    other = pods.start_daemon("sidecar", other_pod, cfg, setup.tmp / "daemon-other.log")
+    setup.daemons.append(other)
+    jid, _rq_id, _marker = setup.running_job("pod-killed")
+    with Pg(setup.dsn) as pg:
+        wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_replicas WHERE "
+                                  "instance = 'rqr-sidecar' AND $1 = ANY(workers)",
+                                  worker.name) == 1, 30, "the sidecar to list its worker")
+    time.sleep(1.0)  # the other replica has seen the job start (a keyspace event)
+    # A Redis up for less than PUBSUB_SETTLE_SECONDS has lost its subscriptions a moment
+    # ago: its NUMSUB 0 says nothing, and rightly so. Wait for the test's Redis to settle.
+    with redis.Redis.from_url(setup.redis_url) as r:
+        up = int(r.info("server")["uptime_in_seconds"])
+    time.sleep(max(0.0, PUBSUB_SETTLE_SECONDS + 1 - up))
+    t0 = time.monotonic()
+    os.kill(pod.init_pid, signal.SIGKILL)
+    row = wait_status(setup.dsn, jid, "failed", timeout=REPLICA_STALE_SECONDS + 30)
+    took = time.monotonic() - t0
+    assert row["error_message"].startswith("Orphaned"), row
+    events = [e for e in other.log_events() if e.get("event") == "worker_replicas_stale"]
+    assert events and worker.name in events[0]["workers"], events
+    # Within the replica's staleness plus one beat of the other replica (and a pass).
+    assert took < REPLICA_STALE_SECONDS + 10, took
+    print(f"sidecar pod killed whole: row failed in {took:.1f} s "
+          f"(replica stale after {REPLICA_STALE_SECONDS:g} s)")
