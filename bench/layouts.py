@@ -1,7 +1,9 @@
 """Cancel latency and worker-death latency in each pod layout (tests/faults/pods.py): the
 daemon in a PID namespace of its own beside the worker (same hostname: a pod without
 shareProcessNamespace), as a sidecar sharing the worker's PID namespace, and on the node
-(DaemonSet, hostPID) while the worker runs in its pod's namespaces. Needs root.
+(DaemonSet, hostPID) while the worker runs in its pod's namespaces: with host-PID mode
+(reconciler.hostpid, `[instance] host_pid = "auto"`, root here) and without it
+("daemonset-off", host_pid = "off"). Needs root.
 
 Per layout: one pod with a real forking `rq worker` (RQ 2 from the shared worker venvs
 when present), the daemon placed as the layout says (sweep every 300 s); CANCELS cancels
@@ -19,7 +21,9 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import banner, bench_env, env_info, footer, make_workdir, ms, percentile, print_table, run
+from bench.report import banner, env_info, footer, print_table, run
+from bench.stack import bench_env, make_workdir
+from bench.stats import ms, percentile
 from reconciler.devstack import Pg, enqueue, insert_job, request_cancel, wait_request
 from tests.faults import pods
 
@@ -51,12 +55,14 @@ def main() -> int:
     rows = []
     with bench_env(work, cancel={"grace_seconds": 10.0, "lease_seconds": 30.0, "handover_seconds": 1.0},
                    sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0}) as env:
-        for layout in ("separate", "sidecar", "daemonset"):
-            cfg = env.write_config(path=work / f"{layout}.toml", instance={"name": f"rqr-{layout}"})
+        for layout in ("separate", "sidecar", "daemonset", "daemonset-off"):
+            place = layout.removesuffix("-off")
+            cfg = env.write_config(path=work / f"{layout}.toml", instance={
+                "name": f"rqr-{layout}", "host_pid": "off" if layout.endswith("-off") else "auto"})
             pod = pods.Pod(work, f"pod-{layout}", env.redis_url)
             workers = [pods.PodWorker(pod, env.redis_url, work, rq_version)]
             workers[0].wait_registered()
-            daemon = pods.start_daemon(layout, pod, cfg, work / f"daemon-{layout}.log")
+            daemon = pods.start_daemon(place, pod, cfg, work / f"daemon-{layout}.log")
             cancel_s: list[float] = []
             paths: set[str] = set()
             graceful = 0

@@ -36,6 +36,7 @@ ENV_POSTGRES_LISTEN_DSN = "RQ_RECONCILER_POSTGRES_LISTEN_DSN"
 KeyspaceMode = Literal["auto", "require", "off"]
 Pooler = Literal["none", "transaction"]
 OrphanedHorse = Literal["kill", "let-finish"]
+HostPid = Literal["auto", "on", "off"]
 Dependents = Literal["cancel", "enqueue"]
 OrphanRequeue = Literal["retries", "always", "never"]
 LogFormat = Literal["json", "console"]
@@ -266,6 +267,9 @@ class LogConfig:
 class InstanceConfig:
     # Unique per host by default (hostname plus host identity: reconciler.hostid).
     name: str = field(default_factory=default_instance_name)
+    # Map workers of other hostnames in PID namespaces below ours (a DaemonSet with
+    # hostPID: true): reconciler.hostpid.
+    host_pid: HostPid = "auto"
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "redis.keyspace_events": ("auto", "require", "off"),
     "postgres.pooler": ("none", "transaction"),
     "cancel.orphaned_horse": ("kill", "let-finish"),
+    "instance.host_pid": ("auto", "on", "off"),
     "cancel.dependents": ("cancel", "enqueue"),
     "orphans.requeue": ("retries", "always", "never"),
     "log.format": ("json", "console"),

@@ -14,6 +14,11 @@ clock. What counts, strongest first:
    while the server says that heartbeat is late (the TTL RQ set with the last one is
    down to its margin: rq_layout.heartbeat_late). NUMSUB 0 alone is never a death: RQ's
    pub/sub thread can die, or its connection drop, while the worker works on.
+4. A whole pod (or host) gone: nobody on the command channel *and* every replica that
+   proved the worker's process, which ran beside it (in its pod, or on its node), has
+   stopped heartbeating in the replica registry (`owner_stale`). Two things that live
+   apart from each other both fell silent: the worker's own listener and the daemon that
+   watched its pid. A live worker whose listing replica lives is never gone by this rule.
 
 `judge()` is pure: the facts of one reading, what earlier readings showed (`Seen`) and a
 monotonic instant in, the verdict and what to remember out. `Memory` keeps the `Seen` of
@@ -66,14 +71,16 @@ def remember(prev: Seen | None, rec: WorkerRecord, now: float) -> Seen:
 
 
 def judge(rec: WorkerRecord | None, name: str, prev: Seen | None, now: float, *,
-          pid_gone: str | None, keys: Keys = DEFAULT_KEYS) -> tuple[str, Seen | None]:
+          pid_gone: str | None, keys: Keys = DEFAULT_KEYS,
+          owner_stale: bool = False) -> tuple[str, Seen | None]:
     """Why the worker `name` is gone ('' if it is not), and what to remember of it (None:
     forget it).
 
     `rec`: this reading (None: not read, taken as missing). `prev`: what earlier readings
     showed. `now`: the daemon's monotonic time. `pid_gone`: this host's proof of the
     worker's process: None when there is none (another host, or a process we cannot see),
-    '' when it is alive, else why it is dead.
+    '' when it is alive, else why it is dead. `owner_stale`: the replicas that listed
+    the worker as theirs (replicas.py) have all stopped heartbeating.
     """
     readable = rec is not None and rec.exists and not rec.unreadable
     if pid_gone == "":
@@ -86,6 +93,9 @@ def judge(rec: WorkerRecord | None, name: str, prev: Seen | None, now: float, *,
     if rec is None or not readable:
         return "", prev  # unreadable: says nothing either way
     seen = remember(prev, rec, now)
+    if owner_stale and rec.subscribers == 0:
+        return (f"nobody subscribed to {keys.channel(name)} and the replica that watched its "
+                "process stopped heartbeating: its pod or host is gone"), seen
     still = now - seen.since
     if rec.persistent and still > HEARTBEAT_STALE_SECONDS:
         return f"heartbeat unchanged for {int(still)} s and its hash never expires", seen
@@ -112,8 +122,9 @@ class Memory:
         return name in self._seen
 
     def judge(self, name: str, rec: WorkerRecord | None, now: float, *,
-              pid_gone: str | None, keys: Keys = DEFAULT_KEYS) -> str:
-        why, seen = judge(rec, name, self._seen.get(name), now, pid_gone=pid_gone, keys=keys)
+              pid_gone: str | None, keys: Keys = DEFAULT_KEYS, owner_stale: bool = False) -> str:
+        why, seen = judge(rec, name, self._seen.get(name), now, pid_gone=pid_gone, keys=keys,
+                          owner_stale=owner_stale)
         if seen is None:
             self._seen.pop(name, None)
         else:

@@ -153,6 +153,7 @@ class Metrics:
         for result in ("ok", "failed", "breaker"):
             self.sweeps.labels(result=result)
         for source in ("cancel_notify", "keyspace", "local_worker", "timer", "lost_race", "locked_retry",
+                       "replica_stale",
                        "intent"):
             self.events.labels(source=source)
         for sig in ("SIGTERM", "SIGKILL"):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from reconciler.hostpid import UtsNames, nspid_index, runs_rq
 from reconciler.rq_layout import WorkerRecord
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ REAP_WAITS = 10
 REAP_WAIT_SECONDS = 0.0005
 # Worker identities remembered (local workers only; a host runs a few dozen at most).
 MAX_KNOWN_WORKERS = 10_000
+# Host-PID mode (hostpid.py): how long one reading of every process's NSpid serves the
+# workers looked up meanwhile.
+NSPID_INDEX_SECONDS = 0.5
 
 
 def child_processes(proc: psutil.Process) -> list[psutil.Process]:
@@ -147,29 +151,65 @@ def identity_alive(ident: ProcIdentity) -> bool:
     return _state(ident) not in _ENDED
 
 
+def _registered(pid: int, registered: int, birth: datetime | None) -> ProcIdentity | None:
+    """`pid` (here) as the live process that registered pid `registered` at `birth`: a
+    process, not a thread, created within the birth's slack; or None."""
+    ct = proc_start(pid)
+    if ct is None or not is_process(pid):
+        return None
+    if birth is not None:
+        wall = to_wall(ct)
+        if wall > birth.timestamp() + BIRTH_SLACK_SECONDS:
+            return None  # recycled pid: this process started after the worker registered
+        if wall < birth.timestamp() - WORKER_STARTUP_SECONDS:
+            return None  # not the process that registered: it is not our worker's pid
+    ident = ProcIdentity(pid, ct)
+    return ident if identity_alive(ident) else None
+
+
 class Processes:
     """What this host can see and do about RQ workers and horses."""
 
     def __init__(self, hostname: str | None = None,
-                 on_signal: Callable[[str], None] | None = None) -> None:
+                 on_signal: Callable[[str], None] | None = None, *,
+                 host_pid: bool = False) -> None:
+        """`host_pid`: also map workers that registered another hostname and a pid inside
+        a PID namespace below ours (a pod's, seen from its node: hostpid.py); only where
+        hostpid.available() says this daemon can prove them."""
         self.hostname = hostname or socket.gethostname()
         self._on_signal = on_signal
+        self.host_pid = host_pid
         # job id -> the horse proven for it while its worker was alive
         self.horses: dict[str, ProcIdentity] = {}
-        # worker name -> its process as proven here once (pid and start against its birth);
-        # later checks compare that identity only, so a step of the wall clock cannot make
-        # a live worker look recycled.
-        self._workers: dict[str, ProcIdentity] = {}
+        # worker name -> (the pid it registered, its process as proven here once: pid in
+        # our namespace and start against its birth); later checks compare that identity
+        # only, so a step of the wall clock cannot make a live worker look recycled.
+        self._workers: dict[str, tuple[int, ProcIdentity]] = {}
+        # Host-PID mode: workers of other hostnames already looked for and not found here
+        # (name, pid, birth): a process does not move into view after it registered.
+        self._unmapped: dict[tuple[str, int, float | None], None] = {}
+        self._nspids: tuple[float, dict[int, list[int]]] | None = None
+        self._uts = UtsNames()
+
+    def _mapped(self, rec: WorkerRecord) -> bool:
+        """`rec` registered another hostname: ours only through host-PID mode."""
+        return rec.hostname != self.hostname
+
+    def _known(self, rec: WorkerRecord) -> ProcIdentity | None:
+        known = self._workers.get(rec.name)
+        return known[1] if known is not None and known[0] == rec.pid else None
 
     def is_local(self, rec: WorkerRecord) -> bool:
         """A worker runs on this host if its hostname is ours *and* its pid, seen from here,
-        is the process that registered it (or was, when we proved it). A worker whose pid we
-        cannot see (another PID namespace, another machine of the same name) is remote:
-        never taken for dead."""
-        if not rec.hostname or rec.hostname != self.hostname or rec.pid is None:
+        is the process that registered it (or was, when we proved it); in host-PID mode
+        also a worker of another hostname whose process we proved in a PID namespace below
+        ours (hostpid.py). A worker whose pid we cannot see (another PID namespace, another
+        machine of the same name) is remote: never taken for dead."""
+        if not rec.hostname or rec.pid is None:
             return False
-        known = self._workers.get(rec.name)
-        if known is not None and known.pid == rec.pid:
+        if self._mapped(rec) and not self.host_pid:
+            return False
+        if self._known(rec) is not None:
             return True
         return self.worker_identity(rec) is not None
 
@@ -178,10 +218,15 @@ class Processes:
         runs on this hostname, or '' if it can (or the worker is another host's). A worker
         on our hostname whose pid we cannot prove lives in another PID namespace: a
         container of its own, a pod without a shared process namespace."""
-        if not rec.hostname or rec.hostname != self.hostname or rec.pid is None:
+        if not rec.hostname or rec.pid is None:
+            return ""
+        mapped = self._mapped(rec)
+        if mapped and not self.host_pid:
             return ""
         ident = self.worker_identity(rec)
         if ident is None:
+            if mapped:
+                return ""  # another host's, as far as this node can tell
             return (f"worker {rec.name} registered from this hostname with pid {rec.pid}, "
                     "which this replica cannot see: it runs in another PID namespace")
         try:
@@ -194,37 +239,72 @@ class Processes:
         return ""
 
     def worker_identity(self, rec: WorkerRecord) -> ProcIdentity | None:
-        """The live process that registered `rec`, or None."""
+        """The live process that registered `rec` (its pid in our namespace), or None."""
         if rec.pid is None or rec.pid <= 0:
             return None
-        known = self._workers.get(rec.name)
-        if known is not None and known.pid == rec.pid:
+        known = self._known(rec)
+        if known is not None:
             return known if identity_alive(known) else None
-        ct = proc_start(rec.pid)
-        if ct is None or not is_process(rec.pid):
-            return None
-        if rec.birth is not None:
-            wall = to_wall(ct)
-            if wall > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
-                return None  # recycled pid: this process started after the worker registered
-            if wall < rec.birth.timestamp() - WORKER_STARTUP_SECONDS:
-                return None  # not the process that registered: it is not our worker's pid
-        ident = ProcIdentity(rec.pid, ct)
-        if not identity_alive(ident):
+        if self._mapped(rec):
+            ident = self._map(rec) if self.host_pid else None
+        else:
+            ident = _registered(rec.pid, rec.pid, rec.birth)
+        if ident is None:
             return None
         if len(self._workers) >= MAX_KNOWN_WORKERS:
             self._workers.pop(next(iter(self._workers)))
-        self._workers[rec.name] = ident
+        self._workers[rec.name] = (rec.pid, ident)
         return ident
+
+    def _map(self, rec: WorkerRecord) -> ProcIdentity | None:
+        """Host-PID mode: the one process of this node that registered `rec` from a PID and
+        UTS namespace of its own, or None (none, or more than one: never guess)."""
+        assert rec.pid is not None
+        key = (rec.name, rec.pid, None if rec.birth is None else rec.birth.timestamp())
+        if key in self._unmapped:
+            return None
+        fresh = self._nspids is None or time.monotonic() - self._nspids[0] > NSPID_INDEX_SECONDS
+        while True:
+            if fresh or self._nspids is None:
+                self._nspids = (time.monotonic(), nspid_index())
+            found = [ident for host in self._nspids[1].get(rec.pid, ())
+                     if (ident := self._mapped_candidate(host, rec)) is not None]
+            if found or fresh:
+                break
+            # Not in a reading made before `rec` was: read again (the worker may be newer).
+            fresh = True
+        if len(found) == 1:
+            return found[0]
+        if len(self._unmapped) >= MAX_KNOWN_WORKERS:
+            self._unmapped.pop(next(iter(self._unmapped)))
+        self._unmapped[key] = None
+        return None
+
+    def _mapped_candidate(self, host: int, rec: WorkerRecord) -> ProcIdentity | None:
+        """`host` (a pid here whose innermost pid is `rec.pid`) if it is the process that
+        registered `rec`: a process (not a thread), started within the birth's slack, an
+        RQ worker by its command line, in a UTS namespace whose hostname is the one the
+        worker registered."""
+        assert rec.pid is not None
+        ident = _registered(host, rec.pid, rec.birth)
+        if ident is None or not runs_rq(host):
+            return None
+        if self._uts.nodename(host, lambda: identity_alive(ident)) != rec.hostname:
+            return None
+        return ident if identity_alive(ident) else None
 
     def local_worker_gone(self, rec: WorkerRecord) -> str:
         """'' if the local worker's process is alive and is the one that registered."""
         if rec.pid is None:
             return "no pid recorded"
-        known = self._workers.get(rec.name)
-        if known is not None and known.pid == rec.pid:
+        known = self._known(rec)
+        if known is not None:
             # (kept after the death: the worker stays local, so its orphaned horse is ours)
             return "" if identity_alive(known) else f"pid {rec.pid} is dead"
+        if self._mapped(rec):
+            # Only ever asked once is_local() proved it (which remembers it): it just died.
+            ident = self.worker_identity(rec)
+            return "" if ident is not None else f"pid {rec.pid} (in its PID namespace) is dead"
         st = _stat(rec.pid)
         if st is None:
             return f"pid {rec.pid} is dead"
@@ -240,7 +320,7 @@ class Processes:
         known = self._workers.get(name)
         if known is None:
             return None
-        return "" if identity_alive(known) else f"pid {known.pid} is dead"
+        return "" if identity_alive(known[1]) else f"pid {known[1].pid} is dead"
 
     def find_horse(self, rec: WorkerRecord, job_id: str,
                    job_started_at: datetime | None) -> ProcIdentity | None:

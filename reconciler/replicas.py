@@ -38,6 +38,13 @@ class Replicas:
         self._changed = asyncio.Event()
         self._listed: frozenset[str] = frozenset()
         self.registered = False
+        # worker -> the monotonic instant by which every replica listing it will have
+        # missed its heartbeat (from the server's own ages: no clock is compared)
+        self._stale_at: dict[str, float] = {}
+        self._reported: set[str] = set()
+        # Told the workers whose listing replicas all went stale (once each): their jobs
+        # are worth a fresh look (liveness rule 4 may find them gone).
+        self.on_owners_stale: Callable[[set[str]], None] | None = None
 
     def workers_changed(self) -> None:
         """A local worker appeared or went: beat now, so that hand-overs find it."""
@@ -57,6 +64,7 @@ class Replicas:
         self.registered = True
         self.metrics.replicas_alive.set(alive)
         self._changed.clear()
+        await self.read_listings()
         try:
             async with asyncio.timeout(BEAT_SECONDS):
                 await self._changed.wait()
@@ -103,6 +111,27 @@ class Replicas:
                 await take(force=True)
                 return
             await asyncio.sleep(0.5)
+
+    async def read_listings(self) -> None:
+        rows = await self.store.replicas.listings()
+        now = time.monotonic()
+        stale_at: dict[str, float] = {}
+        for workers, age in rows:
+            at = now + REPLICA_STALE_SECONDS - age
+            for w in workers:
+                stale_at[w] = max(stale_at.get(w, at), at)
+        self._stale_at = stale_at
+        self._reported &= set(stale_at)
+        due = {w for w, at in stale_at.items() if at <= now and w not in self._reported}
+        if due:
+            self._reported |= due
+            if self.on_owners_stale is not None:
+                self.on_owners_stale(due)
+
+    def owner_stale(self, worker_name: str, now: float) -> bool:
+        """True if replicas listed `worker_name` as theirs and all have stopped beating."""
+        at = self._stale_at.get(worker_name)
+        return at is not None and now >= at
 
     async def owner_of(self, worker_name: str) -> str | None:
         """The live replica, other than us, that can see `worker_name` on its host."""

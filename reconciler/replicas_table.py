@@ -94,3 +94,13 @@ class ReplicaTable(OnPool):
                 f"ORDER BY heartbeat_at DESC LIMIT 1",
                 worker_name, self.cfg.instance.name, REPLICA_STALE_SECONDS)
         return None if found is None else str(found)
+
+    async def listings(self) -> list[tuple[list[str], float]]:
+        """The workers each other replica lists, and how many seconds ago (by the server's
+        clock) that replica last beat."""
+        async with translated(self.pool):
+            rows = await self._p().fetch(
+                f"SELECT workers, extract(epoch FROM now() - heartbeat_at)::float8 AS age "
+                f"FROM {self.table} WHERE instance <> $1 AND cardinality(workers) > 0",
+                self.cfg.instance.name)
+        return [(list(r["workers"]), float(r["age"])) for r in rows]

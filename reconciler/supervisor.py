@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import structlog
 
-from reconciler import __version__
+from reconciler import __version__, hostpid
 from reconciler import log as logsetup
 from reconciler.aio import Backoff, TaskSet, cancel_until_done, on_schema_error, wait_event
 from reconciler.cancel import CancelProcessor
@@ -58,7 +58,10 @@ class Daemon:
         self.store = Store(cfg, on_poison=m.count_poison)
         self.rq = RqState(cfg.redis.url, socket_timeout=cfg.redis.socket_timeout_seconds,
                           on_poison=m.count_poison, key_prefix=cfg.redis.key_prefix)
-        self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc())
+        # Workers of this node's pods, seen from its PID namespace (reconciler.hostpid).
+        self.host_pid, self.host_pid_off_because = hostpid.decide(cfg.instance.host_pid)
+        self.procs = Processes(on_signal=lambda sig: m.process_signals.labels(signal=sig).inc(),
+                               host_pid=self.host_pid)
         self.health = Health(m)
         self.wake = Wakeups()
         self.queue = WorkQueue(on_added=lambda src, n: m.events.labels(source=src).inc(n),
@@ -68,6 +71,8 @@ class Daemon:
         self.deaths.workers = self.workers
         self.replicas = Replicas(self.store, self.health, m, lambda: self.workers.local)
         self.workers.on_local_change = self.replicas.workers_changed
+        self.workers.owner_stale = self.replicas.owner_stale
+        self.replicas.on_owners_stale = self._owners_stale
         self.workers.on_unseen = self._worker_unseen
         m.graceful_stop_available.set_function(lambda: 0.0 if self.workers.unseen else 1.0)
         self.reconciler = Reconciler(cfg, self.store, self.rq, self.workers, m)
@@ -105,6 +110,14 @@ class Daemon:
                         "a sidecar with shareProcessNamespace: true, compose's "
                         "pid: \"service:<worker>\", or on the host itself; until then its "
                         "cancels use RQ's stop-job (an immediate SIGKILL)")
+
+    def _owners_stale(self, names: set[str]) -> None:
+        """The replicas that watched these workers' processes stopped beating (their pods
+        or hosts may be gone): their jobs get a fresh look now, not at the next sweep."""
+        jobs = {j for n in names for j in self.workers.jobs_of(n)}
+        if jobs:
+            log.info("worker_replicas_stale", workers=sorted(names), jobs=sorted(jobs))
+            self.queue.add(jobs, "replica_stale")
 
     def _queue_overflowed(self, dropped: int) -> None:
         log.warning("dirty_set_overflow", dropped=dropped, cap=self.queue.cap,
@@ -172,7 +185,11 @@ class Daemon:
             return 2
         log.info("starting", version=__version__, instance=self.cfg.instance.name,
                  redis=redact(self.cfg.redis.url), postgres=redact(self.cfg.postgres.dsn),
-                 metrics=f"http://{host}:{self.server.port}/metrics")
+                 metrics=f"http://{host}:{self.server.port}/metrics", host_pid=self.host_pid)
+        if self.cfg.instance.host_pid == "on" and not self.host_pid:
+            log.warning("host_pid_unavailable", why=self.host_pid_off_because,
+                        hint="workers of other hostnames stay remote: their cancels use RQ's "
+                             "stop-job and their deaths wait for Redis")
         running = False
         try:
             try:

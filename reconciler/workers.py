@@ -71,6 +71,9 @@ class Workers:
         # their cancels cannot be graceful (the layout is wrong, never silently).
         self.unseen: dict[str, str] = {}
         self.on_unseen: Callable[[str, str], None] | None = None
+        # (name, monotonic now) -> have all the replicas that listed that worker as theirs
+        # stopped heartbeating? (replicas.py; liveness rule 4)
+        self.owner_stale: Callable[[str, float], bool] | None = None
 
     # -- queries --------------------------------------------------------------------------
 
@@ -115,7 +118,10 @@ class Workers:
             # alone): the process we proved still tells.
             pid_gone = self.procs.known_worker_gone(name)
             local = pid_gone is not None
-        gone = self.liveness.judge(name, rec, mono, pid_gone=pid_gone, keys=self.rq.keys)
+        owner_stale = (pid_gone is None and self.owner_stale is not None
+                       and self.owner_stale(name, mono))
+        gone = self.liveness.judge(name, rec, mono, pid_gone=pid_gone, keys=self.rq.keys,
+                                   owner_stale=owner_stale)
         if local:
             if gone:
                 self._drop_local(name)

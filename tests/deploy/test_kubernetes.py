@@ -82,15 +82,21 @@ def test_daemonset_uses_the_hosts_pid_namespace_on_worker_nodes_only() -> None:
     assert pod["hostPID"] is True
     assert pod["nodeSelector"] == {"rq-reconciler.io/workers": "true"}
     assert "hostNetwork" not in pod and "hostIPC" not in pod
-    workers = _pod("Deployment", "rq-worker")
-    assert pod["securityContext"]["runAsUser"] == workers["securityContext"]["runAsUser"]
+    # Host-PID mode (reconciler.hostpid) reads a pod's hostname by entering its UTS
+    # namespace (CAP_SYS_ADMIN) and inspects and signals workers of another uid: root with
+    # exactly those capabilities, nothing else.
+    assert pod["securityContext"]["runAsUser"] == 0
+    (c,) = pod["containers"]
+    assert c["securityContext"]["capabilities"] == {
+        "drop": ["ALL"], "add": ["SYS_ADMIN", "SYS_PTRACE", "KILL"]}
 
 
 @pytest.mark.parametrize("kind,name", [("Deployment", "rq-worker"), ("DaemonSet", "rq-reconciler")])
 def test_security_context_is_as_strict_as_the_systemd_unit(kind: str, name: str) -> None:
     pod = _pod(kind, name)
     psc = pod["securityContext"]
-    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    if kind != "DaemonSet":  # (its root and capabilities: the test above)
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
     assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     for c in pod["containers"]:
@@ -98,7 +104,8 @@ def test_security_context_is_as_strict_as_the_systemd_unit(kind: str, name: str)
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["readOnlyRootFilesystem"] is True
         # Same uid needs no capability to signal: none is added back (not even KILL).
-        assert sc["capabilities"] == {"drop": ["ALL"]}
+        if kind != "DaemonSet":
+            assert sc["capabilities"] == {"drop": ["ALL"]}
         assert not sc.get("privileged")
         assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
 

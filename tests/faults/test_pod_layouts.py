@@ -8,18 +8,23 @@
 - a container of the worker's pod *without* a shared PID namespace: the same hostname but
   the worker's pid is not visible: the worker is remote, never dead; the cancel ends by
   RQ's stop-job and says so.
-- DaemonSet with hostPID: the daemon sees every process of the node, but the worker
-  registered its pod's hostname and its pid inside its pod's PID namespace.
+- DaemonSet with hostPID: the daemon sees every process of the node, while the worker
+  registered its pod's hostname and its pid inside its pod's PID namespace; host-PID
+  mode (reconciler.hostpid) maps it to its process on the node, so cancels are graceful
+  and its death is seen at once, as in the sidecar; with host_pid = "off" it is remote.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from reconciler.devstack import (
     DaemonProc,
@@ -32,6 +37,7 @@ from reconciler.devstack import (
     rq_status,
     wait_request,
     wait_status,
+    wait_until,
     write_config,
 )
 from tests.faults import pods
@@ -48,10 +54,11 @@ class Setup:
         self.pods: list[pods.Pod] = []
         self.daemons: list[DaemonProc] = []
         self.workers: list[pods.PodWorker] = []
+        self.instance: dict[str, Any] = {}
 
     def start(self, layout: str, hostname: str = "pod-w") -> tuple[pods.Pod, pods.PodWorker, DaemonProc]:
         cfg = write_config(self.tmp / f"{layout}.toml", self.redis_url, self.dsn,
-                           instance={"name": f"rqr-{layout}"},
+                           instance={"name": f"rqr-{layout}", **self.instance},
                            cancel={"grace_seconds": 5.0, "lease_seconds": 20.0,
                                    "handover_seconds": 1.0},
                            sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0})
@@ -160,27 +167,48 @@ def test_separate_pid_namespace_never_takes_another_process_for_the_worker(setup
     assert worker.proc.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DaemonSet/hostPID: the worker registers its pod's hostname and its pid inside the "
-    "pod's PID namespace; Processes.is_local() needs the daemon's own hostname and that "
-    "pid in the daemon's namespace, so the worker is remote and the cancel falls back to "
-    "stop-job (no SIGTERM first). Needs workers mapped by /proc/<pid>/status NSpid."))
 def test_daemonset_cancel_is_graceful(setup: Setup) -> None:
-    _pod, _worker, _daemon = setup.start("daemonset")
-    jid, _rq_id, marker = setup.running_job("daemonset-cancel")
+    _pod, worker, daemon = setup.start("daemonset")
+    jid, rq_id, marker = setup.running_job("daemonset-cancel")
     req = _cancel(setup, jid)
     assert req["outcome"] == "cancelled", req
-    assert req["detail"]["horse_signals"][:1] == ["SIGTERM"], req["detail"]
-    assert "SIGTERM" in marker.read_text()
+    detail = req["detail"]
+    assert detail["horse_signals"] == ["SIGTERM"], detail
+    assert detail["graceful"] is True, detail
+    assert detail["path"] == "local" and detail["instance"] == "rqr-daemonset", detail
+    assert "SIGTERM" in marker.read_text(), "the job's own handler never ran"
+    assert rq_status(setup.redis_url, rq_id) == "canceled"
+    assert metric_value(daemon.scrape(), "rq_reconciler_graceful_stop_available") == 1
+    assert worker.proc.poll() is None, "the worker itself must live on"
+    assert not [c for c in STOP_COMMANDS if c in daemon.log_text()]
 
 
-def test_daemonset_today_never_takes_the_worker_for_dead(setup: Setup) -> None:
-    """What the hostPID layout does with today's identity rules: safe, not graceful."""
+def test_daemonset_worker_sigkill_fails_the_row_at_once(setup: Setup) -> None:
+    """The node's daemon maps the pod's worker to its own pid (NSpid, the pod's UTS
+    hostname, birth) and watches that process: its death is seen at once."""
     _pod, worker, daemon = setup.start("daemonset")
-    jid, _rq_id, marker = setup.running_job("daemonset-today")
+    jid, _rq_id, _marker = setup.running_job("daemonset-kill")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    worker.kill()
+    row = wait_status(setup.dsn, jid, "failed", timeout=5)
+    took = time.monotonic() - t0
+    assert row["error_message"].startswith("Orphaned"), row
+    events = [e.get("event") for e in daemon.log_events()]
+    assert "local_worker_exited" in events, events
+    print(f"daemonset: SIGKILL -> row failed in {took * 1000:.0f} ms")
+
+
+def test_daemonset_without_host_pid_never_takes_the_worker_for_dead(setup: Setup) -> None:
+    """host_pid = "off": the pod's worker is remote to the node's daemon: safe (nothing
+    alive is judged dead, nor is a dead one at once), not graceful."""
+    setup.instance = {"host_pid": "off"}
+    _pod, worker, daemon = setup.start("daemonset")
+    jid, _rq_id, marker = setup.running_job("daemonset-off")
     req = _cancel(setup, jid)
     assert req["outcome"] == "cancelled", req
     assert req["detail"]["path"] == "stop-job", req["detail"]
+    assert req["detail"]["graceful"] is False, req["detail"]
     assert "SIGTERM" not in marker.read_text()
     jid2, _, _ = setup.running_job("daemonset-alive")
     worker.kill()
@@ -188,3 +216,44 @@ def test_daemonset_today_never_takes_the_worker_for_dead(setup: Setup) -> None:
     with Pg(setup.dsn) as pg:  # its death is not seen at once either (Redis TTL / sweep)
         assert pg.val("SELECT status FROM training_jobs WHERE id = $1", jid2) == "running"
     assert "local_worker_exited" not in [e.get("event") for e in daemon.log_events()]
+
+
+def test_a_sidecar_pod_killed_whole_fails_its_row_once_its_replica_goes_stale(
+        setup: Setup) -> None:
+    """The pod's PID 1 is SIGKILLed: worker, horse and sidecar replica die together. A
+    replica on another host cannot see the pid; it sees the worker's command channel
+    empty and the sidecar's registry heartbeat stale (liveness rule 4), and fails the row
+    then, not when the worker's Redis key expires (~90 s) or at the next sweep (300 s)."""
+    from reconciler.replicas_table import REPLICA_STALE_SECONDS
+    from reconciler.rq_state import PUBSUB_SETTLE_SECONDS
+
+    pod, worker, _sidecar = setup.start("sidecar")
+    cfg = write_config(setup.tmp / "other.toml", setup.redis_url, setup.dsn,
+                       instance={"name": "rqr-other"},
+                       sweep={"interval_seconds": 300.0, "min_age_seconds": 60.0})
+    other_pod = pods.Pod(setup.tmp, "pod-other", setup.redis_url)
+    setup.pods.append(other_pod)
+    other = pods.start_daemon("sidecar", other_pod, cfg, setup.tmp / "daemon-other.log")
+    setup.daemons.append(other)
+    jid, _rq_id, _marker = setup.running_job("pod-killed")
+    with Pg(setup.dsn) as pg:
+        wait_until(lambda: pg.val("SELECT count(*) FROM rq_reconciler_replicas WHERE "
+                                  "instance = 'rqr-sidecar' AND $1 = ANY(workers)",
+                                  worker.name) == 1, 30, "the sidecar to list its worker")
+    time.sleep(1.0)  # the other replica has seen the job start (a keyspace event)
+    # A Redis up for less than PUBSUB_SETTLE_SECONDS has lost its subscriptions a moment
+    # ago: its NUMSUB 0 says nothing, and rightly so. Wait for the test's Redis to settle.
+    with redis.Redis.from_url(setup.redis_url) as r:
+        up = int(r.info("server")["uptime_in_seconds"])
+    time.sleep(max(0.0, PUBSUB_SETTLE_SECONDS + 1 - up))
+    t0 = time.monotonic()
+    os.kill(pod.init_pid, signal.SIGKILL)
+    row = wait_status(setup.dsn, jid, "failed", timeout=REPLICA_STALE_SECONDS + 30)
+    took = time.monotonic() - t0
+    assert row["error_message"].startswith("Orphaned"), row
+    events = [e for e in other.log_events() if e.get("event") == "worker_replicas_stale"]
+    assert events and worker.name in events[0]["workers"], events
+    # Within the replica's staleness plus one beat of the other replica (and a pass).
+    assert took < REPLICA_STALE_SECONDS + 10, took
+    print(f"sidecar pod killed whole: row failed in {took:.1f} s "
+          f"(replica stale after {REPLICA_STALE_SECONDS:g} s)")

@@ -26,12 +26,13 @@ def rec(hb: datetime | None = T0, *, subs: int = 1, expires_in: float | None = 8
                         persistent=persistent, expires_in=None if persistent else expires_in)
 
 
-def run(readings: list[tuple[float, WorkerRecord]], pid_gone: str | None = None) -> list[str]:
+def run(readings: list[tuple[float, WorkerRecord]], pid_gone: str | None = None,
+        owner_stale: bool = False) -> list[str]:
     """The verdicts of a sequence of (monotonic instant, reading) of one worker."""
     seen: Seen | None = None
     out = []
     for now, r in readings:
-        why, seen = judge(r, "w", seen, now, pid_gone=pid_gone)
+        why, seen = judge(r, "w", seen, now, pid_gone=pid_gone, owner_stale=owner_stale)
         out.append(why)
     return out
 
@@ -81,6 +82,23 @@ def test_a_silent_channel_counts_only_with_a_late_heartbeat_that_stood_still() -
     for between in (1, -1):
         heard = rec(subs=between, expires_in=20.0)
         assert run([(0.0, silent_late), (5.0, heard), (after, silent_late)]) == ["", "", ""]
+
+
+def test_a_silent_channel_whose_watching_replica_stopped_beating_is_a_gone_pod() -> None:
+    """Rule 4: the worker's listener and the replica beside it both gone: at the first
+    reading, whatever the heartbeat and its TTL say."""
+    why, _ = judge(rec(subs=0, expires_in=85.0), "w", None, 0.0, pid_gone=None, owner_stale=True)
+    assert "stopped heartbeating" in why and "rq:pubsub:w" in why
+    # Either one alone is not enough.
+    assert judge(rec(subs=1), "w", None, 0.0, pid_gone=None, owner_stale=True)[0] == ""
+    assert judge(rec(subs=0), "w", None, 0.0, pid_gone=None, owner_stale=False)[0] == ""
+    # Redis could not tell who listens (-1, just restarted): nothing.
+    assert judge(rec(subs=-1), "w", None, 0.0, pid_gone=None, owner_stale=True)[0] == ""
+    # This host's proof of a live process wins.
+    assert judge(rec(subs=0), "w", None, 0.0, pid_gone="", owner_stale=True)[0] == ""
+    # A reading that says nothing still says nothing.
+    assert judge(rec(subs=0, unreadable=True), "w", None, 0.0, pid_gone=None,
+                 owner_stale=True)[0] == ""
 
 
 def test_memory_is_bounded_and_forgets_the_gone_and_the_unregistered() -> None:
@@ -156,3 +174,26 @@ def test_a_worker_heartbeating_on_time_is_never_gone(interval: float, gaps: list
                           "w", seen, now, pid_gone=None)
         out.append(why)
     assert set(out) == {""}
+
+
+@given(readings)
+def test_a_worker_whose_listing_replica_lives_is_never_gone_by_rule_4(
+        rs: list[tuple[float, WorkerRecord]]) -> None:
+    """owner_stale=False (its replica beats): no verdict ever comes from rule 4."""
+    out = run(rs, owner_stale=False)
+    assert not [v for v in out if "stopped heartbeating" in v]
+
+
+@given(readings)
+def test_rule_4_needs_a_silent_channel(rs: list[tuple[float, WorkerRecord]]) -> None:
+    """Someone listens on the worker's channel (or Redis cannot tell): a stale replica
+    changes no verdict."""
+    rs = [(t, replace(r, subscribers=max(r.subscribers, 1) if r.subscribers >= 0 else -1))
+          for t, r in rs]
+    assert run(rs, owner_stale=True) == run(rs)
+
+
+@given(readings)
+def test_a_live_local_process_is_never_dead_even_with_a_stale_replica(
+        rs: list[tuple[float, WorkerRecord]]) -> None:
+    assert set(run(rs, pid_gone="", owner_stale=True)) <= {""}
