@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ class Setup:
         self.workers: list[pods.PodWorker] = []
         self.instance: dict[str, Any] = {}
 
-    def start(self, layout: str, hostname: str = "pod-w") -> tuple[pods.Pod, pods.PodWorker, DaemonProc]:
+    def start(self, layout: str, hostname: str | None = None
+              ) -> tuple[pods.Pod, pods.PodWorker, DaemonProc]:
+        # A node's daemon sees every pod on the machine, those of test processes running
+        # beside this one too: a pod named alike there would make ours ambiguous.
+        hostname = hostname or f"pod-{uuid.uuid4().hex[:8]}"
         cfg = write_config(self.tmp / f"{layout}.toml", self.redis_url, self.dsn,
                            instance={"name": f"rqr-{layout}", **self.instance},
                            cancel={"grace_seconds": 5.0, "lease_seconds": 20.0,
