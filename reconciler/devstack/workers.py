@@ -174,7 +174,8 @@ class Worker:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise TimeoutError(f"rq worker {self.name} ignored SIGTERM for {timeout}s") from None
+            raise TimeoutError(f"rq worker {self.name} ignored SIGTERM for {timeout}s; its log "
+                               f"ends:\n{tail(self.log_path, 3000)}") from None
 
     def stop(self) -> None:
         """Hard, idempotent teardown: SIGKILL horse groups, the worker, and any orphan.
