@@ -76,6 +76,7 @@ async def _check_redis(cfg: Config) -> list[Line]:
         if any(ln.level == "FAIL" for ln in lines):
             return lines  # what follows would fail on the same missing permissions
         lines.append(await _workers_line(rq))
+        lines.append(await _graceful_line(cfg, rq))
         mode = cfg.redis.keyspace_events
         try:
             flags = await rq.keyspace_flags()
@@ -127,6 +128,35 @@ async def _workers_line(rq: RqState) -> Line:
         return Line("WARN", "rq workers", f"none alive: {len(gone)} registered but gone: "
                     f"{shown}{more}. Are the workers running, and is redis.url's db theirs?")
     return Line("OK", "rq workers", f"{alive} alive; {len(gone)} registered but gone: {shown}{more}")
+
+
+async def _graceful_line(cfg: Config, rq: RqState) -> Line:
+    """Can a daemon started here see and signal the workers that registered from this
+    hostname (so that their cancels start with SIGTERM)? Judged as `run` judges it, from
+    this process's PID namespace and user: run `check` where the daemon runs."""
+    from reconciler import hostpid
+    from reconciler.processes import Processes
+
+    host_pid, _why = hostpid.decide(cfg.instance.host_pid)
+    procs = Processes(host_pid=host_pid)
+    names = await rq.worker_names()
+    try:
+        records = await rq.read_workers(names) if names else {}
+    except BackendUnavailable as exc:
+        return Line("WARN", "graceful stop", f"could not read the workers: {exc}")
+    live = {n: r for n, r in records.items() if r.exists and not r.death}
+    unseen = {n: why for n, r in live.items() if (why := procs.unseen(r))}
+    local = sum(1 for r in live.values() if procs.is_local(r))
+    if unseen:
+        first = next(iter(unseen.values()))
+        return Line("WARN", "graceful stop", f"{len(unseen)} worker(s) of this hostname cannot be "
+                    f"stopped gracefully from here ({first}): run rq-reconciler in the workers' PID "
+                    "namespace and as their user (a sidecar with shareProcessNamespace: true, "
+                    "compose's pid: \"service:<worker>\", or on the host); until then their "
+                    "cancels use RQ's stop-job, an immediate SIGKILL")
+    return Line("OK", "graceful stop", f"{local} worker(s) on this host can be stopped with "
+                "SIGTERM first" + ("" if local else " (none runs here: run a replica on each "
+                                   "worker host)"))
 
 
 async def _check_redis_acl(cfg: Config, rq: RqState) -> list[Line]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from reconciler.devstack import (
     DaemonProc,
     Pg,
     enqueue,
+    harness_env,
     insert_job,
     metric_value,
     migrate,
@@ -115,6 +118,7 @@ def test_sidecar_cancel_is_graceful(setup: Setup) -> None:
     assert detail["horse_signals"] == ["SIGTERM"], detail
     assert detail["graceful"] is True, detail
     assert metric_value(daemon.scrape(), "rq_reconciler_graceful_stop_available") == 1
+    assert _check_in(_pod, "sidecar", setup).startswith("OK"), "check agrees"
     assert detail["path"] == "local" and detail["instance"] == "rqr-sidecar", detail
     assert "SIGTERM" in marker.read_text(), "the job's own handler never ran"
     assert rq_status(setup.redis_url, rq_id) == "canceled"
@@ -141,8 +145,20 @@ def test_sidecar_worker_sigkill_fails_the_row_at_once(setup: Setup) -> None:
     print(f"sidecar: SIGKILL -> row failed in {took * 1000:.0f} ms")
 
 
+def _check_in(pod: pods.Pod, layout: str, setup: Setup) -> str:
+    """`rq-reconciler check` run where the daemon of `layout` runs; its graceful-stop line."""
+    argv = [sys.executable, "-m", "reconciler", "check", "--config",
+            str(setup.tmp / f"{layout}.toml")]
+    if layout != "daemonset":
+        argv = pod.container(argv, share_pid=layout == "sidecar")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=harness_env())
+    return next(ln for ln in out.stdout.splitlines() if "graceful stop" in ln)
+
+
 def test_separate_pid_namespace_cancel_falls_back_to_stop_job(setup: Setup) -> None:
-    _pod, worker, daemon = setup.start("separate")
+    pod, worker, daemon = setup.start("separate")
+    line = _check_in(pod, "separate", setup)
+    assert line.startswith("WARN") and "shareProcessNamespace" in line, line
     jid, rq_id, marker = setup.running_job("separate-cancel")
     req = _cancel(setup, jid)
     # It cannot see the worker's processes: RQ's stop-job (an immediate SIGKILL), said so.
