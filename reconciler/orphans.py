@@ -20,6 +20,7 @@ is pending: the cancel completes it instead.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,8 @@ log = structlog.get_logger("reconciler.orphans")
 
 # Orphans handled at once (each holds a stop ladder at most).
 MAX_BUSY = 1000
+# How long an orphan whose horse this replica never proved waits before it is failed.
+UNKNOWN_HORSE_GRACE_SECONDS = 2.0
 
 
 class Orphans:
@@ -111,6 +114,13 @@ class Orphans:
             if cancel:
                 self.queue.add([o.rq_id], "intent")  # the pass cancels it, with the intent
             return f"wait ({v.text})"
+        if v.kind is Kind.FAIL and horse is Horse.UNKNOWN:
+            # Another replica on this host may have proven the horse and be requeueing the
+            # job: give it the moment that takes, then fail only the same run.
+            await asyncio.sleep(UNKNOWN_HORSE_GRACE_SECONDS)
+            if not _same_run(await self.rq.read_orphan_job(o.rq_id), o):
+                self.queue.add([o.rq_id], "orphan_moved")
+                return "moved on"
         if v.kind is Kind.FAIL:
             await self._to_row(o, self.cfg.jobs.statuses.failed, v.text, Reason.ORPHANED,
                                {"worker": job.worker_name, "gone_because": target.gone,

@@ -249,7 +249,9 @@ def requeue_stranded_sync(client: redis.Redis, queue_name: str, job_id: str) -> 
 # per-worker executions set), so that no cleanup can also act on it; then what
 # RQ's own retry writes (rq/job.py, retry): `retries_left` spent by one when asked, and either status `queued`
 # and the id pushed onto the queue (front or back), or status `scheduled` and the id in
-# the queue's ScheduledJobRegistry at `score`.
+# the queue's ScheduledJobRegistry at `score`. Its `worker_name` is emptied, as after RQ's
+# stop: the dead worker's hash may still name the job as its current one (RQ 2), and a
+# job that names that worker would read as held by it (rq_state's in-flight test).
 # KEYS: job hash, started registry, queue, scheduled registry, job's execution registry,
 # worker's executions set, maintenance lock, the queues set.
 # ARGV: job id, worker name, started_at (raw), mode (front/back/schedule), score,
@@ -275,6 +277,7 @@ for _, ex in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
 end
 redis.call('DEL', KEYS[5])
 if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'retries_left', tostring(left - 1)) end
+redis.call('HSET', KEYS[1], 'worker_name', '')
 if ARGV[4] == 'schedule' then
   redis.call('HSET', KEYS[1], 'status', 'scheduled')
   redis.call('SADD', KEYS[8], ARGV[9])
