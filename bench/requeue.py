@@ -9,8 +9,9 @@ recorded start (marker polled every 5 ms).
 - with rq-reconciler (orphans.requeue = "retries", the default; sweep every 300 s: the
   local pid watch sees the death): the horse is stopped, the job retried at once;
 - RQ alone: RQ's own rule (StartedJobRegistry.cleanup, run by a worker's maintenance:
-  retried once the run's started-registry entry expired, i.e. job_timeout plus RQ's
-  grace after the worker's last heartbeat). This process runs RQ's
+  retried once the run's started-registry entry expired: 60 s past the worker's last
+  heartbeat, RQ's heartbeat TTL). There the worker's horse is SIGKILLed with it (a lost
+  node): a horse left running would finish the job itself, with nothing to retry. This process runs RQ's
   Worker.clean_registries() every MAINTENANCE_S seconds, the way a worker does (RQ's
   default is 600 s). The jobs use job_timeout = JOB_TIMEOUT_S (RQ's default is 180 s).
   All RQ-alone jobs die at once, on a queue each.
@@ -40,6 +41,8 @@ RUNS = 20
 RQ_ALONE_RUNS = 5
 MAINTENANCE_S = 15.0
 JOB_TIMEOUT_S = 10
+# How long each run of the job lasts (longer than any requeue takes).
+JOB_S = 5.0
 DEADLINE_S = 30.0
 SERIES = ("2", "3")
 
@@ -63,10 +66,12 @@ def _enqueue(conn: redis.Redis, queue: str, marker: Path, seconds: float) -> str
     return jid
 
 
-def with_daemon(work: Path, series: str, runs: int) -> tuple[list[float], int]:
-    """SIGKILL -> second run started, and how many second runs overlapped a first."""
+def with_daemon(work: Path, series: str, runs: int) -> tuple[list[float], int, dict[str, int]]:
+    """SIGKILL -> second run started, how many second runs overlapped a first, and the
+    daemon's orphan verdicts (with why, for those that were not requeues)."""
     times: list[float] = []
     overlaps = 0
+    verdicts: dict[str, int] = {}
     with bench_env(work / f"d{series}", sweep={"interval_seconds": 300.0,
                                                 "min_age_seconds": 60.0}) as env:
         pool = WorkerPool(env.redis_url, log_dir=work, rq_version=series)
@@ -77,7 +82,7 @@ def with_daemon(work: Path, series: str, runs: int) -> tuple[list[float], int]:
             for i in range(runs):
                 queue, marker = f"q{series}-{i}", work / f"d{series}-{i}.txt"
                 victim = pool.start(name=f"victim-{series}-{i}", queues=(queue,))
-                jid = _enqueue(conn, queue, marker, 2.0)
+                jid = _enqueue(conn, queue, marker, JOB_S)
                 insert_job(env.dsn, jid, status="queued", started_ago=None)
                 wait_until(lambda m=marker: _runs(m), timeout=20, what="the first run")
                 other = pool.start(name=f"other-{series}-{i}", queues=(queue,))
@@ -92,12 +97,16 @@ def with_daemon(work: Path, series: str, runs: int) -> tuple[list[float], int]:
                     overlaps += got[1][2] != 0
                 victim.stop()
                 other.stop()
+            for e in daemon.log_events():
+                if e.get("event") == "orphan_verdict":
+                    key = str(e.get("verdict")) + (f" ({e['why']})" if e.get("why") else "")
+                    verdicts[key] = verdicts.get(key, 0) + 1
         finally:
             daemon.stop()
             daemon.close()
             pool.stop_all()
             conn.close()
-    return times, overlaps
+    return times, overlaps, verdicts
 
 
 def rq_alone(work: Path, series: str, runs: int, interval: float) -> list[float]:
@@ -113,10 +122,14 @@ def rq_alone(work: Path, series: str, runs: int, interval: float) -> list[float]
             victims = [pool.start(name=f"lone-{series}-{i}", queues=(q,))
                        for i, q in enumerate(queues)]
             for q, m in zip(queues, markers, strict=True):
-                _enqueue(conn, q, m, 2.0)
+                _enqueue(conn, q, m, JOB_S)
             wait_until(lambda: all(_runs(m) for m in markers), timeout=60, what="first runs")
             killed = time.time()
             for v in victims:
+                # The worker and its horse die together (a lost node, an OOM kill of the
+                # pod): a horse left running would finish the job itself, and RQ alone
+                # would have nothing to retry.
+                v.kill_horses(signal.SIGKILL)
                 v.kill(signal.SIGKILL)
             pool.start(name=f"other-{series}", queues=tuple(queues))
             maint = RqWorker(queues, connection=conn, name=f"maintenance-{uuid.uuid4().hex[:6]}")
@@ -153,8 +166,9 @@ def main() -> int:
                 ms(percentile(t, 99)) if t else "-", ms(max(t)) if t else "-")
 
     for series in SERIES:
-        d_times, overlaps = with_daemon(work, series, runs)
+        d_times, overlaps, verdicts = with_daemon(work, series, runs)
         overlaps_all += overlaps
+        print(f"RQ {series}: the daemon's orphan verdicts: {verdicts}")
         rows.append(row(f"RQ {series}: rq-reconciler (retries: at once)", d_times, runs))
         r_times = rq_alone(work, series, alone, interval)
         rows.append(row(f"RQ {series}: RQ alone (job_timeout {JOB_TIMEOUT_S} s, maintenance "
