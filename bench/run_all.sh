@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-}"
 if [ -z "$PYTHON" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-SCRIPTS=(sweep_vs_naive history_table sweep_memory cancel_latency handover_latency sync_lag local_kill stranded rq_versions idle event_storm)
+SCRIPTS=(sweep_vs_naive history_table sweep_memory cancel_latency handover_latency sync_lag local_kill stranded requeue rq_versions idle event_storm)
 failed=()
 start=$(date +%s)
 for s in "${SCRIPTS[@]}"; do

@@ -462,7 +462,7 @@ async def _migrate(cfg: Config, *, print_only: bool) -> int:
     await migrate(cfg)
     after = await _schema_where(cfg)
     tables = ", ".join([cfg.cancel.requests_table, cfg.events_table, cfg.first_seen_table,
-                        cfg.replicas_table, after.version_table])
+                        cfg.replicas_table, cfg.requeues_table, after.version_table])
     where = f'in schema "{after.schema}"'
     if before.version >= SCHEMA_VERSION:
         said = f"rq-reconciler's tables {where} were up to date (v{before.version}); nothing changed"

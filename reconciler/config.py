@@ -214,11 +214,19 @@ class CancelConfig:
 
 @dataclass(frozen=True)
 class OrphansConfig:
-    # What a job whose worker died becomes. Today only "never" differs: a job stranded in
-    # a queue's intermediate list (it never started) is put back on its queue under
-    # "retries" and "always", and fails at once under "never"; a job that was running
-    # when its worker died fails under all three (requeueing those is not built yet).
+    # What a job whose worker died becomes (requeue_policy.py decides): "retries" applies
+    # RQ's own Retry rule at once, "always" queues any orphan again (up to max_requeues),
+    # "never" fails it. A job stranded in a queue's intermediate list (it never started)
+    # is put back on its queue under "retries" and "always", and fails under "never".
     requeue: OrphanRequeue = "retries"
+    # With "always": requeues after which the job fails.
+    max_requeues: int = 2
+    # Wait before an orphan is queued again under "always" (doubles each time; > 0 puts it
+    # in RQ's scheduled registry). "retries" honours the job's own Retry interval instead.
+    requeue_delay_seconds: float = 0.0
+    # Drained-then-killed workers (shutdown requested, then gone) a job may survive
+    # without spending a retry or a requeue.
+    max_disruptions: int = 10
 
 
 @dataclass(frozen=True)
@@ -312,6 +320,12 @@ class Config:
         return self._ours("_schema")
 
     @property
+    def requeues_table(self) -> str:
+        # Requeue counts and the per-attempt claim (one replica requeues an orphan).
+        schema, dot, _ = self.cancel.requests_table.rpartition(".")
+        return f"{schema}{dot}rq_reconciler_requeues"
+
+    @property
     def done_channel(self) -> str:
         return derived_ident(self.cancel.channel, "_done")
 
@@ -337,8 +351,13 @@ _POSITIVE = {
     "sweep.page_size",
     "sweep.stuck_after_seconds",
 }
+# Bounds of [orphans]: beyond them a setting is a typo, not a policy.
+MAX_REQUEUES = 1000
+MAX_REQUEUE_DELAY_SECONDS = 86400.0
+
 _NON_NEGATIVE = {"cancel.grace_seconds", "cancel.handover_seconds", "sweep.min_age_seconds",
-                 "sweep.max_orphan_min"}
+                 "sweep.max_orphan_min", "orphans.max_requeues", "orphans.requeue_delay_seconds",
+                 "orphans.max_disruptions"}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
@@ -495,6 +514,18 @@ def _validate(cfg: Config, env_keys: dict[str, str] | None = None) -> None:
         raise ConfigError("sweep.max_orphan_fraction", "must be in (0, 1]")
     if not cfg.instance.name:
         raise ConfigError("instance.name", "must not be empty")
+    o = cfg.orphans
+    if o.max_requeues > MAX_REQUEUES:
+        raise ConfigError("orphans.max_requeues", f"must be at most {MAX_REQUEUES}, got "
+                          f"{o.max_requeues} (a job that kills its worker each time is stopped "
+                          "by a small number)")
+    if o.max_disruptions > MAX_REQUEUES:
+        raise ConfigError("orphans.max_disruptions",
+                          f"must be at most {MAX_REQUEUES}, got {o.max_disruptions}")
+    if o.requeue_delay_seconds > MAX_REQUEUE_DELAY_SECONDS:
+        raise ConfigError("orphans.requeue_delay_seconds",
+                          f"must be at most {MAX_REQUEUE_DELAY_SECONDS:g} (a day), got "
+                          f"{o.requeue_delay_seconds:g}")
 
 
 def resolve_path(path: str | None, environ: dict[str, str] | None = None) -> str:

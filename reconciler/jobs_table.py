@@ -63,6 +63,7 @@ from reconciler.pgpool import (
 )
 from reconciler.replicas_table import ReplicaTable
 from reconciler.requests_table import CancelRequestTable, intent_queries
+from reconciler.requeues_table import RequeueTable
 from reconciler.schema_needs import Table, find_table, one_line, startup_problems
 
 log = structlog.get_logger("reconciler.jobs_table")
@@ -157,6 +158,7 @@ class Store:
         self._sql: dict[str, str] = {}
         self.requests = CancelRequestTable(self)
         self.replicas = ReplicaTable(self)
+        self.requeues = RequeueTable(self)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -249,6 +251,7 @@ class Store:
                 (self.cfg.events_table, n.events),
                 (self.cfg.first_seen_table, n.first_seen),
                 (self.cfg.replicas_table, n.replicas),
+                (self.cfg.requeues_table, n.requeues),
             ]
             if await self._p().fetchval("SELECT to_regclass($1)", reg) is None
         ]

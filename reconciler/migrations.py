@@ -17,7 +17,7 @@ from reconciler.indexes import print_sql_section
 from reconciler.pgpool import translated
 from reconciler.schema_needs import find_table, lacking, shown_role
 
-MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql")
+MIGRATIONS = ("001_initial.sql", "002_owner_only.sql", "003_replicas.sql", "004_requeues.sql")
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -252,6 +252,7 @@ def render_migrations(cfg: Config) -> str:
         "requests_job_index": quote_ident(names["requests_job_index"]),
         "requests_done_index": quote_ident(names["requests_done_index"]),
         "replicas_table": quote_ident(cfg.replicas_table),
+        "requeues_table": quote_ident(cfg.requeues_table),
         "trigger_fn": quote_ident(pre + names["trigger_name"]),
         "trigger_name": quote_ident(names["trigger_name"]),
         "channel_literal": _literal(cfg.cancel.channel),

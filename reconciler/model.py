@@ -70,6 +70,10 @@ class Action(enum.StrEnum):
     # Cancel the RQ job with RQ's API: a cancel intent met the job still waiting in RQ
     # (enqueued after the cancel, or before RQ's own cancel got to it).
     CANCEL_RQ = "cancel_rq"
+    # An orphan under a policy that may queue it again: its horse is stopped first, then
+    # requeue_policy.orphan_verdict() decides on fresh facts (orphans.py carries it out).
+    # The row is left as it is until then.
+    REQUEUE_ORPHAN = "requeue_orphan"
 
 
 # The per-row types below are NamedTuples, not frozen dataclasses: a sweep builds several
@@ -177,6 +181,18 @@ class Doom(NamedTuple):
         return self.dependency == self.root
 
 
+class Orphan(NamedTuple):
+    """A started job whose worker is gone, to requeue or fail once its horse is stopped
+    (Action.REQUEUE_ORPHAN): as the pass read it."""
+
+    job_id: Any
+    row_status: str
+    rq_id: str
+    worker_name: str
+    started_at: datetime | None
+    gone_because: str = ""
+
+
 class Decision(NamedTuple):
     """What to do with one row. `to_status` None means leave the row as it is."""
 
@@ -223,12 +239,14 @@ def decide(
     old_enough: bool,
     orphaned_horse_kill: bool = True,
     doom: Doom | None = None,
+    requeue_orphans: bool = False,
 ) -> Decision:
     """Apply SPEC's reconcile table to one row.
 
     `rq_job` None means the row has no RQ id; `RqStatus.MISSING` means Redis answered
     that the hash does not exist. A Redis error must never reach here: the caller skips
     the row instead. `old_enough` is the min_age test, done by the caller with its clock.
+    `requeue_orphans`: orphans.requeue is not "never" (an orphan may be queued again).
     """
     s = statuses
     if rq_job is not None and rq_job.status is RqStatus.UNREADABLE:
@@ -300,6 +318,10 @@ def decide(
             if not orphaned_horse_kill and worker.local and worker.orphan_horse_alive:
                 # let-finish: the reparented horse is watched; the row follows its result.
                 return KEEP
+            if requeue_orphans:
+                return Decision(action=Action.REQUEUE_ORPHAN,
+                                detail={"worker": worker.name,
+                                        "gone_because": worker.gone_because})
             return Decision(
                 s.failed,
                 Reason.ORPHANED,

@@ -23,6 +23,7 @@ from reconciler.health import Health, Wakeups
 from reconciler.jobs_table import RowChange, Store
 from reconciler.metrics import Metrics
 from reconciler.model import WAITING
+from reconciler.orphans import Orphans
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
 from reconciler.stop import Stopper
@@ -48,6 +49,8 @@ class Aftercare:
         self.rq = rq
         self.workers, self.stopper, self.tasks, self.queue = workers, stopper, tasks, queue
         self._later: set[str] = set()
+        # Orphans to requeue or fail (orphans.py), where the daemon runs them.
+        self.orphans: Orphans | None = None
 
     def forget_ended(self, changes: Sequence[RowChange]) -> None:
         self.workers.forget_ended(
@@ -65,6 +68,8 @@ class Aftercare:
             self.stopper.stop_for_reconcile(report.horse_stops)
         if report.rq_cancels:
             self.tasks.spawn(self.cancel_waiting(report.rq_cancels), "cancel-waiting")
+        if report.orphans and self.orphans is not None:
+            self.orphans.take(report.orphans)
         self.workers.watch_local()
         if self.workers.untracked:
             self.tasks.spawn(self.workers.track(), "track-horses")

@@ -173,6 +173,7 @@ class Names:
     events: str
     first_seen: str
     replicas: str
+    requeues: str
 
     @classmethod
     def of(cls, cfg: Config) -> Names:
@@ -189,6 +190,7 @@ class Names:
             events=quote_ident(cfg.events_table),
             first_seen=quote_ident(cfg.first_seen_table),
             replicas=quote_ident(cfg.replicas_table),
+            requeues=quote_ident(cfg.requeues_table),
         )
 
 

@@ -36,6 +36,7 @@ from reconciler.model import (
     CancelIntent,
     Decision,
     Doom,
+    Orphan,
     Page,
     Reason,
     RqJob,
@@ -102,6 +103,8 @@ class PassReport:
     # no live worker listens to (never an orphan: the app may be deploying).
     waiting_queues: Counter[str] = field(default_factory=Counter)
     unserved: dict[str, int] = field(default_factory=dict)
+    # Orphans to requeue or fail once their horse is stopped (orphans.py).
+    orphans: list[Orphan] = field(default_factory=list)
 
     def merge(self, other: PassReport) -> None:
         self.checked += other.checked
@@ -112,6 +115,7 @@ class PassReport:
         self.retry_now += other.retry_now
         self.retry_later += other.retry_later
         self.rq_cancels += other.rq_cancels
+        self.orphans += other.orphans
 
 
 class Evaluated(NamedTuple):
@@ -261,6 +265,7 @@ class Reconciler:
         jobs, intents, dooms = reading.jobs, reading.intents, reading.dooms
         min_age = self.cfg.sweep.min_age_seconds
         kill = self.cfg.cancel.orphaned_horse == "kill"
+        requeue = self.cfg.orphans.requeue != "never"
         words = self.cfg.jobs.statuses
         out = Evaluations()
         for ar in rows:
@@ -273,14 +278,16 @@ class Reconciler:
             cancel = intents.get(row.id)
             doom = dooms.get(job.id) if job is not None and dooms else None
             d = decide(row, job, worker, cancel, words,
-                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill, doom=doom)
+                       old_enough=ar.age_seconds >= min_age, orphaned_horse_kill=kill, doom=doom,
+                       requeue_orphans=requeue)
             by_redis = False
             if worker is not None and worker.name and not worker.alive and not worker.local \
                     and (d.to_status is not None or d.action is not Action.NONE):
                 alive = WorkerState(worker.name, "", False, worker.pid, worker.current_job)
                 by_redis = d != decide(row, job, alive, cancel, words,
                                        old_enough=ar.age_seconds >= min_age,
-                                       orphaned_horse_kill=kill, doom=doom)
+                                       orphaned_horse_kill=kill, doom=doom,
+                                       requeue_orphans=requeue)
             out.append(Evaluated(ar, job, worker, d, by_redis))
         if dooms:
             with_rows = {ar.row.rq_id for ar in rows}
@@ -329,6 +336,10 @@ class Reconciler:
                     ev.row.row.id, ev.rq_job.id, ev.rq_job.worker_name,
                     str(d.detail.get("why") or d.error or "orphan"),
                     for_cancel=d.reason is not Reason.ORPHANED))
+            elif d.action is Action.REQUEUE_ORPHAN and ev.rq_job is not None:
+                report.orphans.append(Orphan(
+                    ev.row.row.id, ev.row.row.status, ev.rq_job.id, ev.rq_job.worker_name,
+                    ev.rq_job.started_at, str(d.detail.get("gone_because") or "")))
             elif d.action is Action.CANCEL_RQ and ev.rq_job is not None:
                 if d.to_status is None:
                     report.rq_cancels.append(ev.rq_job.id)
@@ -733,6 +744,7 @@ async def _hand_over(report: PassReport, sink: PageSink | None) -> None:
     report.changes = []
     report.horse_stops = []
     report.rq_cancels = []
+    report.orphans = []
     report.retry_now = []
     report.retry_later = []
 

@@ -49,6 +49,8 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
     read = "reads job and worker state"
     cancel = "cancels a waiting job with RQ's Job.cancel()"
     requeue = "puts a stranded job back on its queue"
+    orphan = "queues a job whose worker died again ([orphans] requeue)"
+    no_orphans = cfg.orphans.requeue == "never"
     probes = [
         AclProbe("PING", ("PING",), "checks the connection"),
         AclProbe("INFO", ("INFO", "server"), "tells a restarted, loading or replica Redis"),
@@ -107,8 +109,19 @@ def acl_probes(cfg: Config, rq: RqState) -> list[AclProbe]:
         AclProbe("LREM", ("LREM", k.intermediate(_PROBE), "1", _PROBE), requeue),
         AclProbe("LPUSH", ("LPUSH", queue, _PROBE), requeue),
         AclProbe("RPUSH", ("RPUSH", queue, _PROBE),
-                 "enqueues the dependents of a cancelled job (cancel.dependents = \"enqueue\")",
-                 optional=cfg.cancel.dependents != "enqueue"),
+                 "queues an orphan again, and enqueues the dependents of a cancelled job",
+                 optional=cfg.cancel.dependents != "enqueue" and cfg.orphans.requeue == "never"),
+        # An orphan queued again (rq_api's requeue of a job whose worker died): its run
+        # leaves the started registry and its executions go; it is queued or scheduled.
+        AclProbe("ZREM", ("ZREM", k.prefix + STARTED_REGISTRY + _PROBE, _PROBE), orphan,
+                 optional=no_orphans),
+        AclProbe("DEL", ("DEL", k.execution + _PROBE + ":" + _PROBE), orphan,
+                 optional=no_orphans),
+        AclProbe("SREM", ("SREM", k.worker + _PROBE + WORKER_EXECUTIONS_SUFFIX, _PROBE), orphan,
+                 optional=no_orphans),
+        AclProbe("SADD", ("SADD", k.prefix + ":queues", queue), orphan, optional=no_orphans),
+        AclProbe("ZADD", ("ZADD", k.rebase(ScheduledJobRegistry.key_template.format(_PROBE)),
+                          "1", _PROBE), orphan, optional=no_orphans),
         AclProbe("CONFIG|GET", ("CONFIG", "GET", "notify-keyspace-events"),
                  "reads notify-keyspace-events (without it: sweeps only)",
                  optional=cfg.redis.keyspace_events != "require"),

@@ -237,6 +237,102 @@ def requeue_stranded_sync(client: redis.Redis, queue_name: str, job_id: str) -> 
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
+# -- queueing an orphan again ----------------------------------------------------------------
+
+# A job whose worker died mid-run stays `started` in RQ, in its queue's StartedJobRegistry,
+# until RQ's maintenance retries or fails it (StartedJobRegistry.cleanup: on RQ 2.12 it
+# does so whatever the job's status says). To take it out of RQ's hands and run it again,
+# in one atomic step: only if the job is still `started` by that worker in that run
+# (`worker_name`, `started_at` as read) and RQ's maintenance does not hold the queue;
+# its run's entries leave the started registry (members `<id>:<execution>`) and its
+# executions go (the per-job ExecutionRegistry, each execution hash, and RQ 3's
+# per-worker executions set), so that no cleanup can also act on it; then what
+# RQ's own retry writes (rq/job.py, retry): `retries_left` spent by one when asked, and either status `queued`
+# and the id pushed onto the queue (front or back), or status `scheduled` and the id in
+# the queue's ScheduledJobRegistry at `score`. Its `worker_name` is emptied, as after RQ's
+# stop: the dead worker's hash may still name the job as its current one (RQ 2), and a
+# job that names that worker would read as held by it (rq_state's in-flight test).
+# KEYS: job hash, started registry, queue, scheduled registry, job's execution registry,
+# worker's executions set, maintenance lock, the queues set.
+# ARGV: job id, worker name, started_at (raw), mode (front/back/schedule), score,
+# spend a retry (1/0), now (RQ's time format), execution hash prefix, queue key.
+_REQUEUE_ORPHAN_LUA = """
+local v = redis.call('HMGET', KEYS[1], 'status', 'worker_name', 'started_at', 'retries_left')
+if v[1] ~= 'started' then return 'not_requeued (status ' .. tostring(v[1]) .. ')' end
+if (v[2] or '') ~= ARGV[2] then return 'not_requeued (another worker holds it)' end
+if (v[3] or '') ~= ARGV[3] then return 'not_requeued (another run of it)' end
+if redis.call('EXISTS', KEYS[7]) == 1 then return 'not_requeued (RQ maintenance holds the queue)' end
+local left = tonumber(v[4] or '')
+if ARGV[6] == '1' and (left == nil or left < 1) then return 'not_requeued (no retries left)' end
+local cursor = '0'
+repeat
+  local r = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', ARGV[1] .. ':*', 'COUNT', 1000)
+  cursor = r[1]
+  for j = 1, #r[2], 2 do redis.call('ZREM', KEYS[2], r[2][j]) end
+until cursor == '0'
+redis.call('ZREM', KEYS[2], ARGV[1])
+for _, ex in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  redis.call('DEL', ARGV[8] .. ARGV[1] .. ':' .. ex)
+  redis.call('SREM', KEYS[6], ARGV[1] .. ':' .. ex)
+end
+redis.call('DEL', KEYS[5])
+if ARGV[6] == '1' then redis.call('HSET', KEYS[1], 'retries_left', tostring(left - 1)) end
+redis.call('HSET', KEYS[1], 'worker_name', '')
+if ARGV[4] == 'schedule' then
+  redis.call('HSET', KEYS[1], 'status', 'scheduled')
+  redis.call('SADD', KEYS[8], ARGV[9])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+  return 'scheduled'
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'enqueued_at', ARGV[7])
+if ARGV[4] == 'front' then
+  redis.call('LPUSH', KEYS[3], ARGV[1])
+else
+  redis.call('RPUSH', KEYS[3], ARGV[1])
+end
+return 'requeued'
+"""
+
+
+def requeue_orphan_sync(client: redis.Redis, *, queue_name: str, job_id: str, worker_name: str,
+                        started_at_raw: str, delay: float, at_front: bool,
+                        spend_retry: bool) -> str:
+    """Queue the orphan `job_id` again (blocking): back on `queue_name` (its front if
+    `at_front`), or, with `delay` > 0, into its scheduled registry that many seconds from
+    now; spending one of RQ's retries if `spend_retry`. Returns requeued / scheduled /
+    not_requeued (<why>). redis-py's errors propagate."""
+    import math
+    import time
+
+    from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+    from rq.utils import utcformat
+
+    q = Queue(queue_name, connection=client, serializer=RefusingSerializer)
+    keys = [
+        Job.key_for(job_id),  # type: ignore[no-untyped-call, unused-ignore]
+        StartedJobRegistry(queue_name, connection=client).key,
+        q.key,
+        ScheduledJobRegistry(queue_name, connection=client).key,  # type: ignore[no-untyped-call, unused-ignore]
+        ExecutionRegistry(job_id, connection=client).key,
+        f"{Worker.redis_worker_namespace_prefix}{worker_name}:executions",
+        q.registry_cleaning_key,
+        Queue.redis_queues_keys,
+    ]
+    now = time.time()
+    mode = "schedule" if delay > 0 else ("front" if at_front else "back")
+    # As ScheduledJobRegistry.schedule(): whole seconds (calendar.timegm), rounded up here
+    # so that the wait is never shorter than asked.
+    score = str(math.ceil(now + delay)) if delay > 0 else "0"
+    from datetime import UTC, datetime
+
+    stamp = utcformat(datetime.fromtimestamp(now, UTC))
+    args = [job_id, worker_name, started_at_raw, mode, score, "1" if spend_retry else "0",
+            stamp, f"{IMPORTED_PREFIX}:execution:", q.key]
+    script = client.register_script(_REQUEUE_ORPHAN_LUA)
+    raw = script(keys=keys, args=args)
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 # -- letting the dependents of a cancelled job run (cancel.dependents = "enqueue") ------------
 
 class _Opaque(dict[str, Any]):

@@ -190,6 +190,9 @@ class WorkerRecord:
     execution_created_at: datetime | None = None
     # Live executions: all the worker holds (RQ 3), or those of current_job (RQ 2).
     executions: int = 0
+    # RQ recorded `shutdown_requested_date` (a warm shutdown: SIGTERM, a deploy, a drain):
+    # a job it dies holding was lost through no fault of its own (rq 2.12 and 3.0 alike).
+    shutdown_requested: bool = False
 
     @property
     def provable(self) -> bool:
@@ -394,6 +397,7 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
     set_size = vals[7] if isinstance(vals[7], int) else -1
     # (The key's PTTL: -1 means it never expires; a reply without it is an older script's.)
     pttl = vals[10] if len(vals) > 10 and isinstance(vals[10], int) else None
+    shutdown = len(vals) > 11 and isinstance(vals[11], bytes) and bool(vals[11])
     persistent = pttl == -1
     expires_in = pttl / 1000 if pttl is not None and pttl >= 0 else None
     live3: list[Any] = vals[8] if isinstance(vals[8], list) else []
@@ -437,6 +441,7 @@ def worker_from_reply(name: str, vals: Any, subscribers: int) -> WorkerRecord:
         execution_id=execution_id,
         execution_created_at=created,
         executions=count,
+        shutdown_requested=shutdown,
     )
 
 
@@ -627,3 +632,51 @@ def served_queues(reply: Any, keys: Keys = DEFAULT_KEYS) -> set[str]:
             continue
         served.update(q for q in text_of(vals[3]).split(",") if q)
     return served
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanJob:
+    """What queueing an orphan again needs of its job hash, read raw (never unpickled):
+    who ran it and when (the requeue is guarded by them), its queue, and RQ's Retry
+    fields as RQ's Job reads them (`retries_left`, the JSON list `retry_intervals`,
+    `enqueue_at_front_on_retry`)."""
+
+    rq_id: str
+    status: str
+    worker_name: str
+    started_at_raw: str
+    origin: str
+    retries_left: int | None = None
+    retry_intervals: tuple[int, ...] = ()
+    at_front_on_retry: bool = False
+
+
+def orphan_job_from_reply(rq_id: str, vals: Any) -> OrphanJob | None:
+    """An OrphanJob from HMGET status, worker_name, started_at, origin, retries_left,
+    retry_intervals, enqueue_at_front_on_retry (None: no such hash). Garbage in a Retry
+    field reads as no Retry: such a job is never retried by us."""
+    if not isinstance(vals, list) or len(vals) < 7 or all(v is None for v in vals):
+        return None
+    left: int | None = None
+    try:
+        left = int(text_of(vals[4])) if vals[4] else None
+    except ValueError:
+        left = None
+    intervals: tuple[int, ...] = ()
+    if vals[5] and len(vals[5]) <= 4096:
+        try:
+            raw = json.loads(text_of(vals[5]))
+        except ValueError:
+            raw = None
+        if isinstance(raw, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                         for i in raw):
+            intervals = tuple(raw)
+        else:
+            left = None
+    front = False
+    try:
+        front = bool(int(text_of(vals[6]))) if vals[6] else False
+    except ValueError:
+        front = False
+    return OrphanJob(rq_id, text_of(vals[0]), text_of(vals[1]), text_of(vals[2]),
+                     text_of(vals[3]), left, intervals, front)

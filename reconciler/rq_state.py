@@ -50,6 +50,7 @@ from reconciler.rq_layout import (
     WORKER_EXECUTIONS_SUFFIX,
     DepNode,
     Keys,
+    OrphanJob,
     Stranded,
     WorkerRecord,
     decode_key,
@@ -58,6 +59,7 @@ from reconciler.rq_layout import (
     missing_keyspace_flags,
     name_problem,
     not_believed,
+    orphan_job_from_reply,
     printable_key,
     served_queues,
     stop_command,
@@ -403,6 +405,41 @@ class RqState:
         except _REDIS_ERRORS as exc:
             raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
 
+    async def read_orphan_job(self, rq_id: str) -> OrphanJob | None:
+        """The raw fields queueing an orphan again needs (rq_layout.OrphanJob); None if the
+        hash is gone. Never unpickles anything."""
+        try:
+            vals = await self.client.hmget(self.keys.job + rq_id, "status", "worker_name",
+                                           "started_at", "origin", "retries_left",
+                                           "retry_intervals", "enqueue_at_front_on_retry")
+        except redis.exceptions.ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                return None
+            raise RedisUnavailable(str(exc)) from exc
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        return orphan_job_from_reply(rq_id, list(vals))
+
+    async def requeue_orphan(self, job: OrphanJob, *, delay: float, at_front: bool,
+                             spend_retry: bool) -> str:
+        """Queue the orphan `job` again in one atomic step, guarded by the run it was read
+        in (rq_api.requeue_orphan_sync). Returns requeued / scheduled / not_requeued
+        (<why>)."""
+        from reconciler import rq_api
+
+        if self._write_problem is None:
+            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
+        if self._write_problem:
+            log.error("rq_write_refused", job_id=job.rq_id, error=self._write_problem)
+            return f"not_requeued ({self._write_problem})"
+        try:
+            return await asyncio.to_thread(
+                rq_api.requeue_orphan_sync, self._sync_client(), queue_name=job.origin,
+                job_id=job.rq_id, worker_name=job.worker_name, started_at_raw=job.started_at_raw,
+                delay=delay, at_front=at_front, spend_retry=spend_retry)
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+
     # -- keyspace notifications -------------------------------------------------------
 
     async def keyspace_flags(self) -> str:
@@ -553,10 +590,10 @@ local i = 0
 for name in string.gmatch(ARGV[1], '[^\\n]+') do
   i = i + 1
   local h = redis.pcall('HMGET', wp .. name, 'birth', 'last_heartbeat', 'pid', 'hostname',
-                        'death', 'current_job', 'version')
+                        'death', 'current_job', 'version', 'shutdown_requested_date')
   local long = false
   if not h.err then
-    for j = 1, 7 do
+    for j = 1, 8 do
       if h[j] and #h[j] > 1024 then long = true end
     end
   end
@@ -598,7 +635,7 @@ for name in string.gmatch(ARGV[1], '[^\\n]+') do
     end
     local ttl = redis.pcall('PTTL', wp .. name)
     if type(ttl) ~= 'number' then ttl = -3 end
-    out[i] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], size, live3, live2, ttl}
+    out[i] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], size, live3, live2, ttl, h[8] or ''}
   end
 end
 return out

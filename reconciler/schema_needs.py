@@ -272,7 +272,7 @@ async def column_lines(conn: asyncpg.Connection, cfg: Config, table: Table) -> l
 def _our_tables(cfg: Config) -> list[str]:
     schema, dot, _ = cfg.cancel.requests_table.rpartition(".")
     return [cfg.cancel.requests_table, cfg.events_table, cfg.first_seen_table,
-            cfg.replicas_table, f"{schema}{dot}rq_reconciler_schema"]
+            cfg.replicas_table, cfg.requeues_table, f"{schema}{dot}rq_reconciler_schema"]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from reconciler.errors import (
 from reconciler.health import Health, Wakeups
 from reconciler.jobs_table import Store
 from reconciler.metrics import Metrics, MetricsServer
+from reconciler.orphans import Orphans
 from reconciler.passes import Aftercare, CancelLoop, EventPasses, IntentWatch, Sweeps
 from reconciler.pgpool import translated
 from reconciler.processes import Processes
@@ -85,6 +86,8 @@ class Daemon:
                                        watch=self.intents.watch, hold=self.queue.held)
         self.cancels._slot_free = self.wake.cancel.set
         self.after = Aftercare(self.rq, self.workers, self.stopper, self.followups, self.queue)
+        self.after.orphans = Orphans(cfg, self.store, self.rq, self.stopper, self.followups,
+                                     self.queue, m)
         self.notifications = CancelNotifications(cfg, self.health, self.wake, m)
         self.keyspace = KeyspaceEvents(cfg, self.rq, self.health, self.wake, self.queue,
                                        self.workers, m)

@@ -146,3 +146,47 @@ def fail_times(times: int, marker: str) -> int:
     if attempt <= times:
         raise RuntimeError(f"attempt {attempt} fails")
     return attempt
+
+
+def _pid_running(pid: int) -> bool:
+    """A process `pid` exists and is not a zombie (read from /proc: no psutil needed in a
+    worker's venv)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _mark_run(marker: str) -> None:
+    """Append ``RUN <pid> <unix time> <n>``, n being how many earlier runs' horses are
+    still running as this one starts (0 unless two copies of the job run at once)."""
+    earlier = []
+    try:
+        with open(marker) as f:
+            earlier = [int(ln.split()[1]) for ln in f if ln.startswith("RUN ")]
+    except FileNotFoundError:
+        pass
+    alive = sum(1 for pid in earlier if _pid_running(pid))
+    _mark(marker, f"RUN {os.getpid()} {time.time():.6f} {alive}")
+
+
+def mark_runs(seconds: float, marker: str) -> float:
+    """Record this run's start (see _mark_run), sleep ``seconds``, record ``DONE``."""
+    _mark_run(marker)
+    _sleep_until(time.monotonic() + seconds)
+    _mark(marker, f"DONE {os.getpid()} {time.time():.6f}")
+    return seconds
+
+
+def kill_own_worker(marker: str, seconds: float = 30.0, after: float = 0.5) -> float:
+    """Record this run's start, SIGKILL the worker that forked this horse ``after``
+    seconds later (a poison pill that takes its worker down), then go on sleeping as an
+    orphaned horse would."""
+    _mark_run(marker)
+    _sleep_until(time.monotonic() + after)
+    os.kill(os.getppid(), signal.SIGKILL)
+    _sleep_until(time.monotonic() + seconds)
+    _mark(marker, f"DONE {os.getpid()} {time.time():.6f}")
+    return seconds
