@@ -321,9 +321,9 @@ class Config:
 
     @property
     def requeues_table(self) -> str:
-        # Requeue counts and the per-attempt claim (one replica requeues an orphan).
-        schema, dot, _ = self.cancel.requests_table.rpartition(".")
-        return f"{schema}{dot}rq_reconciler_requeues"
+        # Requeue counts and the per-attempt claim (one replica requeues an orphan); the
+        # install's own, like the others.
+        return self._ours("_requeues")
 
     @property
     def done_channel(self) -> str:

@@ -108,7 +108,8 @@ def _legacy_names_sql(cfg: Config) -> str:
 # Our tables other than the requests table, as (config property, legacy bare name): the
 # names every install had before they were named after its requests table.
 _OURS = (("events_table", "rq_reconciler_events"), ("first_seen_table", "rq_reconciler_first_seen"),
-         ("replicas_table", "rq_reconciler_replicas"), ("version_table", "rq_reconciler_schema"))
+         ("replicas_table", "rq_reconciler_replicas"), ("version_table", "rq_reconciler_schema"),
+         ("requeues_table", "rq_reconciler_requeues"))
 # The comment each of them carries: whose they are (the requests table, schema-qualified).
 INSTALL_MARK = "rq-reconciler: of the install whose cancel requests are in "
 # Columns that make a table an rq-reconciler cancel-request table (another install's).

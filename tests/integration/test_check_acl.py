@@ -19,11 +19,12 @@ from reconciler.model import RqStatus
 from reconciler.rq_state import RqState
 from tests.support import run_cli, write_config
 
-# What README's "Redis ACL user" section tells operators to give the daemon.
+# What docs/operating.md's "Who may cancel, and the Redis user" tells operators to give the
+# daemon.
 COMMANDS = ("+ping +info +evalsha +script|load +hmget +exists +xrevrange +lpos +zcount +hget "
             "+scard +zrangebyscore +pttl +pubsub|numsub +smembers +publish +hgetall +watch +unwatch "
             "+multi +exec +hset +lrem +zrem +zadd +zrange +zremrangebyscore +config|get "
-            "+srandmember +lrange +zscan +lpush +rpush +psubscribe")
+            "+srandmember +lrange +zscan +lpush +rpush +del +srem +sadd +psubscribe")
 CHANNELS = "&rq:pubsub:* &__keyspace@0__:rq:job:* &__keyspace@0__:rq:worker:*"
 
 

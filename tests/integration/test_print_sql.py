@@ -36,7 +36,7 @@ def test_printed_sql_needs_no_connection_and_makes_what_migrate_makes(
     cfg = write_config(tmp_path / "c.toml", NOWHERE_REDIS, pg_dsn)
     p = run_cli(cfg, "migrate")
     assert p.returncode == 0, p.stderr
-    assert "were up to date (v3); nothing changed" in p.stderr
+    assert "were up to date (v4); nothing changed" in p.stderr
 
 
 def test_the_printed_sql_takes_the_id_type_from_the_table(tmp_path: Path, pg_dsn: str) -> None:
