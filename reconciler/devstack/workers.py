@@ -48,6 +48,10 @@ FORK_WORKER = "rq.worker.Worker"
 SPAWN_WORKER = "rq.worker.SpawnWorker"  # the same path in RQ 2.12 and 3.0 (rq/worker/__init__.py)
 
 
+
+#: How long terminate() waits for a warm shutdown before RQ's cold one (a second SIGTERM).
+WARM_SHUTDOWN_SECONDS = 8.0
+
 class Worker:
     """An ``rq worker`` subprocess.  Create via ``start_worker``."""
 
@@ -171,11 +175,26 @@ class Worker:
         """
         signal_popen(self.proc, signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.proc.wait(timeout=min(timeout / 2, WARM_SHUTDOWN_SECONDS))
+        except subprocess.TimeoutExpired:
+            # A warm shutdown that lands during the worker's start-up maintenance can hang in
+            # its teardown (seen with RQ 2.12: in PubSub.unsubscribe(), after its death was
+            # registered). Only then, with no job left to finish, RQ's cold shutdown: a
+            # second SIGTERM.
+            if self._death_registered():
+                signal_popen(self.proc, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout / 2)
         except subprocess.TimeoutExpired:
             self.stop()
             raise TimeoutError(f"rq worker {self.name} ignored SIGTERM for {timeout}s; its log "
                                f"ends:\n{tail(self.log_path, 3000)}") from None
+
+    def _death_registered(self) -> bool:
+        with contextlib.suppress(redis.RedisError), \
+                redis.Redis.from_url(self.redis_url, socket_timeout=5) as r:
+            return bool(r.hexists(self.key, "death"))
+        return False
 
     def stop(self) -> None:
         """Hard, idempotent teardown: SIGKILL horse groups, the worker, and any orphan.
