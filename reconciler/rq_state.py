@@ -388,17 +388,24 @@ class RqState:
         return {n: [q for q in text_of(r).split(",") if q] if isinstance(r, bytes) else []
                 for n, r in zip(names, replies, strict=True)}
 
-    async def requeue_stranded(self, queue: str, job_id: str) -> str:
-        """Put a stranded job back at the front of its queue, in one atomic step that RQ's
-        maintenance cannot interleave with (rq_api.requeue_stranded_sync). Returns
-        requeued / not_requeued (<why>)."""
+    def _write_refused(self, job_id: str) -> str:
+        """Why RQ may not be written to under this key prefix ('' if it may); logged."""
         from reconciler import rq_api
 
         if self._write_problem is None:
             self._write_problem = rq_api.prefix_problem(self.keys.prefix)
         if self._write_problem:
             log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
-            return f"not_requeued ({self._write_problem})"
+        return self._write_problem
+
+    async def requeue_stranded(self, queue: str, job_id: str) -> str:
+        """Put a stranded job back at the front of its queue, in one atomic step that RQ's
+        maintenance cannot interleave with (rq_api.requeue_stranded_sync). Returns
+        requeued / not_requeued (<why>)."""
+        from reconciler import rq_api
+
+        if problem := self._write_refused(job_id):
+            return f"not_requeued ({problem})"
         try:
             return await asyncio.to_thread(rq_api.requeue_stranded_sync, self._sync_client(),
                                            queue, job_id)
@@ -427,11 +434,8 @@ class RqState:
         (<why>)."""
         from reconciler import rq_api
 
-        if self._write_problem is None:
-            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
-        if self._write_problem:
-            log.error("rq_write_refused", job_id=job.rq_id, error=self._write_problem)
-            return f"not_requeued ({self._write_problem})"
+        if problem := self._write_refused(job.rq_id):
+            return f"not_requeued ({problem})"
         try:
             return await asyncio.to_thread(
                 rq_api.requeue_orphan_sync, self._sync_client(), queue_name=job.origin,
@@ -535,11 +539,8 @@ class RqState:
         from reconciler import rq_api
 
         allowed = frozenset(s.value for s in only_from)
-        if self._write_problem is None:
-            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
-        if self._write_problem:
-            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
-            return f"not_canceled ({self._write_problem})"
+        if problem := self._write_refused(job_id):
+            return f"not_canceled ({problem})"
         try:
             return await asyncio.to_thread(rq_api.cancel_sync, self._sync_client(), job_id, allowed)
         except _REDIS_ERRORS as exc:
@@ -551,10 +552,7 @@ class RqState:
         it. Returns how many dependents it had."""
         from reconciler import rq_api
 
-        if self._write_problem is None:
-            self._write_problem = rq_api.prefix_problem(self.keys.prefix)
-        if self._write_problem:
-            log.error("rq_write_refused", job_id=job_id, error=self._write_problem)
+        if self._write_refused(job_id):
             return 0
         try:
             return await asyncio.to_thread(rq_api.enqueue_dependents_sync, self._sync_client(),
