@@ -7,6 +7,7 @@ a check failed), 2 bad config or usage — reported before any connection is mad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -274,7 +275,11 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         opening.append(asyncio.ensure_future(rq.ping()))
         for step in opening:
             await step
-        rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
+        # A one-shot sweep proves no horse gone (it watched none): it never queues an orphan
+        # again, whatever [orphans] requeue says, and fails it as the first turn did; the
+        # daemon applies the policy.
+        once = dataclasses.replace(cfg, orphans=dataclasses.replace(cfg.orphans, requeue="never"))
+        rec = Reconciler(once, store, rq, Workers(rq, Processes()), None)
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_page=out.page)
         else:

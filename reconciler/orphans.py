@@ -84,6 +84,24 @@ class Orphans:
         target = await self.stopper.where(o.rq_id, job.worker_name)
         if not target.gone:
             return "worker alive"  # read more recently than the pass: it judges again
+        counts = await self.store.requeues.counts(o.rq_id)
+        cancel = bool(await self.store.cancel_intents([o.job_id]))
+        shutdown = target.worker is not None and target.worker.shutdown_requested
+        sure = orphan_verdict(self.cfg.orphans, OrphanFacts(
+            worker=job.worker_name, horse=Horse.GONE, cancel=cancel, shutdown_requested=shutdown,
+            retries_left=job.retries_left, retry_intervals=job.retry_intervals,
+            requeues=counts.requeues, disruptions=counts.disruptions, gone_because=target.gone))
+        if sure.kind is Kind.FAIL:
+            # Failed however the stop goes (the policy requeues nothing here): the row says
+            # so first, as an orphan, before a SIGTERMed horse records an end of its own
+            # ("failed: SystemExit"); then the horse is stopped.
+            log.info("orphan_verdict", rq_id=o.rq_id, worker=job.worker_name, verdict="fail",
+                     requeues=counts.requeues, retries_left=job.retries_left, why=sure.text)
+            await self._to_row(o, self.cfg.jobs.statuses.failed, sure.text, Reason.ORPHANED,
+                               {"worker": job.worker_name, "gone_because": target.gone,
+                                "requeues": counts.requeues}, completed=True)
+            await self.stopper.stop(o.rq_id, job.worker_name, o.started_at, target=target)
+            return "failed"
         res = await self.stopper.stop(o.rq_id, job.worker_name, o.started_at, target=target)
         if res.stopped:
             horse = Horse.GONE
