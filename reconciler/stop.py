@@ -160,8 +160,13 @@ class Stopper:
         n = await self.rq.send_stop_job(worker_name, rq_id, target.worker)
         res.signals.append(command)
         if n == 0:
-            res.orphan = res.stopped = True
-            res.message = f"worker {worker_name} did not receive {command}: it is gone"
+            # Nobody listens on its command channel, yet nothing says the worker is gone (its
+            # hash is there, its heartbeat not late): RQ's pub/sub thread may have died in a
+            # live worker. The job may run on, so this is no stop and no orphan.
+            res.message = (f"worker {worker_name} did not receive {command}: nobody listens on "
+                           "its command channel and nothing proves it gone, so the job may "
+                           "still run")
+            log.warning("stop_job_unheard", rq_id=rq_id, worker=worker_name, command=command)
             return res
         return await self._await_reap(target, res, horse=False)
 
