@@ -144,6 +144,19 @@ class CancelProcessor:
             if self._slot_free is not None:
                 self._slot_free()
 
+    def _stopped_meanwhile(self, job_id: Any, rq_id: str | None,
+                           handed_to: str | None) -> dict[str, Any]:
+        """The outcome of a request whose row the event path cancelled first (it acts on the
+        request as an intent): the signals of the stop it made, and which path that was."""
+        stop = self.stopper.recent.get(rq_id) if rq_id else None
+        signals = list(stop.signals) if stop is not None else []
+        detail = _cancelled_detail(job_id, rq_cancelled=False, signals=signals)
+        detail["path"] = "stop-job" if signals and signals[0] != "SIGTERM" else "local"
+        detail["instance"] = self.cfg.instance.name
+        if handed_to and handed_to != self.cfg.instance.name:
+            detail["handover"] = f"{handed_to} did not take it; stopped by {self.cfg.instance.name}"
+        return detail
+
     async def _keep_leases(self, ids: list[int]) -> None:
         lease = self.cfg.cancel.lease_seconds
         while True:
@@ -193,8 +206,11 @@ class CancelProcessor:
         if row.status in s.terminal:
             if row.status == s.cancelled:
                 prior = await self.store.requests.previous_cancel_detail(job_id)
-                detail = prior or _cancelled_detail(job_id, rq_cancelled=False, signals=[])
-                detail["duplicate"] = True
+                if prior is not None:
+                    detail = prior
+                    detail["duplicate"] = True
+                else:
+                    detail = self._stopped_meanwhile(job_id, row.rq_id, reqs[0].handed_to)
                 await self._finish(reqs, "cancelled", detail)
             else:
                 await self._finish(reqs, "already_finished", {
@@ -443,6 +459,7 @@ class CancelProcessor:
     async def _finish(self, reqs: Sequence[CancelRequest], outcome: str,
                       detail: dict[str, Any]) -> None:
         detail.setdefault("path", "local")
+        detail.setdefault("instance", self.cfg.instance.name)
         detail.setdefault("graceful", graceful(detail))
         done = await self.store.requests.finish([r.id for r in reqs], outcome, detail)
         now = datetime.now(UTC)
