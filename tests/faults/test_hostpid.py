@@ -40,11 +40,18 @@ class FakePod:
 
         def leaf() -> int | None:
             for p in psutil.Process(self.proc.pid).children(recursive=True):
-                if p.cmdline()[:1] == [argv0]:
-                    return int(p.pid)
+                try:  # `hostname` runs (and ends) before the exec: skip what is gone
+                    if p.cmdline()[:1] == [argv0]:
+                        return int(p.pid)
+                except psutil.Error:
+                    continue
             return None
 
-        self.host_pid = int(wait_until(leaf, 10, "the pod's process", interval=0.01))
+        try:
+            self.host_pid = int(wait_until(leaf, 10, "the pod's process", interval=0.01))
+        except BaseException:
+            self.close()
+            raise
 
     def record(self, name: str, hostname: str, pid: int = 1,
                birth_shift: float = 0.0) -> WorkerRecord:
