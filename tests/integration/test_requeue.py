@@ -203,7 +203,8 @@ def test_a_cancel_while_a_requeued_job_waits_wins(
     first.kill(signal.SIGKILL)
     wait_until(lambda: rq_status(redis_url, jid) == "scheduled", timeout=10,
                what="the orphan waits in the scheduled registry")
-    assert row(pg_dsn, r_id)["status"] == "queued"
+    # Redis is requeued first, the row follows in the same step: wait for it.
+    wait_status(pg_dsn, r_id, "queued")
     assert row(pg_dsn, r_id)["started_at"] is not None  # kept while it waits
     req = request_cancel(pg_dsn, r_id)
     assert wait_request(pg_dsn, req)["outcome"] == "cancelled"
