@@ -134,3 +134,31 @@ async def retry_forever(step: Callable[[], Awaitable[None]], *, event: str, back
             await asyncio.sleep(delay)
             if after_outage is not None:
                 after_outage()
+
+
+async def settle(task: asyncio.Task[Any] | None) -> None:
+    """Wait for `task` to end and collect its outcome (the caller has already seen or is
+    already raising an error). If the caller is cancelled meanwhile, so is the task."""
+    if task is None:
+        return
+    try:
+        await asyncio.wait([task])
+    finally:
+        if not task.done():
+            task.cancel()
+    if not task.cancelled():
+        task.exception()
+
+
+async def abandon(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel unfinished helper tasks and collect every outcome, so that no error is left
+    unretrieved. Unlike `suppress(BaseException): await t`, a cancellation of the caller
+    itself still propagates."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    if live:
+        await asyncio.wait(live)
+    for t in live:
+        if not t.cancelled():
+            t.exception()

@@ -266,6 +266,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         from reconciler.processes import Processes
         from reconciler.reconcile import Reconciler
         from reconciler.rq_state import RqState
+        from reconciler.sweep import Sweeper
         from reconciler.workers import Workers
 
         _settle_heap()
@@ -279,7 +280,7 @@ async def _sweep(cfg: Config, *, dry_run: bool, as_json: bool, force: bool) -> i
         # again, whatever [orphans] requeue says, and fails it as the first turn did; the
         # daemon applies the policy.
         once = dataclasses.replace(cfg, orphans=dataclasses.replace(cfg.orphans, requeue="never"))
-        rec = Reconciler(once, store, rq, Workers(rq, Processes()), None)
+        rec = Sweeper(Reconciler(once, store, rq, Workers(rq, Processes()), None))
         if dry_run:
             report = await rec.sweep(dry_run=True, force=force, on_page=out.page)
         else:

@@ -27,6 +27,7 @@ from reconciler.orphans import Orphans
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
 from reconciler.stop import Stopper
+from reconciler.sweep import Sweeper
 from reconciler.workers import Workers
 from reconciler.workqueue import WorkQueue
 
@@ -227,6 +228,7 @@ class Sweeps:
                  health: Health, wake: Wakeups, metrics: Metrics, after: Aftercare,
                  events_live: Callable[[], bool], on_swept: Callable[[], None]) -> None:
         self.cfg, self.store, self.reconciler, self.workers = cfg, store, reconciler, workers
+        self.sweeper = Sweeper(reconciler)
         self.health, self.wake, self.metrics, self.after = health, wake, metrics, after
         self.events_live = events_live
         self.on_swept = on_swept
@@ -268,7 +270,7 @@ class Sweeps:
             # Each page's follow-ups (horses to stop, RQ jobs to cancel, rows to read again)
             # are started as the page is applied, not gathered: a sweep over a million rows
             # keeps none of them.
-            report = await self.reconciler.sweep(on_page=self._page_done)
+            report = await self.sweeper.sweep(on_page=self._page_done)
             # Reported while still under the lock: whoever takes the lock next (a replica,
             # an operator's one-shot sweep) finds this sweep's log line and metrics out.
             self.health.set_up("postgres", True)

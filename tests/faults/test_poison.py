@@ -29,6 +29,7 @@ from reconciler.processes import Processes
 from reconciler.reconcile import Reconciler
 from reconciler.rq_layout import EXC_NOT_READ
 from reconciler.rq_state import RqState
+from reconciler.sweep import Sweeper
 from reconciler.workers import Workers
 from tests.support import insert_job, metric_value, row, run_cli, statuses, sweep_json, write_config
 
@@ -148,8 +149,8 @@ def _sweep_in_process(cfg: Config, metrics: Metrics) -> tuple[int, int, list[dic
         await store.connect()
         try:
             rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), metrics)
-            first = await rec.sweep()
-            second = await rec.sweep()
+            first = await Sweeper(rec).sweep()
+            second = await Sweeper(rec).sweep()
             return first.changed + second.changed, first.lost_races + second.lost_races
         finally:
             await rq.close()

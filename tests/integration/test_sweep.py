@@ -34,6 +34,7 @@ from reconciler.metrics import Metrics
 from reconciler.processes import Processes
 from reconciler.reconcile import PassReport, Reconciler
 from reconciler.rq_state import RqState
+from reconciler.sweep import Sweeper
 from reconciler.workers import Workers
 from tests.support import sweep_json
 
@@ -211,7 +212,7 @@ def test_a_sweep_cut_off_midway_hands_over_exactly_what_it_applied(
                 own_redis.stop()  # right after the first page is written
 
         try:
-            await rec.sweep(on_page=sink)
+            await Sweeper(rec).sweep(on_page=sink)
         except BackendUnavailable as exc:
             return exc
         finally:
@@ -253,8 +254,8 @@ def test_a_sweep_with_a_page_sink_keeps_no_lists(tmp_path: Path, redis_url: str,
             async def sink(page: PassReport) -> None:
                 pages.append(list(page.changes))
 
-            return await Reconciler(cfg, store, rq, Workers(rq, Processes()), None).sweep(
-                on_page=sink)
+            rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
+            return await Sweeper(rec).sweep(on_page=sink)
         finally:
             await rq.close()
             await store.close()
@@ -311,7 +312,7 @@ def test_cancel_intents_are_asked_after_rq_answers(tmp_path: Path, redis_url: st
         try:
             rec = Reconciler(cfg, store, rq, Workers(rq, Processes()), None)
             await rec.reconcile_job_ids(ids[:1])
-            await rec.sweep(dry_run=True)
+            await Sweeper(rec).sweep(dry_run=True)
         finally:
             await rq.close()
             await store.close()

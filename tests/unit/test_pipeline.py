@@ -1,4 +1,4 @@
-"""The sweep's pipeline (Reconciler._pipeline), on its own: pages read, decided and written
+"""The sweep's pipeline (Sweeper.pipeline), on its own: pages read, decided and written
 in order, three in the air at once, empty pages skipped, and every task collected when a
 step fails. The backends are coroutines that log what they do; nothing touches a server.
 """
@@ -13,6 +13,7 @@ import pytest
 from reconciler.config import Config
 from reconciler.model import ActiveRow
 from reconciler.reconcile import Evaluated, Reading, Reconciler
+from reconciler.sweep import Sweeper
 
 
 def _rows(*ids: int) -> list[ActiveRow]:
@@ -78,7 +79,7 @@ def _reconciler(b: Backends) -> Reconciler:
 
 async def test_pages_go_through_in_order_and_empty_ones_are_skipped() -> None:
     b = Backends([[1, 2], [], [3], [], [4, 5], []])
-    await _reconciler(b)._pipeline(b.fetch, b.read, b.write)
+    await Sweeper(_reconciler(b)).pipeline(b.fetch, b.read, b.write)
     assert b.written == [[1, 2], [3], [4, 5]]
     assert [e for e in b.log if e.startswith(("read", "decide"))] == [
         "read [1, 2]", "read [3]", "decide [1, 2]", "read [4, 5]", "decide [3]", "decide [4, 5]"]
@@ -88,7 +89,7 @@ async def test_pages_go_through_in_order_and_empty_ones_are_skipped() -> None:
 
 async def test_three_pages_are_in_the_air_at_once() -> None:
     b = Backends([[1], [2], [3], [4]])
-    await _reconciler(b)._pipeline(b.fetch, b.read, b.write)
+    await Sweeper(_reconciler(b)).pipeline(b.fetch, b.read, b.write)
     log = b.log
     # Page 2 is read, and page 3's rows asked for, before page 1 is decided; page 1 is
     # written while page 2 is decided; page 2's write waits for page 1's.
@@ -102,7 +103,7 @@ async def test_three_pages_are_in_the_air_at_once() -> None:
 async def test_nothing_to_do() -> None:
     for pages in ([], [[]], [[], []]):
         b = Backends(pages)
-        await _reconciler(b)._pipeline(b.fetch, b.read, b.write)
+        await Sweeper(_reconciler(b)).pipeline(b.fetch, b.read, b.write)
         assert b.written == []
         assert not [e for e in b.log if e.startswith(("read", "decide"))]
 
@@ -115,7 +116,7 @@ async def test_a_failed_step_is_raised_and_no_task_is_left(fail: str) -> None:
     before = asyncio.all_tasks()
     b = Backends([[1], [2], [3], [4], [5]], fail=fail)
     with pytest.raises(RuntimeError, match=fail.replace("[", r"\[").replace("]", r"\]")):
-        await _reconciler(b)._pipeline(b.fetch, b.read, b.write)
+        await Sweeper(_reconciler(b)).pipeline(b.fetch, b.read, b.write)
     assert asyncio.all_tasks() == before
     # A write already under way when the failure surfaced was let finish, not cancelled.
     started = [e for e in b.log if e.endswith(" start")]
