@@ -46,6 +46,10 @@ MAX_KNOWN_WORKERS = 10_000
 # Host-PID mode (hostpid.py): how long one reading of every process's NSpid serves the
 # workers looked up meanwhile.
 NSPID_INDEX_SECONDS = 0.5
+# An orphaned horse (its worker died before this host proved it) started this long before
+# the job's started_at at most (RQ's horse writes started_at itself, after the fork: a
+# loaded host may take a while to get there), and HORSE_SLACK_SECONDS after it at most.
+ORPHAN_FORK_SECONDS = 30.0
 
 
 def child_processes(proc: psutil.Process) -> list[psutil.Process]:
@@ -105,6 +109,57 @@ def _stat(pid: int) -> tuple[float, str] | None:
         return int(rest[19]) / _HZ, rest[0].decode()
     except (OSError, ValueError, IndexError):
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of /proc/<pid>/stat a horse is recognised by."""
+
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    start: float  # seconds after boot
+
+
+def _proc_stat(pid: int) -> ProcStat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        rest = stat[stat.rindex(b")") + 2:].split()
+        return ProcStat(rest[0].decode(), int(rest[1]), int(rest[2]), int(rest[3]),
+                        int(rest[19]) / _HZ)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """What a proven worker's horses inherit from it, read while it lived: its program,
+    its session (RQ's horse leaves its worker's process group with setpgrp(), not its
+    session) and the horse-naming variables it was itself started with."""
+
+    exe: str
+    session: int
+    leads_session: bool
+    env: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanedHorse:
+    """What a dead local worker left of a job's horse: the one process proven to be it,
+    or proof that none is left (`absent`), or neither (both empty: never guess)."""
+
+    horse: ProcIdentity | None = None
+    absent: bool = False
+    why: str = ""
 
 
 def proc_start(pid: int) -> float | None:
@@ -185,6 +240,8 @@ class Processes:
         # our namespace and start against its birth); later checks compare that identity
         # only, so a step of the wall clock cannot make a live worker look recycled.
         self._workers: dict[str, tuple[int, ProcIdentity]] = {}
+        # worker name -> its Lineage, read when it was proven (for horses it leaves behind)
+        self._lineage: dict[str, Lineage] = {}
         # Host-PID mode: workers of other hostnames already looked for and not found here
         # (name, pid, birth): a process does not move into view after it registered.
         self._unmapped: dict[tuple[str, int, float | None], None] = {}
@@ -252,8 +309,13 @@ class Processes:
         if ident is None:
             return None
         if len(self._workers) >= MAX_KNOWN_WORKERS:
-            self._workers.pop(next(iter(self._workers)))
+            oldest = next(iter(self._workers))
+            del self._workers[oldest]
+            self._lineage.pop(oldest, None)
         self._workers[rec.name] = (rec.pid, ident)
+        lineage = _lineage(ident)
+        if lineage is not None:
+            self._lineage[rec.name] = lineage
         return ident
 
     def _map(self, rec: WorkerRecord) -> ProcIdentity | None:
@@ -376,6 +438,60 @@ class Processes:
         if len(found) != 1:
             return None  # none, or ambiguous: never guess
         return found[0]
+
+    def orphaned_horse(self, worker_name: str, job_id: str,
+                       job_started_at: datetime | None) -> OrphanedHorse:
+        """`job_id`'s horse, left behind by the local worker `worker_name`, which died
+        before this host proved the horse (it forked a moment before it was killed).
+
+        Only for a worker proven here, and now dead. Its horse outlives it reparented, but
+        keeps what RQ's fork gave it: the worker's session (RQ's horse calls setpgrp(),
+        never setsid()) and program. The one process that is a process-group leader in that
+        session, runs the worker's program, started after the worker did and around the
+        job's start (ORPHAN_FORK_SECONDS before it, HORSE_SLACK_SECONDS after), whose parent
+        is not a live process of that program (then it is another worker's horse) and
+        whose environment names no other job or execution, is the horse. A worker that led
+        its own session (systemd, supervisors, `setsid`) and left no live process in it
+        left no horse: that is proof too. Anything else proves nothing."""
+        known = self._workers.get(worker_name)
+        lineage = self._lineage.get(worker_name)
+        if known is None or lineage is None:
+            return OrphanedHorse(why="the worker was never proven here")
+        worker = known[1]
+        if identity_alive(worker):
+            return OrphanedHorse(why="the worker lives")
+        began = None if job_started_at is None else job_started_at.timestamp()
+        in_session = 0
+        found: list[ProcIdentity] = []
+        for name in _pids():
+            pid = int(name)
+            st = _proc_stat(pid)
+            if st is None or st.session != lineage.session or st.state in _ENDED:
+                continue
+            in_session += 1
+            if st.pgrp != pid or st.start < worker.create_time or pid == os.getpid():
+                continue
+            if began is not None:
+                wall = to_wall(st.start)
+                if not began - ORPHAN_FORK_SECONDS <= wall <= began + HORSE_SLACK_SECONDS:
+                    continue
+            if _exe(pid) != lineage.exe:
+                continue
+            parent = _proc_stat(st.ppid)
+            if parent is not None and parent.state not in _ENDED and _exe(st.ppid) == lineage.exe:
+                continue  # a live worker's own horse
+            if _environ_disagrees(pid, lineage.env, job_id):
+                continue
+            found.append(ProcIdentity(pid, st.start))
+        live = [ident for ident in found if identity_alive(ident)]
+        if len(live) == 1:
+            return OrphanedHorse(horse=live[0], why="the one horse left in its session")
+        if live:
+            return OrphanedHorse(why=f"{len(live)} processes could be its horse")
+        if lineage.leads_session and in_session == 0:
+            return OrphanedHorse(absent=True, why=f"no process of its session {lineage.session} "
+                                                  "is left")
+        return OrphanedHorse(why="no process proven to be its horse")
 
     def remember(self, job_id: str, ident: ProcIdentity) -> None:
         self.horses[job_id] = ident
@@ -531,6 +647,47 @@ def _env_disagrees(child: psutil.Process, inherited: dict[str, str], job_id: str
     if "RQ_JOB_ID" in env and env["RQ_JOB_ID"] != job_id:
         return True
     return "RQ_EXECUTION_ID" in env and env["RQ_EXECUTION_ID"] != execution_id
+
+
+def _pids() -> list[str]:
+    try:
+        return [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+
+
+def _lineage(worker: ProcIdentity) -> Lineage | None:
+    """`worker`'s Lineage, read now (None if it cannot be read: no orphan is then proven)."""
+    st = _proc_stat(worker.pid)
+    exe = _exe(worker.pid)
+    if st is None or exe is None or st.start != worker.create_time:
+        return None
+    try:
+        with open(f"/proc/{worker.pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        raw = b""
+    env = {}
+    for item in raw.split(b"\0"):
+        key, _, value = item.partition(b"=")
+        if key.decode(errors="replace") in _HORSE_ENV:
+            env[key.decode()] = value.decode(errors="replace")
+    return Lineage(exe, st.session, st.session == worker.pid, env)
+
+
+def _environ_disagrees(pid: int, inherited: dict[str, str], job_id: str) -> bool:
+    """True if `pid`'s environment names another job than `job_id` (a SpawnWorker horse
+    gets RQ_JOB_ID in its environment; a forked one shows its worker's)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    for item in raw.split(b"\0"):
+        if item.startswith(b"RQ_JOB_ID="):
+            value = item[len(b"RQ_JOB_ID="):].decode(errors="replace")
+            return inherited.get("RQ_JOB_ID") != value and value != job_id
+    return False
 
 
 class PidWatcher:

@@ -16,7 +16,7 @@ rq this package imports, so a fleet mid-upgrade is read worker by worker (rq_lay
 Job data is never deserialized: reads are raw fields, and RQ's API gets a serializer that
 refuses to load or dump anything.
 
-Its ~850 lines are mostly its four read scripts (jobs, workers, dependency graphs,
+Its ~900 lines are mostly its four read scripts (jobs, workers, dependency graphs,
 intermediate lists), each kept beside the call that passes its ARGV.
 """
 

@@ -139,6 +139,18 @@ class Stopper:
         if target is None or target.rq_id != rq_id or target.worker_name != worker_name:
             target = await self._target(rq_id, worker_name)
         horse = await self._horse(target, started_at)
+        if horse is None and target.gone and target.local:
+            # Its worker died before this host proved the horse (it was killed a moment
+            # after the fork): what it left is recognised by what RQ's fork gave it.
+            left = self.procs.orphaned_horse(worker_name, rq_id, started_at)
+            log.info("orphaned_horse_search", rq_id=rq_id, worker=worker_name,
+                     pid=left.horse.pid if left.horse else None, absent=left.absent,
+                     why=left.why)
+            if left.absent:
+                return StopResult(orphan=True, stopped=True, message=(
+                    f"worker {worker_name} is gone ({target.gone}); its horse is gone "
+                    f"too: {left.why}"))
+            horse = left.horse
         if horse is not None:
             res = await self._signal_ladder(target, horse)
             if not res.stopped:

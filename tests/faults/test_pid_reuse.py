@@ -418,3 +418,86 @@ def test_child_processes_lists_exactly_the_live_direct_children() -> None:
             p.kill()
         parent.kill()
         parent.wait(10)
+
+
+# -- a horse its worker left behind before this host proved it ---------------------------------
+
+
+def _started(redis_url: str, rq_id: str) -> datetime | None:
+    with redis.Redis.from_url(redis_url) as r:
+        raw = r.hget(f"rq:job:{rq_id}", "started_at")
+    return parse_time(raw)
+
+
+def test_an_orphaned_horse_is_found_by_what_the_fork_gave_it(
+        redis_url: str, workers: WorkerPool, tmp_marker: Path) -> None:
+    """The worker was proven here but its horse was not (it died a moment after the fork):
+    the horse, reparented, is recognised by its worker's session and program, and is the
+    only process taken for it."""
+    w = workers()
+    procs = Processes()
+    assert procs.worker_identity(read_worker(redis_url, w.name)) is not None
+    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
+    horse = w.wait_horse()
+    wait_until(lambda: "STARTED" in tmp_marker.read_text(), 10, what="the job runs")
+    started = _started(redis_url, rq_id)
+    assert procs.orphaned_horse(w.name, rq_id, started).why == "the worker lives"
+    w.kill(signal.SIGKILL)
+    wait_until(lambda: not w.is_alive(), 10, what="the worker dies")
+    assert psutil.Process(horse).ppid() != w.pid  # reparented
+    left = procs.orphaned_horse(w.name, rq_id, started)
+    assert left.horse is not None and left.horse.pid == horse and not left.absent
+    # Outside the fork's window (a job that started an hour later), nothing is proven.
+    later = datetime.fromtimestamp(time.time() + 3600, UTC)
+    assert procs.orphaned_horse(w.name, rq_id, later).horse is None
+    os.killpg(horse, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(horse), 10, what="the horse dies")
+    gone = procs.orphaned_horse(w.name, rq_id, started)
+    assert gone.horse is None and gone.absent, gone.why  # the worker led its session
+
+
+def test_no_orphaned_horse_for_a_worker_never_proven_here(
+        redis_url: str, workers: WorkerPool, tmp_marker: Path) -> None:
+    w = workers()
+    rq_id = enqueue(redis_url, "tests.jobs.touch_and_sleep", 30, str(tmp_marker))
+    horse = w.wait_horse()
+    started = _started(redis_url, rq_id)
+    w.kill(signal.SIGKILL)
+    wait_until(lambda: not w.is_alive(), 10, what="the worker dies")
+    left = Processes().orphaned_horse(w.name, rq_id, started)
+    assert left.horse is None and not left.absent
+    assert pid_alive(horse)
+    os.killpg(horse, signal.SIGKILL)
+
+
+def test_two_horses_in_one_session_are_never_guessed(tmp_path: Path) -> None:
+    """A worker that did not lead its session (started from a shell) shares it: two
+    process-group leaders of its program there, both started around the job's start, and
+    neither is taken."""
+    marker = tmp_path / "twins"
+    marker.touch()
+    src = IMPOSTOR.replace("os.setsid()", "os.setpgrp()")
+    # The "worker" forks two horse-like children (setpgrp, same program), then dies.
+    parent = subprocess.Popen([sys.executable, "-c", src, str(marker), "2"],
+                              env=harness_env(), start_new_session=True)
+    kids: list[int] = []
+    try:
+        wait_until(lambda: marker.read_text().count("CHILD") == 2
+                   and "PARENT" in marker.read_text(), 10, what="twins up")
+        kids = [int(line.split()[1]) for line in marker.read_text().splitlines()
+                if line.startswith("CHILD")]
+        ct = psutil.Process(parent.pid).create_time()
+        procs = Processes()
+        assert procs.worker_identity(record(parent.pid, birth=ts(ct + 1))) is not None
+        parent.kill()
+        parent.wait(10)
+        left = procs.orphaned_horse("w-fake", "job-1", datetime.now(UTC))
+        assert left.horse is None and not left.absent and "2 processes" in left.why
+        assert "SIGTERM" not in marker.read_text()
+    finally:
+        for k in kids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(k, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
