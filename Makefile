@@ -3,7 +3,8 @@
 # The gate (.ci/run) covers a matrix, each leg what only it can:
 #
 #   leg              package's rq   workers' rq   servers                  suites
-#   make test        3.x            2.x and 3.x   the machine's            unit, integration, faults
+#   make test        3.x            2.x and 3.x   the machine's            unit, integration, faults,
+#                                                                          deploy, packaging, alone
 #   make test-slow   3.x            2.x and 3.x   the machine's            chaos, storms, busy minute
 #   make test-rq2    2.x            2.x and 3.x   the wheels' (Valkey 9,   unit, integration, faults
 #                                                 PostgreSQL 18)
@@ -16,6 +17,16 @@
 # machine gets from wheels (Valkey's WATCH, PostgreSQL 18's SQL). The two pairings left
 # out (rq 3 on the wheels', rq 2 on the machine's) share every code path with the two
 # kept but the server's version, which the other pairing already crosses.
+#
+# Run once, in `make test` only: the deploy and packaging tests (the unit file, the image,
+# which installs its own rq, Compose and Kubernetes files, alert rules, the wheel: neither
+# the venv's rq nor the servers' versions reach them) and the `alone` tests (a metrics flood
+# that touches no RQ code; a pod killed whole, judged by the replica registry's SQL, which
+# the rq 2 leg's replica tests already run on PostgreSQL 18).
+#
+# .ci/run runs `make test`, then test-slow and test-rq2 at once: the slow runs mostly wait
+# (a minute of traffic, a locked row held for a minute), so they cost the other leg little;
+# each leg takes its ports from a range of its own (RQ_DEVSTACK_PORT_BASE).
 #
 # Venvs: .venv-rq3 (rq 3.x: make test, the demo) and .venv (rq 2.x: the development venv,
 # make test-rq2). Workers come from venvs of their own series (.venvs/workers-rq2,
@@ -82,16 +93,17 @@ test-fast: $(STAMP) worker-venvs tools
 # The chaos run, the replica storms and the busy minute: long, and what users trust most,
 # so they are in the gate (.ci/run). Two at a time: each loads the machine.
 test-slow: $(STAMP3) worker-venvs
-	$(BIN3)/pytest -q -n 2 -m slow
+	RQ_DEVSTACK_PORT_BASE=26000 $(BIN3)/pytest -q -n 2 -m slow
 
 # The package on rq 2 against the servers the `embedded` extra's wheels ship (Valkey 9,
 # PostgreSQL 18), as a fresh machine without redis-server or PostgreSQL runs them.
 test-rq2: $(STAMP) worker-venvs tools
-	RQ_DEVSTACK_SERVERS=wheels $(BIN)/pytest -q $(XDIST) -m "not slow and not alone"
-	RQ_DEVSTACK_SERVERS=wheels $(BIN)/pytest -q -m "alone and not slow"
+	RQ_DEVSTACK_SERVERS=wheels RQ_DEVSTACK_PORT_BASE=20000 $(BIN)/pytest -q $(XDIST) \
+		-m "not slow and not alone" tests/unit tests/integration tests/faults
 
-# What .ci/run runs: every leg of the matrix above.
-ci: test test-slow test-rq2
+# Every leg of the matrix above, as the gate runs them.
+ci:
+	bash .ci/run
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.sweep_vs_naive

@@ -36,8 +36,9 @@ WORKER_TOKEN_ENV = "RQ_HARNESS_WORKER"  # noqa: S105 - an env var name
 
 #: Under pytest-xdist each test process takes its ports from a block of its own, below
 #: the kernel's ephemeral range: two processes asking the OS for "any free port" at once
-#: can be handed the same one between its probe and the server's bind.
-_PORT_BLOCK_BASE = 20000
+#: can be handed the same one between its probe and the server's bind. Two pytest runs at
+#: once (the gate's concurrent legs) each set RQ_DEVSTACK_PORT_BASE to a range of their own.
+_PORT_BLOCK_BASE = int(os.environ.get("RQ_DEVSTACK_PORT_BASE", "20000"))
 _PORT_BLOCK_SIZE = 1000
 _port_lock = threading.Lock()
 _port_next: int | None = None
