@@ -180,6 +180,18 @@ def mark_runs(seconds: float, marker: str) -> float:
     return seconds
 
 
+def mark_runs_trap_sigterm(seconds: float, marker: str) -> float:
+    """mark_runs, but SIGTERM raises SystemExit(143) inside the job (recorded as
+    "SIGTERM <pid>"): RQ's horse then handles the failure itself, Retry included."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        _mark(marker, f"SIGTERM {os.getpid()} {time.time():.6f}")
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    return mark_runs(seconds, marker)
+
+
 def kill_own_worker(marker: str, seconds: float = 30.0, after: float = 0.5) -> float:
     """Record this run's start, SIGKILL the worker that forked this horse ``after``
     seconds later (a poison pill that takes its worker down), then go on sleeping as an

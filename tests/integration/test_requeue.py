@@ -189,6 +189,35 @@ def test_a_drained_worker_killed_mid_job_is_a_disruption(
     assert second.is_alive()
 
 
+def test_a_horse_that_retries_its_own_failure_spends_one_retry_not_two(
+        redis_url: str, pg_dsn: str, workers: Any, daemon: Any, tmp_marker: Path) -> None:
+    """The orphan's horse traps the SIGTERM we send it and fails: RQ's own horse records
+    that failure and retries the job itself (Retry left). The daemon, reading the job after
+    the stop, finds the run moved on and requeues nothing: one retry spent, one more run,
+    never two copies, and the row ends with RQ's final answer."""
+    daemon()
+    first = workers()
+    jid = uuid.uuid4().hex
+    r_id = insert_job(pg_dsn, jid, status="queued", started_ago=None)
+    enqueue(redis_url, "tests.jobs.mark_runs_trap_sigterm", 30, str(tmp_marker), job_id=jid,
+            retry=Retry(max=2))
+    wait_runs(tmp_marker, 1)
+    wait_status(pg_dsn, r_id, "running")
+    workers()
+    time.sleep(0.3)  # the daemon has proven the horse
+    first.kill(signal.SIGKILL)
+    wait_runs(tmp_marker, 2)
+    assert "SIGTERM" in tmp_marker.read_text()  # the first run got (and trapped) SIGTERM
+    with redis.Redis.from_url(redis_url) as conn:
+        assert conn.hget(f"rq:job:{jid}", "retries_left") == b"1"  # one spent, by RQ
+    assert requeued(pg_dsn, r_id) == []
+    time.sleep(1.0)
+    assert len(runs(tmp_marker)) == 2
+    one_copy_at_a_time(tmp_marker)
+    assert row(pg_dsn, r_id)["status"] == "running"
+    assert "failed" not in [e["to_status"] for e in transitions(pg_dsn, r_id)]
+
+
 def test_a_cancel_while_a_requeued_job_waits_wins(
         redis_url: str, pg_dsn: str, workers: Any, daemon: Any, tmp_marker: Path) -> None:
     daemon(orphans={"requeue": "always", "requeue_delay_seconds": 3.0})
