@@ -280,3 +280,51 @@ def test_two_hosts_named_alike_get_names_of_their_own_and_hand_over(
     assert len(said) == 1, (p.stdout, p.stderr)
     assert f"instance.name '{b_name}' is taken by a live replica on another host" in said[0]
     assert "hostname node" in said[0]
+
+
+def test_a_lost_hosts_job_is_requeued_on_another_host(
+        tmp_path: Path, redis_url: str, pg_dsn: str, hosts: list[Host]) -> None:
+    """Host B, with its worker, horse and no replica of its own, is lost whole (its PID
+    namespace killed). Once Redis expires the worker's hash (deleted here, as the TTL
+    would), replica A's sweep judges the worker gone and, the job having a Retry left,
+    queues it again: it runs on A's worker, once, its row never failed on the way."""
+    from rq import Retry
+
+    from reconciler.devstack import insert_job, transitions, wait_status
+
+    cfg_a = _config(tmp_path, "replica-a", redis_url, pg_dsn,
+                    sweep={"interval_seconds": 2.0, "fallback_interval_seconds": 2.0})
+    migrate(cfg_a)
+    b = Host(tmp_path, "host-b", redis_url, workers=1)
+    hosts.append(b)
+    [b_worker] = b.wait_ready()
+    marker = tmp_path / "runs.txt"
+    marker.touch()
+    rq_id = f"lost-{time.monotonic_ns()}"
+    jid = insert_job(pg_dsn, rq_id, status="queued", started_ago=None)
+    enqueue(redis_url, "tests.jobs.mark_runs", 30, str(marker), job_id=rq_id,
+            retry=Retry(max=1))
+    wait_until(lambda: marker.read_text().count("RUN ") == 1, 60, "the job to run on host-b")
+    a = Host(tmp_path, "host-a", redis_url, workers=1, config=cfg_a)
+    hosts.append(a)
+    a.wait_ready()
+    wait_status(pg_dsn, jid, "running", timeout=30)
+    b.proc.send_signal(signal.SIGKILL)  # unshare --kill-child: the whole namespace goes
+    b.proc.wait(30)
+    lost_at = time.time()
+    import redis
+
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.delete(f"rq:worker:{b_worker}") == 1
+    wait_until(lambda: marker.read_text().count("RUN ") == 2, 60, "the second run, on host-a")
+    # (The runs' own count of live earlier horses means nothing across PID namespaces.)
+    second_at = float([ln for ln in marker.read_text().splitlines()
+                       if ln.startswith("RUN ")][1].split()[2])
+    assert second_at > lost_at  # after host-b, its horse included, was gone
+    def requeued() -> list[dict[str, Any]]:
+        return [e for e in transitions(pg_dsn, jid) if e["reason"] == "requeued"]
+
+    wait_until(requeued, 30, "the requeue's audit row")  # Redis is requeued first
+    wait_status(pg_dsn, jid, "running", timeout=30)  # again, on host-a
+    assert len(requeued()) == 1
+    assert "failed" not in [e["to_status"] for e in transitions(pg_dsn, jid)]
