@@ -151,8 +151,13 @@ class CancelProcessor:
         stop = self.stopper.recent.get(rq_id) if rq_id else None
         signals = list(stop.signals) if stop is not None else []
         detail = _cancelled_detail(job_id, rq_cancelled=False, signals=signals)
-        detail["path"] = "stop-job" if signals and signals[0] != "SIGTERM" else "local"
-        detail["instance"] = self.cfg.instance.name
+        me = self.cfg.instance.name
+        if signals and signals[0] != "SIGTERM":
+            detail["path"] = "stop-job"
+        else:
+            # Handed to us (our host's worker) and stopped here: the hand-over's path.
+            detail["path"] = "handed-over" if handed_to == me else "local"
+        detail["instance"] = me
         if handed_to and handed_to != self.cfg.instance.name:
             detail["handover"] = f"{handed_to} did not take it; stopped by {self.cfg.instance.name}"
         return detail

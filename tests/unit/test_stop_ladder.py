@@ -15,7 +15,7 @@ from reconciler.aio import TaskSet
 from reconciler.config import from_mapping
 from reconciler.liveness import judge
 from reconciler.model import RqJob, RqStatus, WorkerState
-from reconciler.processes import ProcIdentity
+from reconciler.processes import OrphanedHorse, ProcIdentity
 from reconciler.rq_layout import DEFAULT_KEYS, WorkerRecord
 from reconciler.stop import HorseStop, Stopper
 
@@ -63,6 +63,7 @@ class FakeProcs:
     forgotten: list[str] = field(default_factory=list)
     reap: bool = True
     leftovers: tuple[int, ...] = ()
+    orphaned: OrphanedHorse = field(default_factory=OrphanedHorse)
 
     def is_local(self, rec: WorkerRecord) -> bool:
         return self.local
@@ -72,6 +73,10 @@ class FakeProcs:
 
     def tracked_horse(self, job_id: str) -> ProcIdentity | None:
         return self.horse if self.alive else None
+
+    def orphaned_horse(self, worker_name: str, job_id: str,
+                       started_at: Any) -> OrphanedHorse:
+        return self.orphaned
 
     def signal_horse(self, ident: ProcIdentity, sig: Any) -> bool:
         if not self.alive:
@@ -181,6 +186,22 @@ async def test_dead_local_worker_without_a_proven_horse_signals_nothing() -> Non
     res = await s.stop("j1", "w1", None)
     assert res.orphan and not res.stopped and res.signals == []
     assert "was not signalled" in res.message and rq.sent == []
+
+
+async def test_dead_local_worker_whose_horse_is_found_orphaned_gets_the_ladder() -> None:
+    """The worker died before the horse was proven: the process its fork left is."""
+    s, rq, procs = make({"worker_dead": "pid 100 is dead", "horse": None})
+    procs.orphaned = OrphanedHorse(horse=HORSE, why="the one horse left in its session")
+    res = await s.stop("j1", "w1", None)
+    assert res.signals == ["SIGTERM"] and res.orphan and res.stopped and rq.sent == []
+
+
+async def test_dead_local_worker_that_left_no_process_is_an_orphan_without_signals() -> None:
+    s, rq, procs = make({"worker_dead": "pid 100 is dead", "horse": None})
+    procs.orphaned = OrphanedHorse(absent=True, why="no process of its session 100 is left")
+    res = await s.stop("j1", "w1", None)
+    assert res.orphan and res.stopped and res.signals == [] and rq.sent == []
+    assert "no process of its session" in res.message
 
 
 async def test_dead_local_worker_with_a_proven_horse_is_an_orphan_stop_without_stop_job() -> None:
