@@ -224,7 +224,9 @@ def test_cancel_cli_waits_and_fk_refuses_unknown_job(tmp_path: Path, redis_url: 
 def test_cancel_while_daemon_down_then_sigkill_mid_cancel(
         tmp_path: Path, redis_url: str, pg_dsn: str, workers: Any, daemon_factory: Any,
         tmp_marker: Path) -> None:
-    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 30.0, "lease_seconds": 5.0})
+    # The grace outlasts the moment between the SIGTERM and the SIGKILL of the daemon (a
+    # few ms), and is waited out again by the second daemon: long enough, no longer.
+    cfg = setup(tmp_path, redis_url, pg_dsn, cancel={"grace_seconds": 8.0, "lease_seconds": 5.0})
     workers()
     # 1. inserted while no daemon runs: done once it starts
     q_id = enqueue(redis_url, "tests.jobs.succeed", queue="nobody-listens")
