@@ -20,13 +20,33 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from reconciler.hostpid import UtsNames, nspid_index, runs_rq
+from reconciler.procfs import (
+    ENDED,
+    HZ,
+    Lineage,
+    ProcIdentity,
+    child_processes,
+    env_disagrees,
+    environ_disagrees,
+    exe_of,
+    identity_alive,
+    is_process,
+    pids,
+    proc_start,
+    proc_stat,
+    read_lineage,
+    rq_env,
+    start_and_state,
+    state_of,
+    to_wall,
+)
 from reconciler.rq_layout import WorkerRecord
 
 if TYPE_CHECKING:
     # psutil is imported by what lists and inspects a worker's children (proving a horse);
     # whether a known process still lives is one read of /proc, which a sweep on a host
     # without workers, or whose workers are idle, never needs psutil for.
-    import psutil
+    pass
 
 # Worker birth is written after its process starts: the process must be older than its
 # birth record (plus clock slack). A process created after it is a recycled pid.
@@ -52,106 +72,6 @@ NSPID_INDEX_SECONDS = 0.5
 ORPHAN_FORK_SECONDS = 30.0
 
 
-def child_processes(proc: psutil.Process) -> list[psutil.Process]:
-    """The direct children of `proc`, from /proc/<pid>/task/<tid>/children (Linux >= 3.5,
-    CONFIG_PROC_CHILDREN): a few reads, where psutil's children() reads the stat file of
-    every process on the host (about 1.5 ms each time on a quiet host, and growing with
-    it). Falls back to psutil where the kernel does not offer the file."""
-    import psutil
-
-    base = f"/proc/{proc.pid}/task"
-    try:
-        tids = os.listdir(base)
-    except FileNotFoundError:
-        raise psutil.NoSuchProcess(proc.pid) from None
-    except OSError:
-        return proc.children(recursive=False)
-    pids: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"{base}/{tid}/children", "rb") as f:
-                pids.extend(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            if tid == str(proc.pid) and os.path.exists(base):
-                return proc.children(recursive=False)  # no CONFIG_PROC_CHILDREN
-            continue  # that thread just exited
-    out: list[psutil.Process] = []
-    for pid in dict.fromkeys(pids):
-        try:
-            child = psutil.Process(pid)
-            if child.ppid() == proc.pid:  # the pid may have been reused since the read
-                out.append(child)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class ProcIdentity:
-    """A process, not a pid: `create_time` is when it started, in seconds after boot (the
-    kernel's own record, which no step of the wall clock moves)."""
-
-    pid: int
-    create_time: float
-
-
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> tuple[float, str] | None:
-    """When `pid` started, in seconds after boot (field 22 of /proc/<pid>/stat), and its
-    state letter (field 3: R, S, Z...), from one read; None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        # The command name (field 2) may hold spaces and parentheses: split after its end.
-        rest = stat[stat.rindex(b")") + 2:].split()
-        return int(rest[19]) / _HZ, rest[0].decode()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    """The fields of /proc/<pid>/stat a horse is recognised by."""
-
-    state: str
-    ppid: int
-    pgrp: int
-    session: int
-    start: float  # seconds after boot
-
-
-def _proc_stat(pid: int) -> ProcStat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        rest = stat[stat.rindex(b")") + 2:].split()
-        return ProcStat(rest[0].decode(), int(rest[1]), int(rest[2]), int(rest[3]),
-                        int(rest[19]) / _HZ)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Lineage:
-    """What a proven worker's horses inherit from it, read while it lived: its program,
-    its session (RQ's horse leaves its worker's process group with setpgrp(), not its
-    session) and the horse-naming variables it was itself started with."""
-
-    exe: str
-    session: int
-    leads_session: bool
-    env: dict[str, str]
-
-
 @dataclass(frozen=True, slots=True)
 class OrphanedHorse:
     """What a dead local worker left of a job's horse: the one process proven to be it,
@@ -160,50 +80,6 @@ class OrphanedHorse:
     horse: ProcIdentity | None = None
     absent: bool = False
     why: str = ""
-
-
-def proc_start(pid: int) -> float | None:
-    """When `pid` started, in seconds after boot, or None."""
-    st = _stat(pid)
-    return None if st is None else st[0]
-
-
-def _state(ident: ProcIdentity) -> str:
-    """The state letter of `ident`, '' if that process is gone (the pid missing, or
-    another process's now)."""
-    st = _stat(ident.pid)
-    return st[1] if st is not None and st[0] == ident.create_time else ""
-
-
-def is_process(pid: int) -> bool:
-    """True if `pid` names a process (a thread-group leader), not one of some process's
-    threads: /proc/<tid> answers for a thread too, although /proc does not list it, so in
-    a PID namespace of its own a worker's pid can name a thread of this very daemon."""
-    if pid == os.getpid():
-        return False
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1]) == pid
-    except (OSError, ValueError, IndexError):
-        return False
-    return False
-
-
-def to_wall(boot_seconds: float) -> float:
-    """A time after boot as wall-clock time, by the wall clock as it reads now."""
-    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - boot_seconds)
-
-
-# /proc/<pid>/stat states of a process that has ended: zombie, dead ('x' before Linux 3.13);
-# and '' from _state(): gone, or the pid is another process's now.
-_ENDED = frozenset({"", "Z", "X", "x"})
-
-
-def identity_alive(ident: ProcIdentity) -> bool:
-    """True while the process with this pid is still the one first seen (and not a zombie)."""
-    return _state(ident) not in _ENDED
 
 
 def _registered(pid: int, registered: int, birth: datetime | None) -> ProcIdentity | None:
@@ -313,7 +189,7 @@ class Processes:
             del self._workers[oldest]
             self._lineage.pop(oldest, None)
         self._workers[rec.name] = (rec.pid, ident)
-        lineage = _lineage(ident)
+        lineage = read_lineage(ident)
         if lineage is not None:
             self._lineage[rec.name] = lineage
         return ident
@@ -367,12 +243,12 @@ class Processes:
             # Only ever asked once is_local() proved it (which remembers it): it just died.
             ident = self.worker_identity(rec)
             return "" if ident is not None else f"pid {rec.pid} (in its PID namespace) is dead"
-        st = _stat(rec.pid)
+        st = start_and_state(rec.pid)
         if st is None:
             return f"pid {rec.pid} is dead"
         if rec.birth is not None and to_wall(st[0]) > rec.birth.timestamp() + BIRTH_SLACK_SECONDS:
             return f"pid {rec.pid} was recycled"
-        if st[1] in _ENDED:
+        if st[1] in ENDED:
             return f"pid {rec.pid} is dead"
         return ""
 
@@ -410,7 +286,7 @@ class Processes:
             wproc = psutil.Process(worker.pid)
             children = child_processes(wproc)
             exe = wproc.exe()
-            inherited = _rq_env(wproc)
+            inherited = rq_env(wproc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return None
         began = rec.execution_created_at or job_started_at
@@ -419,15 +295,15 @@ class Processes:
             try:
                 if os.getpgid(child.pid) != child.pid:
                     continue
-                st = _stat(child.pid)
-                if st is None or st[1] in _ENDED:
+                st = start_and_state(child.pid)
+                if st is None or st[1] in ENDED:
                     continue
                 ct = st[0]
                 # A horse is a fork of its worker (or, with SpawnWorker, the same
                 # interpreter): a child running another program is not one.
                 if child.exe() != exe:
                     continue
-                if _env_disagrees(child, inherited, job_id, rec.execution_id):
+                if env_disagrees(child, inherited, job_id, rec.execution_id):
                     continue
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess,
                     ProcessLookupError):
@@ -463,10 +339,10 @@ class Processes:
         began = None if job_started_at is None else job_started_at.timestamp()
         in_session = 0
         found: list[ProcIdentity] = []
-        for name in _pids():
+        for name in pids():
             pid = int(name)
-            st = _proc_stat(pid)
-            if st is None or st.session != lineage.session or st.state in _ENDED:
+            st = proc_stat(pid)
+            if st is None or st.session != lineage.session or st.state in ENDED:
                 continue
             in_session += 1
             if st.pgrp != pid or st.start < worker.create_time or pid == os.getpid():
@@ -475,12 +351,12 @@ class Processes:
                 wall = to_wall(st.start)
                 if not began - ORPHAN_FORK_SECONDS <= wall <= began + HORSE_SLACK_SECONDS:
                     continue
-            if _exe(pid) != lineage.exe:
+            if exe_of(pid) != lineage.exe:
                 continue
-            parent = _proc_stat(st.ppid)
-            if parent is not None and parent.state not in _ENDED and _exe(st.ppid) == lineage.exe:
+            parent = proc_stat(st.ppid)
+            if parent is not None and parent.state not in ENDED and exe_of(st.ppid) == lineage.exe:
                 continue  # a live worker's own horse
-            if _environ_disagrees(pid, lineage.env, job_id):
+            if environ_disagrees(pid, lineage.env, job_id):
                 continue
             found.append(ProcIdentity(pid, st.start))
         live = [ident for ident in found if identity_alive(ident)]
@@ -549,7 +425,7 @@ class Processes:
                 with open(f"/proc/{name}/stat", "rb") as f:
                     fields = f.read()
                 rest = fields[fields.rindex(b")") + 2:].split()
-                pgrp, start = int(rest[2]), int(rest[19]) / _HZ
+                pgrp, start = int(rest[2]), int(rest[19]) / HZ
             except (OSError, ValueError, IndexError):
                 continue
             if pgrp == leader.pid and int(name) != leader.pid and start >= leader.create_time:
@@ -565,7 +441,7 @@ class Processes:
         # it. The worker reaps at once; a few milliseconds of waiting for that usually
         # save the scan (group_leftovers' one-call answer).
         for _ in range(REAP_WAITS):
-            if _state(leader) != "Z":
+            if state_of(leader) != "Z":
                 break
             await asyncio.sleep(REAP_WAIT_SECONDS)
         for ident in self.group_leftovers(leader):
@@ -617,77 +493,6 @@ async def wait_pid_exit(ident: ProcIdentity, timeout: float) -> bool:  # noqa: A
             loop.remove_reader(fd)
     finally:
         os.close(fd)
-
-
-# What RQ puts in a SpawnWorker horse's environment before it spawns it: RQ 3 both
-# (rq 3.0 rq/worker/worker_classes.py SpawnWorker.fork_work_horse), RQ 2.12 only the
-# execution id. A forked horse shows its worker's environment as the worker was started
-# (RQ sets these in os.environ after the fork), so it says nothing.
-_HORSE_ENV = ("RQ_JOB_ID", "RQ_EXECUTION_ID")
-
-
-def _rq_env(proc: psutil.Process) -> dict[str, str]:
-    """The horse-naming variables in `proc`'s environment as the kernel shows it; {} if
-    it cannot be read (the structural proof then stands alone)."""
-    import psutil
-
-    try:
-        env = proc.environ()
-    except psutil.AccessDenied:
-        return {}
-    return {k: env[k] for k in _HORSE_ENV if k in env}
-
-
-def _env_disagrees(child: psutil.Process, inherited: dict[str, str], job_id: str,
-                   execution_id: str | None) -> bool:
-    """True if `child`'s environment names another job or execution than the one proven.
-    A value the worker was itself started with is inherited, not RQ's: it says nothing.
-    An execution id that cannot be compared (the record names none) is a disagreement."""
-    env = {k: v for k, v in _rq_env(child).items() if inherited.get(k) != v}
-    if "RQ_JOB_ID" in env and env["RQ_JOB_ID"] != job_id:
-        return True
-    return "RQ_EXECUTION_ID" in env and env["RQ_EXECUTION_ID"] != execution_id
-
-
-def _pids() -> list[str]:
-    try:
-        return [n for n in os.listdir("/proc") if n.isdigit()]
-    except OSError:
-        return []
-
-
-def _lineage(worker: ProcIdentity) -> Lineage | None:
-    """`worker`'s Lineage, read now (None if it cannot be read: no orphan is then proven)."""
-    st = _proc_stat(worker.pid)
-    exe = _exe(worker.pid)
-    if st is None or exe is None or st.start != worker.create_time:
-        return None
-    try:
-        with open(f"/proc/{worker.pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        raw = b""
-    env = {}
-    for item in raw.split(b"\0"):
-        key, _, value = item.partition(b"=")
-        if key.decode(errors="replace") in _HORSE_ENV:
-            env[key.decode()] = value.decode(errors="replace")
-    return Lineage(exe, st.session, st.session == worker.pid, env)
-
-
-def _environ_disagrees(pid: int, inherited: dict[str, str], job_id: str) -> bool:
-    """True if `pid`'s environment names another job than `job_id` (a SpawnWorker horse
-    gets RQ_JOB_ID in its environment; a forked one shows its worker's)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return False
-    for item in raw.split(b"\0"):
-        if item.startswith(b"RQ_JOB_ID="):
-            value = item[len(b"RQ_JOB_ID="):].decode(errors="replace")
-            return inherited.get("RQ_JOB_ID") != value and value != job_id
-    return False
 
 
 class PidWatcher:

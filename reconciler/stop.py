@@ -23,7 +23,8 @@ from reconciler.aio import TaskSet, cancel_until_done
 from reconciler.config import Config
 from reconciler.errors import BackendUnavailable
 from reconciler.model import RqJob, RqStatus
-from reconciler.processes import SIGKILL, SIGTERM, Processes, ProcIdentity
+from reconciler.processes import SIGKILL, SIGTERM, Processes
+from reconciler.procfs import ProcIdentity
 from reconciler.rq_layout import WorkerRecord, stop_command
 from reconciler.rq_state import RqState
 from reconciler.workers import Workers

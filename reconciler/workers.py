@@ -22,7 +22,8 @@ import structlog
 from reconciler.errors import BackendUnavailable
 from reconciler.liveness import Memory
 from reconciler.model import RqJob, RqStatus, WorkerState
-from reconciler.processes import PidWatcher, Processes, ProcIdentity, identity_alive
+from reconciler.processes import PidWatcher, Processes
+from reconciler.procfs import ProcIdentity, identity_alive
 from reconciler.rq_layout import WorkerRecord
 from reconciler.rq_state import RqState
 

@@ -17,7 +17,8 @@ import pytest
 
 from reconciler import hostpid
 from reconciler.devstack import wait_until
-from reconciler.processes import Processes, to_wall
+from reconciler.processes import Processes
+from reconciler.procfs import to_wall
 from reconciler.rq_layout import WorkerRecord
 
 pytestmark = pytest.mark.skipif(

@@ -37,13 +37,8 @@ from reconciler.devstack import (
     wait_until,
     write_config,
 )
-from reconciler.processes import (
-    Processes,
-    ProcIdentity,
-    child_processes,
-    identity_alive,
-    proc_start,
-)
+from reconciler.processes import Processes
+from reconciler.procfs import ProcIdentity, child_processes, identity_alive, proc_start
 from reconciler.rq_layout import WorkerRecord, parse_time
 from reconciler.workers import Candidate, Workers
 from tests.faults.common import insert_requests

@@ -45,7 +45,7 @@ def test_a_thread_is_never_taken_for_a_worker_process() -> None:
     import sys
     import threading
 
-    from reconciler.processes import is_process
+    from reconciler.procfs import is_process
 
     tid: list[int] = []
     ready, done = threading.Event(), threading.Event()

@@ -15,7 +15,8 @@ from reconciler.aio import TaskSet
 from reconciler.config import from_mapping
 from reconciler.liveness import judge
 from reconciler.model import RqJob, RqStatus, WorkerState
-from reconciler.processes import OrphanedHorse, ProcIdentity
+from reconciler.processes import OrphanedHorse
+from reconciler.procfs import ProcIdentity
 from reconciler.rq_layout import DEFAULT_KEYS, WorkerRecord
 from reconciler.stop import HorseStop, Stopper
 
