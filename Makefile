@@ -6,11 +6,16 @@
 #   make test        3.x            2.x and 3.x   the machine's            unit, integration, faults,
 #                                                                          deploy, packaging, alone
 #   make test-slow   3.x            2.x and 3.x   the machine's            chaos, storms, busy minute
-#   make test-rq2    2.x            2.x and 3.x   the wheels' (Valkey 9,   unit, integration, faults
-#                                                 PostgreSQL 18)
+#   make test-rq2    2.x            2.x (3.x in   the wheels' (Valkey 9,   unit, integration, faults
+#                                   test_rq_ver-  PostgreSQL 18)
+#                                   sions' own)
 #
 # Why this shape: the workers' series is what the daemon reads (their layout in Redis), so
-# every leg runs both, and each meets each package series and each server. The package's
+# the suites run on both in `make test` and the slow runs. The rq 2 leg runs them on RQ 2
+# workers (RQ_WORKER_VERSIONS=2): their RQ 3 side is the same daemon code, run in `make
+# test`, and the package on rq 2 still meets RQ 3 workers in the tests written for that
+# pairing (test_rq_versions.py starts its own RQ 3 workers: a mixed fleet on one Redis,
+# stop-execution, a re-run's horse, a custom key prefix). The package's
 # rq decides how the daemon writes to RQ (its API, its constants) and how the tests
 # enqueue; rq 3 is what pip installs today, so it meets the servers most hosts run (the
 # machine's Redis and PostgreSQL) in README's command, and rq 2 meets the servers a fresh
@@ -100,7 +105,8 @@ test-slow: $(STAMP3) worker-venvs
 # The package on rq 2 against the servers the `embedded` extra's wheels ship (Valkey 9,
 # PostgreSQL 18), as a fresh machine without redis-server or PostgreSQL runs them.
 test-rq2: $(STAMP) worker-venvs tools
-	RQ_DEVSTACK_SERVERS=wheels RQ_DEVSTACK_PORT_BASE=20000 $(BIN)/pytest -q $(XDIST) \
+	RQ_DEVSTACK_SERVERS=wheels RQ_DEVSTACK_PORT_BASE=20000 RQ_WORKER_VERSIONS=2 \
+		$(BIN)/pytest -q $(XDIST) \
 		-m "not slow and not alone" tests/unit tests/integration tests/faults \
 		--ignore=tests/integration/test_integrating_it.py
 
