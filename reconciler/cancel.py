@@ -151,13 +151,8 @@ class CancelProcessor:
         stop = self.stopper.recent.get(rq_id) if rq_id else None
         signals = list(stop.signals) if stop is not None else []
         detail = _cancelled_detail(job_id, rq_cancelled=False, signals=signals)
-        me = self.cfg.instance.name
-        if signals and signals[0] != "SIGTERM":
-            detail["path"] = "stop-job"
-        else:
-            # Handed to us (our host's worker) and stopped here: the hand-over's path.
-            detail["path"] = "handed-over" if handed_to == me else "local"
-        detail["instance"] = me
+        detail["path"] = "stop-job" if signals and signals[0] != "SIGTERM" else "local"
+        detail["instance"] = self.cfg.instance.name
         if handed_to and handed_to != self.cfg.instance.name:
             detail["handover"] = f"{handed_to} did not take it; stopped by {self.cfg.instance.name}"
         return detail
@@ -464,6 +459,10 @@ class CancelProcessor:
     async def _finish(self, reqs: Sequence[CancelRequest], outcome: str,
                       detail: dict[str, Any]) -> None:
         detail.setdefault("path", "local")
+        if detail["path"] == "local" and reqs and reqs[0].handed_to == self.cfg.instance.name:
+            # Handed to us, and carried out here (by this flow, or by our event path acting
+            # on the request as an intent first, or joined under way): the hand-over's path.
+            detail["path"] = "handed-over"
         detail.setdefault("instance", self.cfg.instance.name)
         detail.setdefault("graceful", graceful(detail))
         done = await self.store.requests.finish([r.id for r in reqs], outcome, detail)
