@@ -91,7 +91,7 @@ test: $(STAMP3) lint worker-venvs tools
 
 # The pure core, config, parsers, work queue, stop ladder and supervisor: no server.
 test-unit: $(STAMP)
-	$(BIN)/pytest -q -p no:xdist tests/unit
+	$(BIN)/pytest -q -n 2 tests/unit
 
 # test without lint, on the development venv: the loop after a change types already cover.
 test-fast: $(STAMP) worker-venvs tools
