@@ -7,11 +7,19 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from reconciler import devstack
-from reconciler.devstack import PostgresServer, RedisServer, WorkerPool
+from reconciler.devstack import (
+    DaemonProc,
+    PostgresServer,
+    RedisServer,
+    WorkerPool,
+    migrate,
+    write_config,
+)
 
 _db_counter = itertools.count(1)
 
@@ -123,3 +131,31 @@ def tmp_marker(tmp_path: Path) -> Path:
     path = tmp_path / f"marker-{uuid.uuid4().hex[:8]}.txt"
     path.touch()
     return path
+
+
+# The sweep every 300 s: what a test sees is the event path's doing.
+EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
+               "min_age_seconds": 0.0}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, redis_url: str, pg_dsn: str) -> Iterator[Any]:
+    """Start daemons as real subprocesses: `daemon(**config_sections)`, each a replica
+    with a name of its own (replica-0, replica-1, ...), events only unless `sweep` is
+    given; all closed at the end."""
+    made: list[DaemonProc] = []
+
+    def make(**sections: dict[str, Any]) -> DaemonProc:
+        sections.setdefault("sweep", EVENTS_ONLY)
+        n = len(made)
+        sections.setdefault("instance", {"name": f"replica-{n}"})
+        cfg = write_config(tmp_path / f"config-{n}.toml", redis_url, pg_dsn, **sections)
+        migrate(cfg)
+        d = DaemonProc(cfg, tmp_path / f"daemon-{n}.log", name=f"d{n}")
+        made.append(d)
+        d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.close()

@@ -9,7 +9,6 @@ import signal
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,9 @@ from rq import Queue, Retry
 from rq.job import Dependency, Job
 
 from reconciler.devstack import (
-    DaemonProc,
     enqueue,
     insert_job,
     metric_value,
-    migrate,
     request_cancel,
     row,
     rq_status,
@@ -33,30 +30,8 @@ from reconciler.devstack import (
     wait_request,
     wait_status,
     wait_until,
-    write_config,
 )
 from tests.faults.slow_worker import DELAY_ENV
-
-EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
-               "min_age_seconds": 0.0}
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, redis_url: str, pg_dsn: str) -> Iterator[Any]:
-    made: list[DaemonProc] = []
-
-    def make(**sections: dict[str, Any]) -> DaemonProc:
-        sections.setdefault("sweep", EVENTS_ONLY)
-        cfg = write_config(tmp_path / f"config-{len(made)}.toml", redis_url, pg_dsn, **sections)
-        migrate(cfg)
-        d = DaemonProc(cfg, tmp_path / f"daemon-{len(made)}.log", name="d")
-        made.append(d)
-        d.start()
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 def lines(marker: Path) -> list[str]:
@@ -310,7 +285,7 @@ def test_queues_no_worker_serves_are_listed_not_failed(
     served = uuid.uuid4().hex
     enqueue(redis_url, "tests.jobs.sleep", 30, job_id=served)
     wait_until(lambda: rq_status(redis_url, served) == "started", timeout=20)
-    d = daemon(sweep={**EVENTS_ONLY, "min_age_seconds": 0.0})
+    d = daemon()  # events only: the start-up sweep counts the queues
     wait_until(lambda: metric_value(d.scrape(), "rq_reconciler_sweeps_total", result="ok") >= 1,
                timeout=20, what="the start-up sweep")
     assert metric_value(d.scrape(), "rq_reconciler_queues_unserved") == 1

@@ -11,21 +11,17 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from rq import Queue, Retry
 from rq.registry import StartedJobRegistry
 
 from reconciler.devstack import (
-    DaemonProc,
     enqueue,
     insert_job,
     metric_value,
-    migrate,
     request_cancel,
     row,
     rq_status,
@@ -33,31 +29,7 @@ from reconciler.devstack import (
     wait_request,
     wait_status,
     wait_until,
-    write_config,
 )
-
-EVENTS_ONLY = {"interval_seconds": 300.0, "fallback_interval_seconds": 300.0,
-               "min_age_seconds": 0.0}
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, redis_url: str, pg_dsn: str) -> Iterator[Any]:
-    made: list[DaemonProc] = []
-
-    def make(**sections: dict[str, Any]) -> DaemonProc:
-        sections.setdefault("sweep", EVENTS_ONLY)
-        n = len(made)
-        sections.setdefault("instance", {"name": f"replica-{n}"})
-        cfg = write_config(tmp_path / f"config-{n}.toml", redis_url, pg_dsn, **sections)
-        migrate(cfg)
-        d = DaemonProc(cfg, tmp_path / f"daemon-{n}.log", name=f"d{n}")
-        made.append(d)
-        d.start()
-        return d
-
-    yield make
-    for d in made:
-        d.close()
 
 
 def runs(marker: Path) -> list[tuple[int, float, int]]:
